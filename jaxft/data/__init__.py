@@ -1,0 +1,1 @@
+"""Data sets: SMS spam (classification), Alpaca-style instructions, NumPy batching."""

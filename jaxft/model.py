@@ -1,0 +1,243 @@
+"""GPT-2 as a Flax linen module, pure `init`/`apply` over a plain parameter pytree.
+
+Parameter names follow the OpenAI checkpoint, so converting weights is renaming:
+
+    wte/embedding [vocab, d]          wpe/embedding [ctx, d]
+    h_{i}/ln_1/{scale,bias}           h_{i}/attn/c_attn/{kernel [d, 3d] (q|k|v), bias}
+    h_{i}/attn/c_proj/{kernel, bias}  h_{i}/ln_2/{scale,bias}
+    h_{i}/mlp/c_fc/{kernel [d, 4d], bias}   h_{i}/mlp/c_proj/{kernel [4d, d], bias}
+    ln_f/{scale,bias}
+    lm_head/kernel [d, vocab]         (only when the LM head is not tied to wte)
+    cls_head/{kernel [d, classes], bias}   (only for classification configs)
+
+Dense kernels are [in, out], the layout of the OpenAI and Hugging Face (Conv1D) weights.
+
+Attention takes an optional key/value cache (see `init_cache`): the cache is an explicit
+input and output, so generation stays a pure function.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import GPTConfig
+
+Params = dict[str, Any]
+KVCache = dict[str, jax.Array]  # {"k": [layers, B, T, heads, head_dim], "v": same}
+
+_INIT_STD = 0.02
+
+
+def _dense(features: int, name: str, dtype: Any, use_bias: bool = True, std: float = _INIT_STD) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=nn.initializers.normal(std),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2], as torch computes it (parity to 1e-6).
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=jnp.float32, name=name)
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        layer_cache: tuple[jax.Array, jax.Array] | None,
+        cache_index: jax.Array | None,
+        deterministic: bool,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        cfg = self.config
+        batch, seq, _ = x.shape
+        qkv = _dense(3 * cfg.emb_dim, "c_attn", self.dtype, use_bias=cfg.qkv_bias)(x)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q, k, v = (t.reshape(batch, seq, cfg.n_heads, cfg.head_dim) for t in (q, k, v))
+
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            layer_cache = (k, v)
+
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        # A finite minimum instead of -inf keeps fully masked rows (pad queries) NaN-free;
+        # for every other row exp(min - max) underflows to exactly 0, as -inf would.
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        weights = nn.Dropout(cfg.drop_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
+        out = out.reshape(batch, seq, cfg.emb_dim)
+        proj_std = _INIT_STD / math.sqrt(2 * cfg.n_layers)
+        return _dense(cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(out), layer_cache
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        h = _dense(4 * cfg.emb_dim, "c_fc", self.dtype)(x)
+        h = jax.nn.gelu(h, approximate=True)  # GPT-2's tanh approximation
+        proj_std = _INIT_STD / math.sqrt(2 * cfg.n_layers)
+        return _dense(cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(h)
+
+
+class Block(nn.Module):
+    config: GPTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, layer_cache, cache_index, deterministic):
+        cfg = self.config
+        h, layer_cache = CausalSelfAttention(cfg, self.dtype, name="attn")(
+            _layer_norm(cfg, "ln_1")(x).astype(self.dtype), mask, layer_cache, cache_index, deterministic
+        )
+        x = x + nn.Dropout(cfg.drop_rate)(h, deterministic=deterministic)
+        h = MLP(cfg, self.dtype, name="mlp")(_layer_norm(cfg, "ln_2")(x).astype(self.dtype))
+        x = x + nn.Dropout(cfg.drop_rate)(h, deterministic=deterministic)
+        return x, layer_cache
+
+
+class GPT2(nn.Module):
+    """GPT-2. `__call__` returns fp32 logits [B, T, vocab] (or [B, T, num_classes]).
+
+    tokens: int [B, T]. positions: int [B, T], default 0..T-1 (offset by `cache_index`
+    when decoding). attention_mask: bool [B, T_keys], False for keys to ignore (left
+    padding in batched generation); None attends to every earlier key, as the reference does.
+    cache/cache_index: see `init_cache`; when given, returns (logits, new_cache).
+    """
+
+    config: GPTConfig
+    dtype: Any = jnp.float32  # compute dtype; parameters stay fp32
+    remat: bool = False  # recompute block activations in the backward pass (saves memory)
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ):
+        cfg = self.config
+        batch, seq = tokens.shape
+        offset = 0 if cache_index is None else cache_index
+        if positions is None:
+            positions = jnp.broadcast_to(offset + jnp.arange(seq), (batch, seq))
+
+        wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
+        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
+        x = wte(tokens) + wpe(positions)
+        x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
+
+        num_keys = seq if cache is None else cache["k"].shape[2]
+        query_slots = offset + jnp.arange(seq)
+        mask = query_slots[:, None] >= jnp.arange(num_keys)[None, :]  # causal, [T, K]
+        mask = mask[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :].astype(bool)
+
+        block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, layer_cache = block_cls(cfg, self.dtype, name=f"h_{i}")(
+                x, mask, layer_cache, cache_index, deterministic
+            )
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+
+        x = _layer_norm(cfg, "ln_f")(x)
+        if return_hidden:
+            out = x
+        elif cfg.num_classes is not None:
+            out = _dense(cfg.num_classes, "cls_head", self.dtype)(x.astype(self.dtype))
+        elif cfg.tie_embeddings:
+            out = wte.attend(x.astype(self.dtype))
+        else:
+            out = _dense(cfg.vocab_size, "lm_head", self.dtype, use_bias=False)(x.astype(self.dtype))
+        out = out.astype(jnp.float32)
+        if cache is None:
+            return out
+        return out, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+
+
+def init_params(config: GPTConfig, key: jax.Array) -> Params:
+    """Random GPT-2 parameters (GPT-2's init: N(0, 0.02), residual projections scaled)."""
+    tokens = jnp.zeros((1, 1), dtype=jnp.int32)
+    return _init(config, key, tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(config: GPTConfig, key: jax.Array, tokens: jax.Array) -> Params:
+    return GPT2(config).init(key, tokens)["params"]
+
+
+def init_cache(config: GPTConfig, batch: int, max_len: int | None = None, dtype: Any = jnp.float32) -> KVCache:
+    """A zeroed key/value cache for `batch` sequences of up to `max_len` tokens."""
+    max_len = config.context_length if max_len is None else max_len
+    shape = (config.n_layers, batch, max_len, config.n_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def apply(
+    config: GPTConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    dropout_key: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+    **kwargs: Any,
+):
+    """Run the model. Dropout is active only when `dropout_key` is given."""
+    model = GPT2(config, dtype=dtype, remat=remat)
+    rngs = None if dropout_key is None else {"dropout": dropout_key}
+    return model.apply({"params": params}, tokens, deterministic=dropout_key is None, rngs=rngs, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(config: GPTConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    return apply(config, params, tokens)
+
+
+def logits(config: GPTConfig, params: Params, token_ids: Any) -> jax.Array:
+    """fp32 logits [batch, seq, vocab or num_classes], no dropout. token_ids: [seq] or [batch, seq]."""
+    tokens = jnp.asarray(token_ids, dtype=jnp.int32)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ValueError(f"token_ids must be [seq] or [batch, seq], got shape {tokens.shape}")
+    if tokens.shape[1] > config.context_length:
+        raise ValueError(
+            f"sequence of {tokens.shape[1]} tokens exceeds the model's context length {config.context_length}"
+        )
+    return _logits(config, params, tokens)
+
+
+def param_count(params: Params) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

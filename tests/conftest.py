@@ -1,0 +1,33 @@
+"""Shared test fixtures. Real data is read from ../shared/data (relative to the repo root)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
+GPT2_VOCAB = SHARED_DATA / "gpt2_vocab"
+
+# Subprocesses (CLI tests) and library code find the genuine vocabulary offline.
+if GPT2_VOCAB.is_dir():
+    os.environ.setdefault("JAXFT_GPT2_VOCAB", str(GPT2_VOCAB))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data; skipped where absent, except in CI (where .ci/run refuses to start)."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED_DATA} is missing in CI")
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shared_data):
+    from jaxft.tokenizer import from_files
+
+    return from_files(shared_data / "gpt2_vocab")
