@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import tiktoken
+import tiktoken.load
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
