@@ -1,0 +1,1 @@
+"""Read and write GPT-2 weights in every supported format."""
