@@ -1,0 +1,118 @@
+"""Shared pieces of the weight converters: flat keys, shape checks, clear errors."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ..config import GPTConfig
+
+Params = dict[str, Any]
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded as asked: names the file and the tensor."""
+
+
+def flatten(params: Params, prefix: str = "") -> dict[str, Any]:
+    """{"h_0": {"attn": {...}}} -> {"h_0/attn/...": leaf}."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of `jaxft.model.GPT2(config)`, flat, with its shape."""
+    d, v, ctx = config.emb_dim, config.vocab_size, config.context_length
+    shapes: dict[str, tuple[int, ...]] = {"wte/embedding": (v, d), "wpe/embedding": (ctx, d)}
+    for i in range(config.n_layers):
+        h = f"h_{i}"
+        shapes.update(
+            {
+                f"{h}/ln_1/scale": (d,),
+                f"{h}/ln_1/bias": (d,),
+                f"{h}/attn/c_attn/kernel": (d, 3 * d),
+                f"{h}/attn/c_proj/kernel": (d, d),
+                f"{h}/attn/c_proj/bias": (d,),
+                f"{h}/ln_2/scale": (d,),
+                f"{h}/ln_2/bias": (d,),
+                f"{h}/mlp/c_fc/kernel": (d, 4 * d),
+                f"{h}/mlp/c_fc/bias": (4 * d,),
+                f"{h}/mlp/c_proj/kernel": (4 * d, d),
+                f"{h}/mlp/c_proj/bias": (d,),
+            }
+        )
+        if config.qkv_bias:
+            shapes[f"{h}/attn/c_attn/bias"] = (3 * d,)
+    shapes["ln_f/scale"] = (d,)
+    shapes["ln_f/bias"] = (d,)
+    if config.num_classes is not None:
+        shapes["cls_head/kernel"] = (d, config.num_classes)
+        shapes["cls_head/bias"] = (config.num_classes,)
+    elif not config.tie_embeddings:
+        shapes["lm_head/kernel"] = (d, v)
+    return shapes
+
+
+def check_keys(source: str, found: Iterable[str], expected: Iterable[str], what: str = "tensor") -> None:
+    """Raise one clear error listing missing and unexpected keys."""
+    found, expected = set(found), set(expected)
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if not missing and not extra:
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {what}(s): {_short_list(missing)}")
+    if extra:
+        parts.append(f"unexpected {what}(s): {_short_list(extra)}")
+    raise WeightsError(f"{source}: " + "; ".join(parts))
+
+
+def _short_list(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_params(source: str, config: GPTConfig, flat: dict[str, Any]) -> None:
+    """Keys and shapes of flat params must be exactly those of `config`."""
+    shapes = expected_shapes(config)
+    check_keys(source, flat, shapes, "parameter")
+    for key, shape in shapes.items():
+        if tuple(flat[key].shape) != shape:
+            raise WeightsError(f"{source}: tensor {key} has shape {tuple(flat[key].shape)}, expected {shape}")
+
+
+def to_float32(source: str, name: str, array: Any) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.kind not in "fV" and str(array.dtype) != "bfloat16":
+        raise WeightsError(f"{source}: tensor {name} has dtype {array.dtype}, expected a float type")
+    return np.ascontiguousarray(array.astype(np.float32))
+
+
+def map_tensors(
+    source: str, tensors: dict[str, Any], names: dict[str, str], transform: Callable[[str, Any], Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Rename `tensors` (source name -> array) by `names` (source name -> flat param key)."""
+    check_keys(source, tensors, names)
+    out = {}
+    for src, dst in names.items():
+        value = to_float32(source, src, tensors[src])
+        out[dst] = transform(src, value) if transform else value
+    return out

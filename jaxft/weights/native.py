@@ -1,0 +1,110 @@
+"""jaxft's own format for (fine-tuned) models: a directory with `config.json` + `params.safetensors`.
+
+`config.json` holds {"format": "jaxft", "version": 1, "config": GPTConfig fields,
+"metadata": free-form JSON (class names, the padded length, pooling, ...)}. Parameter
+keys in the safetensors file are the flat Flax paths ("h_0/attn/c_attn/kernel").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from ..config import GPTConfig
+from .common import WeightsError, check_params, flatten, unflatten
+
+FORMAT_TAG = "jaxft"
+VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.safetensors"
+
+Params = dict[str, Any]
+
+
+def is_native_dir(path: Path) -> bool:
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text()).get("format") == FORMAT_TAG
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(config: GPTConfig, params: Params, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    flat = {k: np.asarray(v, dtype=np.float32) for k, v in flatten(params).items()}
+    check_params("params", config, flat)
+    save_safetensors(path / PARAMS_FILE, flat)
+    doc = {"format": FORMAT_TAG, "version": VERSION, "config": config.to_dict(), "metadata": metadata or {}}
+    atomic_write_bytes(path / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+    return path
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    try:
+        doc = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{config_file}: file not found (not a jaxft model directory)") from None
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{config_file}: not valid JSON ({exc})") from None
+    if doc.get("format") != FORMAT_TAG:
+        raise WeightsError(f"{config_file}: not a jaxft model config (format={doc.get('format')!r})")
+    if doc.get("version") != VERSION:
+        raise WeightsError(f"{config_file}: unsupported jaxft format version {doc.get('version')!r}")
+    return doc
+
+
+def load(path: str | Path) -> tuple[GPTConfig, Params]:
+    path = Path(path)
+    doc = read_header(path)
+    try:
+        config = GPTConfig.from_dict(doc["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path / CONFIG_FILE}: invalid config ({exc})") from None
+    params_file = path / PARAMS_FILE
+    if not params_file.is_file():
+        raise WeightsError(f"{params_file}: file not found")
+    try:
+        flat = load_file(str(params_file))
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise WeightsError(f"{params_file}: cannot read safetensors file ({exc})") from None
+    check_params(str(params_file), config, flat)
+    return config, unflatten(flat)
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    return dict(read_header(path).get("metadata") or {})
