@@ -1,0 +1,452 @@
+"""Alpaca-style instruction data: load, validate, split, format, tokenise, collate, batch.
+
+The collate function reproduces the seed's `custom_collate_fn` exactly (same values, NumPy
+instead of torch). `collate_bucketed` adds padding up to a few bucket lengths so that a jitted
+train step compiles only a handful of shapes; the extra positions carry the pad id in the
+inputs and `ignore_index` in the targets, so a loss that ignores `ignore_index` is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, used both as end-of-response and as padding
+IGNORE_INDEX = -100
+DEFAULT_MAX_LENGTH = 1024
+DEFAULT_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch"
+    "/main/ch07/01_main-chapter-code/instruction-data.json"
+)
+
+Entry = dict[str, Any]
+
+
+class InstructionDataError(ValueError):
+    """A problem with an instruction data file or entry; the message is one line."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def validate_entries(data: Any, source: str | Path = "<data>", *, require_output: bool = True) -> list[Entry]:
+    """Check a parsed JSON value and return its entries as fresh dicts.
+
+    Every entry must be an object whose `instruction` (and, if `require_output`, `output`) is a
+    string; `input` is optional (absent or null is read as ""). Other fields are kept.
+    """
+    if not isinstance(data, list):
+        raise InstructionDataError(f"{source}: expected a JSON list of entries, got {_type_name(data)}")
+    if not data:
+        raise InstructionDataError(f"{source}: the list of entries is empty")
+    required = ("instruction", "output") if require_output else ("instruction",)
+    entries: list[Entry] = []
+    for index, item in enumerate(data):
+        where = f"{source}: entry {index}"
+        if not isinstance(item, dict):
+            raise InstructionDataError(f"{where}: expected an object, got {_type_name(item)}")
+        for field in required:
+            if field not in item:
+                raise InstructionDataError(f"{where}: missing required field '{field}'")
+        entry = dict(item)
+        if entry.get("input") is None:
+            entry["input"] = ""
+        for field in ("instruction", "input", "output"):
+            if field in entry and not isinstance(entry[field], str):
+                raise InstructionDataError(
+                    f"{where}: field '{field}' must be a string, got {_type_name(entry[field])}"
+                )
+        entries.append(entry)
+    return entries
+
+
+def load_entries(path: str | Path, *, require_output: bool = True) -> list[Entry]:
+    """Read and validate a JSON list of `{instruction, input, output}` entries."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, expected a JSON file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InstructionDataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise InstructionDataError(f"{path}: file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InstructionDataError(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    return validate_entries(data, path, require_output=require_output)
+
+
+def download_and_load(
+    path: str | Path,
+    url: str | Sequence[str] = DEFAULT_URL,
+    *,
+    timeout: float = 60.0,
+    progress: bool = True,
+    require_output: bool = True,
+) -> list[Entry]:
+    """Load `path`, downloading it from `url` (or the first working of several) when absent.
+
+    A freshly downloaded file that fails validation is removed again, so that the next call
+    downloads it anew rather than tripping over the same bad file.
+    """
+    path = Path(path)
+    if path.exists():
+        return load_entries(path, require_output=require_output)
+    from jaxft.download import fetch  # lazy: only needed when the file is missing
+
+    urls = [url] if isinstance(url, str) else list(url)
+    fetched = Path(fetch(urls, path, desc=path.name, timeout=timeout, progress=progress))
+    try:
+        return load_entries(fetched, require_output=require_output)
+    except InstructionDataError:
+        fetched.unlink(missing_ok=True)
+        raise
+
+
+class Splits(NamedTuple):
+    train: list[Entry]
+    test: list[Entry]
+    validation: list[Entry]
+
+
+def split_entries(entries: Sequence[Entry], train_frac: float = 0.85, test_frac: float = 0.10) -> Splits:
+    """Split in order as the seed does: train first, then test, the rest is validation."""
+    n = len(entries)
+    n_train = int(n * train_frac)
+    n_test = int(n * test_frac)
+    entries = list(entries)
+    return Splits(entries[:n_train], entries[n_train : n_train + n_test], entries[n_train + n_test :])
+
+
+# --------------------------------------------------------------------------- prompt styles
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How an entry becomes text: `prompt(entry)`, then `response_prefix + output`.
+
+    `response_marker` is stripped from generated text when extracting the response.
+    """
+
+    name: str
+    format_prompt: Callable[[Mapping[str, Any]], str]
+    response_prefix: str
+    response_marker: str
+
+    def prompt(self, entry: Mapping[str, Any]) -> str:
+        return self.format_prompt(entry)
+
+    def texts(self, entry: Mapping[str, Any]) -> tuple[str, str]:
+        """(prompt_text, full_text) where full_text = prompt + response prefix + output."""
+        prompt = self.format_prompt(entry)
+        return prompt, prompt + self.response_prefix + entry["output"]
+
+    def extract_response(self, generated_text: str, prompt_text: str) -> str:
+        """The seed's extraction: text after the prompt, marker removed, whitespace trimmed."""
+        return generated_text[len(prompt_text) :].replace(self.response_marker, "").strip()
+
+
+def _alpaca_prompt(entry: Mapping[str, Any]) -> str:
+    text = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text
+
+
+def _phi3_prompt(entry: Mapping[str, Any]) -> str:
+    # As the reference's exercise 7.1 solution: the input follows the instruction on a new line.
+    text = f"<|user|>\n{entry['instruction']}"
+    if entry.get("input"):
+        text += f"\n{entry['input']}"
+    return text
+
+
+PROMPT_STYLES: dict[str, PromptStyle] = {}
+
+
+def register_style(style: PromptStyle) -> PromptStyle:
+    """Add (or replace) a prompt style under `style.name`."""
+    PROMPT_STYLES[style.name] = style
+    return style
+
+
+register_style(PromptStyle("alpaca", _alpaca_prompt, "\n\n### Response:\n", "### Response:"))
+register_style(PromptStyle("phi3", _phi3_prompt, "\n<|assistant|>:\n", "<|assistant|>:"))
+
+
+def get_style(style: str | PromptStyle) -> PromptStyle:
+    if isinstance(style, PromptStyle):
+        return style
+    try:
+        return PROMPT_STYLES[style]
+    except KeyError:
+        known = ", ".join(sorted(PROMPT_STYLES))
+        raise ValueError(f"unknown prompt style {style!r} (known: {known})") from None
+
+
+def format_entry(entry: Mapping[str, Any], style: str | PromptStyle = "alpaca") -> tuple[str, str]:
+    """(prompt_text, full_text) for one entry in the named style."""
+    return get_style(style).texts(entry)
+
+
+def format_prompt(entry: Mapping[str, Any], style: str | PromptStyle = "alpaca") -> str:
+    """The prompt text given to the model at generation time."""
+    return get_style(style).prompt(entry)
+
+
+def extract_response(generated_text: str, prompt_text: str, style: str | PromptStyle = "alpaca") -> str:
+    return get_style(style).extract_response(generated_text, prompt_text)
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+@dataclass(frozen=True)
+class TokenizedInstructions:
+    """Token ids of each entry's full text, and how many of them are the prompt."""
+
+    token_ids: list[list[int]]
+    prompt_lengths: list[int]
+    n_over_length: int = 0  # entries longer than max_length (the collate truncates them)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.token_ids[index]
+
+
+def tokenize_entries(
+    entries: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    style: str | PromptStyle = "alpaca",
+    *,
+    max_length: int | None = None,
+    too_long: Literal["error", "truncate"] = "error",
+    source: str | Path = "<data>",
+) -> TokenizedInstructions:
+    """Encode every entry's full text (prompt + response) with a tiktoken-like tokenizer.
+
+    The prompt length is `len(encode(prompt_text))`, as the reference's instruction masking
+    counts it. With `max_length` (the context length), a prompt longer than it raises an error
+    naming `source` and the entry index; with `too_long="truncate"` such entries are kept and
+    the collate's `allowed_max_length` truncates them. `n_over_length` counts every entry whose
+    full text exceeds `max_length`.
+    """
+    if too_long not in ("error", "truncate"):
+        raise ValueError(f"too_long must be 'error' or 'truncate', got {too_long!r}")
+    style = get_style(style)
+
+    def encode(text: str) -> list[int]:
+        # Literal "<|endoftext|>" in the data stays ordinary text: no eos inside an example.
+        return tokenizer.encode(text, disallowed_special=())
+
+    token_ids, prompt_lengths, over = [], [], 0
+    for index, entry in enumerate(entries):
+        prompt, full = style.texts(entry)
+        ids, n_prompt = encode(full), len(encode(prompt))
+        if max_length is not None:
+            if n_prompt > max_length and too_long == "error":
+                raise InstructionDataError(
+                    f"{source}: entry {index}: prompt is {n_prompt} tokens, longer than the "
+                    f"context length {max_length}"
+                )
+            over += len(ids) > max_length
+        token_ids.append(ids)
+        prompt_lengths.append(n_prompt)
+    return TokenizedInstructions(token_ids, prompt_lengths, over)
+
+
+# --------------------------------------------------------------------------- collating
+
+
+def collate(
+    batch: Sequence[Sequence[int]],
+    pad_token_id: int = PAD_TOKEN_ID,
+    ignore_index: int = IGNORE_INDEX,
+    allowed_max_length: int | None = None,
+    *,
+    mask_prompt_lengths: Sequence[int] | None = None,
+    pad_to: int | None = None,
+    dtype: Any = np.int64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's `custom_collate_fn` in NumPy: returns (inputs, targets), both [B, T].
+
+    Each example gets one `pad_token_id` appended (its end-of-text), is padded with
+    `pad_token_id` to the batch's longest + 1, inputs drop the last token, targets drop the
+    first; in the targets every `pad_token_id` after the first becomes `ignore_index`. Then
+    both are truncated to `allowed_max_length`.
+
+    Options beyond the seed: `mask_prompt_lengths[i]` also sets the targets that predict the
+    prompt's own tokens to `ignore_index` (the reference's instruction masking); `pad_to`
+    widens the arrays to that length with `pad_token_id` inputs and `ignore_index` targets,
+    which leaves a loss that ignores `ignore_index` unchanged.
+    """
+    if len(batch) == 0:
+        raise ValueError("collate: empty batch")
+    if mask_prompt_lengths is not None and len(mask_prompt_lengths) != len(batch):
+        raise ValueError(
+            f"collate: {len(mask_prompt_lengths)} prompt lengths for a batch of {len(batch)}"
+        )
+    width = max(len(item) for item in batch) + 1  # longest + its appended end-of-text
+    padded = np.full((len(batch), width), pad_token_id, dtype=np.int64)
+    for row, item in enumerate(batch):
+        padded[row, : len(item)] = item
+    inputs, targets = padded[:, :-1].copy(), padded[:, 1:].copy()
+
+    # Like the seed, this looks at every pad id in the targets, not only the trailing ones.
+    is_pad = targets == pad_token_id
+    first_pad = is_pad & (np.cumsum(is_pad, axis=1) == 1)
+    targets[is_pad & ~first_pad] = ignore_index
+
+    if mask_prompt_lengths is not None:
+        # targets[j] predicts token j + 1, so the first n - 1 targets are prompt tokens.
+        for row, n_prompt in enumerate(mask_prompt_lengths):
+            targets[row, : max(int(n_prompt) - 1, 0)] = ignore_index
+
+    if allowed_max_length is not None:
+        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+
+    if pad_to is not None:
+        extra = pad_to - inputs.shape[1]
+        if extra < 0:
+            raise ValueError(f"collate: pad_to={pad_to} is shorter than the batch ({inputs.shape[1]})")
+        inputs = np.pad(inputs, ((0, 0), (0, extra)), constant_values=pad_token_id)
+        targets = np.pad(targets, ((0, 0), (0, extra)), constant_values=ignore_index)
+    return inputs.astype(dtype, copy=False), targets.astype(dtype, copy=False)
+
+
+def bucket_length(n: int, multiple: int = 32, max_len: int | None = DEFAULT_MAX_LENGTH) -> int:
+    """`n` rounded up to a multiple of `multiple`, capped at `max_len`."""
+    if n < 1:
+        raise ValueError(f"bucket_length: length must be positive, got {n}")
+    if multiple < 1:
+        raise ValueError(f"bucket_length: multiple must be positive, got {multiple}")
+    if max_len is not None and n > max_len:
+        raise ValueError(f"bucket_length: length {n} exceeds max_len {max_len}")
+    rounded = math.ceil(n / multiple) * multiple
+    return rounded if max_len is None else min(rounded, max_len)
+
+
+def collate_bucketed(
+    batch: Sequence[Sequence[int]],
+    pad_token_id: int = PAD_TOKEN_ID,
+    ignore_index: int = IGNORE_INDEX,
+    allowed_max_length: int | None = DEFAULT_MAX_LENGTH,
+    *,
+    multiple: int = 32,
+    mask_prompt_lengths: Sequence[int] | None = None,
+    dtype: Any = np.int64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`collate`, then padded to the next bucket length (multiples of `multiple`, capped at
+    `allowed_max_length`)."""
+    tight = max(len(item) for item in batch) if len(batch) else 0
+    if allowed_max_length is not None:
+        tight = min(tight, allowed_max_length)
+    return collate(
+        batch,
+        pad_token_id,
+        ignore_index,
+        allowed_max_length,
+        mask_prompt_lengths=mask_prompt_lengths,
+        pad_to=bucket_length(max(tight, 1), multiple, allowed_max_length),
+        dtype=dtype,
+    )
+
+
+def tight_shape(targets: np.ndarray, ignore_index: int = IGNORE_INDEX) -> tuple[int, int]:
+    """(rows, width) the seed's tight collate would have produced for this (bucketed) batch.
+
+    Rows whose targets are all `ignore_index` (batch filler) are not counted; the width is one
+    past the last column holding a target. Without prompt masking this is exact, so
+    `rows * width` is the seed's tokens-seen increment.
+    """
+    kept = targets != ignore_index
+    rows = int(kept.any(axis=1).sum())
+    cols = np.flatnonzero(kept.any(axis=0))
+    return rows, int(cols[-1]) + 1 if cols.size else 0
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def batch_indices(
+    n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, epoch: int = 0
+) -> list[np.ndarray]:
+    """Index batches over `n` examples; the order depends only on (seed, epoch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    stop = (n // batch_size) * batch_size if drop_last else n
+    return [order[start : start + batch_size] for start in range(0, stop, batch_size)]
+
+
+def num_batches(n: int, batch_size: int, *, drop_last: bool) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def instruction_batches(
+    data: TokenizedInstructions,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    epoch: int = 0,
+    mask_prompt: bool = False,
+    allowed_max_length: int | None = DEFAULT_MAX_LENGTH,
+    bucket_multiple: int | None = 32,
+    fill_last_batch: bool = False,
+    pad_token_id: int = PAD_TOKEN_ID,
+    ignore_index: int = IGNORE_INDEX,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield collated (inputs, targets) batches: the seed's loaders are
+    train `shuffle=True, drop_last=True` and validation/test `shuffle=False, drop_last=False`.
+
+    `bucket_multiple=None` gives the seed's tightly padded shapes. `fill_last_batch` pads a
+    short final batch with rows of pad inputs and `ignore_index` targets, so every batch has
+    `batch_size` rows (one shape fewer to compile; a masked mean loss is unchanged).
+    """
+    for idx in batch_indices(len(data), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch):
+        items = [data.token_ids[i] for i in idx]
+        lengths = [data.prompt_lengths[i] for i in idx] if mask_prompt else None
+        if bucket_multiple is None:
+            inputs, targets = collate(
+                items, pad_token_id, ignore_index, allowed_max_length, mask_prompt_lengths=lengths
+            )
+        else:
+            inputs, targets = collate_bucketed(
+                items,
+                pad_token_id,
+                ignore_index,
+                allowed_max_length,
+                multiple=bucket_multiple,
+                mask_prompt_lengths=lengths,
+            )
+        missing = batch_size - inputs.shape[0]
+        if fill_last_batch and missing > 0:
+            inputs = np.pad(inputs, ((0, missing), (0, 0)), constant_values=pad_token_id)
+            targets = np.pad(targets, ((0, missing), (0, 0)), constant_values=ignore_index)
+        yield inputs, targets
