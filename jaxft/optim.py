@@ -1,0 +1,103 @@
+"""Which parameters train, and the optimizer over exactly those.
+
+Parameters are split into a trainable and a frozen tree (frozen leaves are `None` in the
+trainable tree and vice versa). Gradients are taken with respect to the trainable tree
+only, so frozen weights cost no gradient or optimizer memory, get no weight decay, and
+stay bitwise unchanged: the semantics of `torch.optim.AdamW` over parameters with
+`requires_grad=False` elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import optax
+
+from .config import GPTConfig
+
+Params = dict[str, Any]
+
+TRAINABLE_CHOICES = ("head", "last-block", "last-N-blocks", "all")
+_LAST_N = re.compile(r"^last-(\d+)-blocks?$")
+
+
+def trainable_blocks(config: GPTConfig, trainable: str) -> tuple[int, ...] | None:
+    """Indices of the transformer blocks that train; None means every parameter trains."""
+    if trainable == "all":
+        return None
+    if trainable == "head":
+        return ()
+    if trainable == "last-block":
+        return (config.n_layers - 1,)
+    match = _LAST_N.match(trainable)
+    if match:
+        n = int(match.group(1))
+        if not 1 <= n <= config.n_layers:
+            raise ValueError(f"trainable {trainable!r}: the model has {config.n_layers} blocks")
+        return tuple(range(config.n_layers - n, config.n_layers))
+    raise ValueError(f"unknown trainable selection {trainable!r}; choose head, last-block, last-N-blocks (e.g. last-2-blocks) or all")
+
+
+def trainable_mask(config: GPTConfig, params: Params, trainable: str = "last-block", final_norm: bool | None = None) -> Params:
+    """A tree of bools like `params`: True where the parameter trains.
+
+    The head always trains (the classification head, the untied LM head, or `wte` when
+    the LM head is tied to it). `final_norm` (default: on unless only the head trains)
+    adds the final LayerNorm, as the seed does for its last-block recipe.
+    """
+    blocks = trainable_blocks(config, trainable)
+    if final_norm is None:
+        final_norm = trainable != "head"
+    head_names = {"cls_head"} if config.num_classes is not None else ({"wte"} if config.tie_embeddings else {"lm_head"})
+
+    def top_level(name: str) -> bool:
+        if blocks is None:
+            return True
+        if name in head_names:
+            return True
+        if name == "ln_f":
+            return final_norm
+        if name.startswith("h_"):
+            return int(name[2:]) in blocks
+        return False
+
+    return {name: jax.tree_util.tree_map(lambda _: top_level(name), sub) for name, sub in params.items()}
+
+
+def split(params: Params, mask: Params) -> tuple[Params, Params]:
+    """(trainable, frozen): each keeps the other's leaves as None."""
+    trainable = jax.tree_util.tree_map(lambda p, m: p if m else None, params, mask)
+    frozen = jax.tree_util.tree_map(lambda p, m: None if m else p, params, mask)
+    return trainable, frozen
+
+
+def merge(trainable: Params, frozen: Params) -> Params:
+    return jax.tree_util.tree_map(
+        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+    )
+
+
+def adamw(
+    learning_rate: float = 5e-5,
+    weight_decay: float = 0.1,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip_norm: float | None = None,
+    accumulation_steps: int = 1,
+) -> optax.GradientTransformation:
+    """AdamW with torch.optim.AdamW's defaults and semantics (decoupled decay of every
+    trainable leaf, eps outside the square root), optional clipping and gradient accumulation."""
+    opt = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if grad_clip_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
+    if accumulation_steps > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=accumulation_steps)
+    return opt
+
+
+def count(tree: Params) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
