@@ -248,7 +248,8 @@ def test_shuffle_is_seeded_and_drops_last():
     data = instruct.TokenizedInstructions([[i] for i in range(21)], [1] * 21)
 
     def firsts(seed, epoch):
-        return [x[:, 0].tolist() for x, _ in instruction_batches(data, 4, shuffle=True, drop_last=True, seed=seed, epoch=epoch)]
+        batches = instruction_batches(data, 4, shuffle=True, drop_last=True, seed=seed, epoch=epoch)
+        return [x[:, 0].tolist() for x, _ in batches]
 
     a = firsts(123, 0)
     assert len(a) == 5 and all(len(b) == 4 for b in a)
@@ -276,7 +277,9 @@ def test_real_file_split_and_alpaca_format(real_entries):
     # an empty input leaves out the Input section (the seed's data[999])
     prompt, full = format_entry(real_entries[999])
     assert "### Input" not in prompt
-    assert full.endswith("What is an antonym of 'complicated'?\n\n### Response:\nAn antonym of 'complicated' is 'simple'.")
+    assert full.endswith(
+        "What is an antonym of 'complicated'?\n\n### Response:\nAn antonym of 'complicated' is 'simple'."
+    )
 
 
 def test_phi3_style_and_response_extraction(real_entries):
@@ -318,7 +321,8 @@ def test_prompt_longer_than_context(tokenizer):
         {"instruction": "short", "output": "ok"},
         {"instruction": "word " * 60, "output": "ok"},
     ]
-    with pytest.raises(InstructionDataError, match=r"^train\.json: entry 1: prompt is \d+ tokens, longer than the context length 50$"):
+    message = r"^train\.json: entry 1: prompt is \d+ tokens, longer than the context length 50$"
+    with pytest.raises(InstructionDataError, match=message):
         tokenize_entries(entries, tokenizer, max_length=50, source="train.json")
     data = tokenize_entries(entries, tokenizer, max_length=50, too_long="truncate")
     assert len(data) == 2 and data.n_over_length == 1

@@ -429,7 +429,8 @@ def instruction_batches(
     short final batch with rows of pad inputs and `ignore_index` targets, so every batch has
     `batch_size` rows (one shape fewer to compile; a masked mean loss is unchanged).
     """
-    for idx in batch_indices(len(data), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch):
+    order = batch_indices(len(data), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch)
+    for idx in order:
         items = [data.token_ids[i] for i in idx]
         lengths = [data.prompt_lengths[i] for i in idx] if mask_prompt else None
         if bucket_multiple is None:
