@@ -1,0 +1,518 @@
+"""Text-classification data: the SMS Spam Collection (seed section 二) and any `Label,Text` CSV.
+
+The default pipeline reproduces the seed's pandas code row for row: read the tab-separated file
+with pandas' default quote handling (5,572 rows: line 5,082 opens a double quote that never
+closes and swallows the next two lines), undersample every class to the minority count
+(`random_state=seed`), map labels to ids, shuffle (`random_state=seed`) and cut 70 / 10 / 20 %.
+`parse="exact"` reads every line as one message instead (5,574 rows).
+
+Encoding pads with `<|endoftext|>` (50256) to the longest training sequence; validation and test
+are truncated or padded to that length; nothing is ever longer than the model's context.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+SMS_SPAM_URLS = (
+    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+)
+SMS_SPAM_FILE = "SMSSpamCollection"
+# The seed renames the extracted file to this; accept it where it already exists.
+SMS_SPAM_FILE_SEED = "SMSSpamCollection.tsv"
+SPLIT_NAMES = ("train", "validation", "test")
+PAD_TOKEN_ID = 50256
+CONTEXT_LENGTH = 1024
+
+Parse = Literal["seed", "exact"]
+
+
+class TruncationWarning(UserWarning):
+    """Texts were cut to fit the model's context length (the count is in the message)."""
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def download_sms_spam(
+    dest_dir: str | Path = "sms_spam_collection",
+    *,
+    urls: Sequence[str] = SMS_SPAM_URLS,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Download and extract the UCI zip into `dest_dir`; return the path of `SMSSpamCollection`.
+
+    Skips everything when the extracted file (or the seed's `.tsv` name) is already there.
+    URLs are tried in order (primary, then backup).
+    """
+    dest_dir = Path(dest_dir)
+    for name in (SMS_SPAM_FILE, SMS_SPAM_FILE_SEED):
+        if (dest_dir / name).is_file():
+            if progress:
+                print(f"{dest_dir / name} already exists. Skipping download and extraction.")
+            return dest_dir / name
+
+    from jaxft.download import fetch  # lazy: only needed when something must be fetched
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    zip_path = fetch(
+        list(urls), dest_dir / "sms_spam_collection.zip", desc="SMS Spam Collection", timeout=timeout, progress=progress
+    )
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            if SMS_SPAM_FILE not in archive.namelist():
+                raise ValueError(f"{zip_path}: the archive has no {SMS_SPAM_FILE} (members: {archive.namelist()})")
+            # extractall sanitises member names, so a hostile zip cannot write outside dest_dir.
+            archive.extractall(dest_dir)
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{zip_path}: not a valid zip file ({exc})") from None
+    Path(zip_path).unlink()  # the extracted file is the skip marker; the zip is no longer needed
+    return dest_dir / SMS_SPAM_FILE
+
+
+def resolve_sms_spam_path(path: str | Path) -> Path:
+    """`path` itself, or the collection file inside a directory holding it."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (SMS_SPAM_FILE, SMS_SPAM_FILE_SEED):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: directory has no {SMS_SPAM_FILE} (or {SMS_SPAM_FILE_SEED})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8; undecodable bytes give the line number."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: line {line}: undecodable bytes {data[exc.start:exc.end]!r} (expected UTF-8)"
+        ) from None
+
+
+def _tsv_lines(path: Path, text: str) -> list[tuple[int, str, str]]:
+    """(line number, label, text) for every non-blank line of a `label<TAB>text` file."""
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue  # blank lines hold no message (pandas skips them too)
+        label, tab, message = line.partition("\t")
+        if not tab:
+            raise ValueError(f"{path}: line {number}: no tab between label and text")
+        if not label.strip():
+            raise ValueError(f"{path}: line {number}: empty label")
+        if not message.strip():
+            raise ValueError(f"{path}: line {number}: empty text")
+        rows.append((number, label, message))
+    if not rows:
+        raise ValueError(f"{path}: file is empty (expected lines 'label<TAB>text')")
+    return rows
+
+
+def read_sms_collection(path: str | Path, parse: Parse = "seed") -> pd.DataFrame:
+    """The tab-separated collection as a DataFrame with string columns `Label`, `Text`.
+
+    `parse="seed"`: pandas' default quote handling, as `pd.read_csv(path, sep="\\t", header=None)`
+    in the seed (5,572 rows on the real file), except that texts such as "NA" stay text.
+    `parse="exact"`: one row per line, quotes kept verbatim (5,574 rows).
+    Every line is checked first, so a malformed one is reported with its line number.
+    """
+    path = resolve_sms_spam_path(path)
+    text = _read_text(path)
+    rows = _tsv_lines(path, text)
+    if parse == "exact":
+        return pd.DataFrame(
+            {"Label": [label for _, label, _ in rows], "Text": [message for _, _, message in rows]}
+        ).astype({"Label": "str", "Text": "str"})
+    if parse != "seed":
+        raise ValueError(f"parse must be 'seed' or 'exact', not {parse!r}")
+    try:
+        # na_filter=False: a message reading "NA" or "null" is text, not a missing value.
+        frame = pd.read_csv(
+            io.StringIO(text), sep="\t", header=None, names=["Label", "Text"], dtype=str, na_filter=False
+        )
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{path}: {exc}".replace("\n", " ")) from None
+    return frame
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def _as_int(label: Any) -> int | None:
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        return int(label)
+    if isinstance(label, str):
+        stripped = label.strip()
+        if stripped.lstrip("-").isdigit():
+            return int(stripped)
+    return None
+
+
+def infer_class_names(labels: Iterable[Any]) -> list[str]:
+    """Class names in id order: integer labels keep their value as id ("0".."max"), otherwise
+    the distinct names sorted (the seed's ham=0, spam=1)."""
+    labels = list(labels)
+    as_ints = [_as_int(label) for label in labels]
+    if labels and all(value is not None for value in as_ints):
+        return [str(i) for i in range(max(as_ints) + 1)]
+    return sorted({str(label) for label in labels})
+
+
+def label_ids(
+    labels: Sequence[Any], class_names: Sequence[str], *, where: Sequence[str] | None = None
+) -> np.ndarray:
+    """Map labels to ids by name; integer labels not among the names are kept as ids.
+
+    `where[i]` names row i in error messages (e.g. "data.csv: line 7").
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    ids = np.empty(len(labels), dtype=np.int64)
+    for i, label in enumerate(labels):
+        key = str(label)
+        if key in index:
+            ids[i] = index[key]
+            continue
+        value = _as_int(label)
+        if value is not None and 0 <= value < len(class_names):
+            ids[i] = value
+            continue
+        place = where[i] if where is not None else f"row {i}"
+        raise ValueError(f"{place}: unknown label {key!r} (classes: {', '.join(class_names)})")
+    return ids
+
+
+def read_labeled_csv(
+    path: str | Path, class_names: Sequence[str] | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """A user CSV with columns `Label,Text` (header required, other columns ignored).
+
+    Returns (frame with int `Label` ids and str `Text`, class names). Without `class_names` they
+    are inferred (`infer_class_names`); pass the training split's names when reading validation
+    and test, so an unseen label is an error. Integer labels are kept as ids.
+    Errors are one line naming the file and line: missing column, wrong field count, unknown
+    label, empty text, undecodable bytes, no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    labels: list[str] = []
+    texts: list[str] = []
+    where: list[str] = []
+    previous_end = 0
+    try:
+        for record in reader:
+            start, previous_end = previous_end + 1, reader.line_num  # a quoted field may span lines
+            if not record or not "".join(record).strip():
+                continue
+            if header is None:
+                header = [name.strip().lower() for name in record]
+                missing = [name for name in ("Label", "Text") if name.lower() not in header]
+                if missing:
+                    raise ValueError(
+                        f"{path}: line {start}: missing column {' and '.join(missing)} "
+                        f"(header is {','.join(record)!r}; expected Label,Text)"
+                    )
+                label_col, text_col = header.index("label"), header.index("text")
+                continue
+            if len(record) != len(header):
+                raise ValueError(f"{path}: line {start}: expected {len(header)} fields, found {len(record)}")
+            label, message = record[label_col], record[text_col]
+            if not label.strip():
+                raise ValueError(f"{path}: line {start}: empty label")
+            if not message.strip():
+                raise ValueError(f"{path}: line {start}: empty text")
+            labels.append(label)
+            texts.append(message)
+            where.append(f"{path}: line {start}")
+    except csv.Error as exc:
+        raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
+    if header is None:
+        raise ValueError(f"{path}: file is empty (expected a header line 'Label,Text')")
+    if not labels:
+        raise ValueError(f"{path}: no rows after the header")
+    names = list(class_names) if class_names is not None else infer_class_names(labels)
+    ids = label_ids(labels, names, where=where)
+    frame = pd.DataFrame({"Label": ids, "Text": pd.Series(texts, dtype="str")})
+    return frame, names
+
+
+# ----------------------------------------------------------------------------- balance and split
+
+
+def balance(frame: pd.DataFrame, class_names: Sequence[str], seed: int = 123) -> pd.DataFrame:
+    """Undersample every class to the minority count, concatenated in class order.
+
+    A class larger than the minority is sampled with `random_state=seed`; a class already at the
+    minority count is kept whole and in order. For ham/spam this is exactly the seed's
+    `pd.concat([ham.sample(n_spam, random_state=123), spam])`.
+    """
+    groups = [frame[frame["Label"] == name] for name in class_names]
+    present = [group for group in groups if len(group)]
+    if not present:
+        raise ValueError("no rows to balance")
+    minority = min(len(group) for group in present)
+    parts = [group.sample(minority, random_state=seed) if len(group) > minority else group for group in present]
+    return pd.concat(parts)
+
+
+def random_split(
+    frame: pd.DataFrame, train_frac: float = 0.7, validation_frac: float = 0.1, seed: int = 123
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Shuffle (`random_state=seed`), then cut train / validation / the rest, as the seed does.
+
+    The shuffled frame's index is reset, so the pieces keep consecutive indices (as the seed's).
+    """
+    shuffled = frame.sample(frac=1, random_state=seed).reset_index(drop=True)
+    train_end = int(len(shuffled) * train_frac)
+    validation_end = train_end + int(len(shuffled) * validation_frac)
+    return shuffled[:train_end], shuffled[train_end:validation_end], shuffled[validation_end:]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Three DataFrames (`Label` = class id, `Text`) and the class names in id order."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    class_names: list[str]
+
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        return self.train, self.validation, self.test
+
+
+def _fractions(fractions: Sequence[float]) -> tuple[float, float]:
+    if len(fractions) not in (2, 3) or any(f < 0 for f in fractions):
+        raise ValueError(f"fractions must be (train, validation[, test]) >= 0, not {tuple(fractions)}")
+    if len(fractions) == 3 and abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(f"fractions {tuple(fractions)} do not sum to 1")
+    if fractions[0] + fractions[1] > 1.0 + 1e-9:
+        raise ValueError(f"train + validation fractions {fractions[0]} + {fractions[1]} exceed 1")
+    return float(fractions[0]), float(fractions[1])
+
+
+def splits_with_classes(
+    path: str | Path,
+    seed: int = 123,
+    *,
+    parse: Parse = "seed",
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    balanced: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> Splits:
+    """The seed's pipeline on a `label<TAB>text` file (or a directory holding
+    `SMSSpamCollection`), or on a `.csv` with a `Label,Text` header: read, balance, map labels to
+    ids, shuffle, split. Any number of classes; `class_names` fixes the id order."""
+    path = Path(path)
+    train_frac, validation_frac = _fractions(fractions)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        ids_frame, names = read_labeled_csv(path, class_names)
+        # Back to names, so balancing and mapping are one code path for both formats.
+        frame = pd.DataFrame({"Label": [names[i] for i in ids_frame["Label"]], "Text": ids_frame["Text"]})
+    else:
+        frame = read_sms_collection(path, parse=parse)
+        names = list(class_names) if class_names is not None else infer_class_names(frame["Label"])
+    mapping = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(frame["Label"]) - set(mapping))
+    if unknown:
+        raise ValueError(f"{path}: unknown label(s) {', '.join(map(repr, unknown))} (classes: {', '.join(names)})")
+    if balanced:
+        frame = balance(frame, names, seed=seed)
+    frame = frame.assign(Label=frame["Label"].map(mapping))
+    parts = random_split(frame, train_frac, validation_frac, seed=seed)
+    for name, part in zip(SPLIT_NAMES, parts):
+        if len(part) == 0:
+            raise ValueError(
+                f"{path}: the {name} split is empty ({len(frame)} rows after balancing, fractions {tuple(fractions)})"
+            )
+    return Splits(*parts, class_names=names)
+
+
+def splits(path: str | Path, seed: int = 123, **options: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, validation, test) DataFrames with `Label` (class id) and `Text`, the seed's semantics.
+
+    On the real collection with the defaults: 1045 / 149 / 300 rows, identical to the seed's.
+    Options: see `splits_with_classes` (parse, fractions, balanced, class_names).
+    """
+    return splits_with_classes(path, seed, **options).frames()
+
+
+def write_splits(
+    out_dir: str | Path, train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame
+) -> dict[str, Path]:
+    """Write train.csv / validation.csv / test.csv (columns Label,Text, no index) as the seed does."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, frame in zip(SPLIT_NAMES, (train, validation, test)):
+        paths[name] = out_dir / f"{name}.csv"
+        frame[["Label", "Text"]].to_csv(paths[name], index=False)
+    return paths
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    """Padded token ids [N, L] int32, class ids [N] int32, true (unpadded) lengths [N] int32."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    num_truncated: int = 0  # texts cut to L tokens
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays as a dict, ready for `jaxft.data.batching.batches`."""
+        return {"tokens": self.tokens, "labels": self.labels, "lengths": self.lengths}
+
+
+def tokenize(texts: Iterable[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of every text (`<|endoftext|>` in a text is the special token)."""
+    from jaxft.tokenizer import encode
+
+    return [encode(tokenizer, text) for text in texts]
+
+
+def training_length(
+    token_lists: Sequence[Sequence[int]], max_length: int | None = None, context_length: int = CONTEXT_LENGTH
+) -> int:
+    """The padded length: `max_length` if given, else the longest sequence, capped at the context.
+
+    `max_length` above the context length is an error; a longest sequence above it is capped
+    (those texts are then truncated, with a counted `TruncationWarning`, by `pad_truncate`).
+    """
+    if max_length is not None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, not {max_length}")
+        if max_length > context_length:
+            raise ValueError(f"max_length {max_length} exceeds the model's context length {context_length}")
+        return int(max_length)
+    if not token_lists:
+        raise ValueError("cannot take the longest sequence of an empty split")
+    return min(max(len(tokens) for tokens in token_lists), context_length)
+
+
+def pad_truncate(
+    token_lists: Sequence[Sequence[int]],
+    length: int,
+    *,
+    pad_token_id: int = PAD_TOKEN_ID,
+    context_length: int = CONTEXT_LENGTH,
+    name: str = "texts",
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Cut or pad every sequence to `length`: (tokens [N, length] int32, lengths [N] int32, number cut).
+
+    Sequences longer than `length` are cut (the seed does this silently for validation/test);
+    those longer than the context length also raise a `TruncationWarning` with their count.
+    """
+    tokens = np.full((len(token_lists), length), pad_token_id, dtype=np.int32)
+    lengths = np.empty(len(token_lists), dtype=np.int32)
+    over_context = []
+    truncated = 0
+    for row, ids in enumerate(token_lists):
+        if len(ids) == 0:
+            raise ValueError(f"{name}: row {row}: empty text (no tokens)")
+        if len(ids) > context_length:
+            over_context.append(row)
+        truncated += len(ids) > length
+        kept = ids[:length]
+        tokens[row, : len(kept)] = kept
+        lengths[row] = len(kept)
+    if over_context:
+        shown = ", ".join(map(str, over_context[:5])) + (", ..." if len(over_context) > 5 else "")
+        warnings.warn(
+            f"{name}: {len(over_context)} of {len(token_lists)} texts are longer than the context length "
+            f"{context_length} tokens and were truncated to {length} (rows {shown})",
+            TruncationWarning,
+            stacklevel=2,
+        )
+    return tokens, lengths, truncated
+
+
+def encode_texts(
+    texts: Iterable[str],
+    tokenizer: Any,
+    max_length: int | None = None,
+    pad_token_id: int = PAD_TOKEN_ID,
+    context_length: int = CONTEXT_LENGTH,
+) -> np.ndarray:
+    """Token ids [N, L] int32, padded with `pad_token_id` to `max_length` or the longest text."""
+    token_lists = tokenize(texts, tokenizer)
+    length = training_length(token_lists, max_length, context_length)
+    tokens, _, _ = pad_truncate(token_lists, length, pad_token_id=pad_token_id, context_length=context_length)
+    return tokens
+
+
+def encode_split(
+    frame: pd.DataFrame,
+    tokenizer: Any,
+    max_length: int | None = None,
+    *,
+    pad_token_id: int = PAD_TOKEN_ID,
+    context_length: int = CONTEXT_LENGTH,
+    name: str = "split",
+) -> EncodedSplit:
+    """One split (`Label` ids, `Text`) encoded; `max_length=None` pads to its longest text."""
+    if len(frame) == 0:
+        raise ValueError(f"{name}: empty split")
+    token_lists = tokenize(frame["Text"], tokenizer)
+    length = training_length(token_lists, max_length, context_length)
+    tokens, lengths, truncated = pad_truncate(
+        token_lists, length, pad_token_id=pad_token_id, context_length=context_length, name=name
+    )
+    labels = np.asarray(frame["Label"], dtype=np.int32)
+    return EncodedSplit(tokens, labels, lengths, truncated)
+
+
+def encode_splits(
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    test: pd.DataFrame,
+    tokenizer: Any,
+    max_length: int | None = None,
+    *,
+    pad_token_id: int = PAD_TOKEN_ID,
+    context_length: int = CONTEXT_LENGTH,
+) -> tuple[EncodedSplit, EncodedSplit, EncodedSplit]:
+    """The seed's SpamDataset trio: train padded to its longest text (or `max_length`), validation
+    and test cut/padded to the same length (120 on the real data with GPT-2's vocabulary)."""
+    options = dict(pad_token_id=pad_token_id, context_length=context_length)
+    encoded_train = encode_split(train, tokenizer, max_length, name="train", **options)
+    length = encoded_train.length
+    return (
+        encoded_train,
+        encode_split(validation, tokenizer, length, name="validation", **options),
+        encode_split(test, tokenizer, length, name="test", **options),
+    )

@@ -1,0 +1,284 @@
+"""SMS spam / labeled-CSV data: parity with the seed's pandas code, encoding, bad input, download."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import http.server
+import threading
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jaxft.data import spam
+from jaxft.data.batching import num_batches
+
+
+@pytest.fixture(scope="module")
+def sms_file(shared_data: Path) -> Path:
+    return shared_data / "sms_spam_collection" / "SMSSpamCollection"
+
+
+@pytest.fixture(scope="module")
+def real_splits(sms_file: Path) -> spam.Splits:
+    return spam.splits_with_classes(sms_file)
+
+
+def seed_pandas_splits(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The seed's steps, restated here with plain pandas calls (the reference to match)."""
+    df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])
+    num_spam = df[df["Label"] == "spam"].shape[0]
+    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
+    balanced = pd.concat([ham_subset, df[df["Label"] == "spam"]])
+    balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
+    shuffled = balanced.sample(frac=1, random_state=123).reset_index(drop=True)
+    train_end = int(len(shuffled) * 0.7)
+    validation_end = train_end + int(len(shuffled) * 0.1)
+    return shuffled[:train_end], shuffled[train_end:validation_end], shuffled[validation_end:]
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_parse_seed_and_exact_row_counts(sms_file: Path):
+    seed = spam.read_sms_collection(sms_file)
+    exact = spam.read_sms_collection(sms_file, parse="exact")
+    assert len(seed) == 5572
+    assert seed["Label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
+    assert len(exact) == 5574
+    assert exact["Label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    # The seed parse swallows lines 5,083-5,084 into row 5,081 (0-based) via the unclosed quote.
+    assert "\nham\tYeah, give me a call" in seed["Text"][5081]
+    assert exact["Text"][5081].startswith('"Keep ur problems')
+    pd.testing.assert_frame_equal(seed, pd.read_csv(sms_file, sep="\t", header=None, names=["Label", "Text"]))
+
+
+def test_splits_match_seed_pandas_row_for_row(sms_file: Path, real_splits: spam.Splits):
+    ours = spam.splits(sms_file, seed=123)
+    assert [len(frame) for frame in ours] == [1045, 149, 300]
+    for mine, reference in zip(ours, seed_pandas_splits(sms_file)):
+        pd.testing.assert_frame_equal(mine, reference)  # values, dtypes and index
+    assert real_splits.class_names == ["ham", "spam"]
+    assert spam.splits(sms_file.parent)[2]["Text"].tolist() == ours[2]["Text"].tolist()  # directory form
+
+
+def test_exact_parse_and_other_seed_change_the_split(sms_file: Path, real_splits: spam.Splits):
+    exact = spam.splits(sms_file, parse="exact")
+    assert [len(frame) for frame in exact] == [1045, 149, 300]  # same spam count, same sizes
+    assert not exact[0]["Text"].equals(real_splits.train["Text"])
+    other = spam.splits(sms_file, seed=7)
+    assert not other[0]["Text"].equals(real_splits.train["Text"])
+
+
+def test_encoding_and_batch_counts_match_the_seed(tmp_path: Path, real_splits: spam.Splits, tokenizer):
+    train, validation, test = spam.encode_splits(*real_splits.frames(), tokenizer)
+    assert train.length == validation.length == test.length == 120
+    assert train.tokens.dtype == np.int32 and train.tokens.shape == (1045, 120)
+    counts = [num_batches(len(train), 8, True), num_batches(len(validation), 8, False), num_batches(len(test), 8, False)]
+    assert counts == [130, 19, 38]
+    # The seed writes CSVs and its SpamDataset re-reads them with pandas: same tokens.
+    paths = spam.write_splits(tmp_path, *real_splits.frames())
+    for encoded, name in zip((train, validation, test), spam.SPLIT_NAMES):
+        frame = pd.read_csv(paths[name])
+        ids = [tokenizer.encode(text)[:120] for text in frame["Text"]]
+        expected = np.array([row + [50256] * (120 - len(row)) for row in ids])
+        np.testing.assert_array_equal(encoded.tokens, expected)
+        np.testing.assert_array_equal(encoded.labels, frame["Label"].to_numpy())
+        np.testing.assert_array_equal(encoded.lengths, [len(row) for row in ids])
+    # The last real token sits at lengths-1; everything after it is padding.
+    row = int(np.argmin(train.lengths))
+    assert train.tokens[row, train.lengths[row] - 1] != 50256
+    assert (train.tokens[row, train.lengths[row]:] == 50256).all()
+
+
+def test_write_splits_round_trips_through_read_labeled_csv(tmp_path: Path, real_splits: spam.Splits):
+    paths = spam.write_splits(tmp_path, *real_splits.frames())
+    assert sorted(p.name for p in paths.values()) == ["test.csv", "train.csv", "validation.csv"]
+    frame, names = spam.read_labeled_csv(paths["validation"], real_splits.class_names)
+    assert names == ["ham", "spam"]
+    assert frame["Label"].tolist() == real_splits.validation["Label"].tolist()
+    assert frame["Text"].tolist() == real_splits.validation["Text"].tolist()
+
+
+# ----------------------------------------------------------------------------- encoding rules
+
+
+def test_max_length_and_context_cap(tokenizer):
+    frame = pd.DataFrame({"Label": [0, 1], "Text": ["one two three four five six", "hi"]})
+    short = spam.encode_split(frame, tokenizer, max_length=3)
+    assert short.tokens.shape == (2, 3) and short.num_truncated == 1
+    assert short.lengths.tolist() == [3, 1]
+    padded = spam.encode_split(frame, tokenizer, max_length=10, context_length=16)
+    assert padded.tokens.shape == (2, 10) and (padded.tokens[1, 1:] == 50256).all()
+    with pytest.raises(ValueError, match="exceeds the model's context length 16"):
+        spam.encode_split(frame, tokenizer, max_length=17, context_length=16)
+    with pytest.warns(spam.TruncationWarning, match=r"train: 1 of 2 texts are longer than the context length 4"):
+        capped = spam.encode_split(frame, tokenizer, context_length=4, name="train")
+    assert capped.length == 4 and capped.num_truncated == 1
+    assert spam.encode_texts(["a b c", "a"], tokenizer, pad_token_id=7).tolist()[1][1:] == [7, 7]
+    with pytest.raises(ValueError, match="validation: empty split"):
+        spam.encode_split(frame[:0], tokenizer, name="validation")
+
+
+def test_no_warning_for_seed_length_truncation(tokenizer):
+    train = pd.DataFrame({"Label": [0], "Text": ["short"]})
+    test = pd.DataFrame({"Label": [1], "Text": ["a much longer text than the training one"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, encoded = spam.encode_splits(train, train, test, tokenizer)
+    assert encoded.length == 1 and encoded.num_truncated == 1  # counted, as the seed cuts silently
+
+
+# ----------------------------------------------------------------------------- any classes
+
+
+def test_multiclass_csv_splits_balance_every_class(tmp_path: Path):
+    rows = [("sport", f"match report {i}") for i in range(30)]
+    rows += [("politics", f"election news {i}") for i in range(20)]
+    rows += [("weather", f"rain forecast {i}") for i in range(12)]
+    path = tmp_path / "news.csv"
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("Label", "Text"), *rows])
+    result = spam.splits_with_classes(path, seed=3)
+    assert result.class_names == ["politics", "sport", "weather"]
+    whole = pd.concat(result.frames())
+    assert len(whole) == 36 and whole["Label"].value_counts().to_dict() == {0: 12, 1: 12, 2: 12}
+    assert [len(frame) for frame in result.frames()] == [25, 3, 8]
+    # Every text keeps its own class.
+    prefix = {0: "election", 1: "match", 2: "rain"}
+    assert all(text.startswith(prefix[label]) for label, text in zip(whole["Label"], whole["Text"]))
+    unbalanced = spam.splits(path, balanced=False, fractions=(0.5, 0.25, 0.25))
+    assert [len(frame) for frame in unbalanced] == [31, 15, 16]
+
+
+def test_balance_generalises_the_seed_for_n_classes():
+    frame = pd.DataFrame({"Label": list("aaaaabbcccc"), "Text": [str(i) for i in range(11)]})
+    balanced = spam.balance(frame, ["a", "b", "c"], seed=123)
+    expected = pd.concat([
+        frame[frame["Label"] == "a"].sample(2, random_state=123),
+        frame[frame["Label"] == "b"],  # already at the minority count: kept whole, in order
+        frame[frame["Label"] == "c"].sample(2, random_state=123),
+    ])
+    pd.testing.assert_frame_equal(balanced, expected)
+
+
+def test_read_labeled_csv_integer_and_string_labels(tmp_path: Path):
+    ints = tmp_path / "ints.csv"
+    ints.write_text("Label,Text\n2,two\n0,zero\n")
+    frame, names = spam.read_labeled_csv(ints)
+    assert frame["Label"].tolist() == [2, 0] and names == ["0", "1", "2"]
+    words = tmp_path / "words.csv"
+    words.write_text('text,label,extra\n"hello, ""world""\nagain",pos,x\nbad,neg,y\n')
+    frame, names = spam.read_labeled_csv(words)
+    assert names == ["neg", "pos"] and frame["Label"].tolist() == [1, 0]
+    assert frame["Text"][0] == 'hello, "world"\nagain'
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("Label,Body\nham,hi\n", r"line 1: missing column Text"),
+        ("Label,Text\nham,hi\nspam,win\nfoo,what\n", r"line 4: unknown label 'foo' \(classes: ham, spam\)"),
+        ("Label,Text\nham,hi\nspam,   \n", r"line 3: empty text"),
+        ("Label,Text\nham,hi\nspam\n", r"line 3: expected 2 fields, found 1"),
+        ("Label,Text\n\"ham\",\"multi\nline\"\nspam,\n", r"line 4: empty text"),
+        ("", r"file is empty"),
+        ("Label,Text\n", r"no rows after the header"),
+    ],
+)
+def test_bad_csv_names_file_and_line(tmp_path: Path, content: str, message: str):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        spam.read_labeled_csv(path, ["ham", "spam"])
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_undecodable_bytes_name_the_line(tmp_path: Path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"Label,Text\nham,ok\nspam,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin1.csv: line 3: undecodable bytes"):
+        spam.read_labeled_csv(path)
+    tsv = tmp_path / "collection"
+    tsv.write_bytes(b"ham\tok\nspam\t\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"collection: line 2: undecodable bytes"):
+        spam.read_sms_collection(tsv)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("ham\thi\nspam no tab\n", r"line 2: no tab between label and text"),
+        ("ham\thi\nspam\t \n", r"line 2: empty text"),
+        ("\n\n", r"file is empty"),
+    ],
+)
+def test_bad_tsv_names_file_and_line(tmp_path: Path, content: str, message: str):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_text(content)
+    for parse in ("seed", "exact"):
+        with pytest.raises(ValueError, match=message):
+            spam.read_sms_collection(path, parse=parse)
+
+
+def test_empty_split_and_missing_file(tmp_path: Path):
+    path = tmp_path / "tiny"
+    path.write_text("ham\ta\nham\tb\nspam\tc\nspam\td\n")
+    with pytest.raises(ValueError, match=r"tiny: the validation split is empty"):
+        spam.splits(path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        spam.splits(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="has no SMSSpamCollection"):
+        spam.resolve_sms_spam_path(tmp_path)
+
+
+# ----------------------------------------------------------------------------- download
+
+
+class _ZipHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture()
+def zip_server(tmp_path: Path):
+    """A local HTTP server on 127.0.0.1 serving a zip laid out like UCI's."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with zipfile.ZipFile(root / "sms.zip", "w") as archive:
+        archive.writestr("SMSSpamCollection", "ham\thello\nspam\tWIN now\n")
+        archive.writestr("readme", "about")
+    (root / "broken.zip").write_bytes(b"not a zip at all")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_ZipHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_extracts_then_skips(tmp_path: Path, zip_server: str, capsys):
+    pytest.importorskip("jaxft.download")
+    dest = tmp_path / "data"
+    # The first URL fails (404), the backup serves the zip.
+    path = spam.download_sms_spam(dest, urls=[f"{zip_server}/missing.zip", f"{zip_server}/sms.zip"], progress=False)
+    assert path == dest / "SMSSpamCollection" and path.read_text() == "ham\thello\nspam\tWIN now\n"
+    assert (dest / "readme").read_text() == "about"
+    assert not (dest / "sms_spam_collection.zip").exists()
+    assert spam.read_sms_collection(path)["Label"].tolist() == ["ham", "spam"]
+    # Present now: no request is made (an unreachable URL would fail otherwise).
+    again = spam.download_sms_spam(dest, urls=["http://127.0.0.1:9/nothing.zip"])
+    assert again == path and "already exists" in capsys.readouterr().out
+
+
+def test_download_rejects_a_broken_zip(tmp_path: Path, zip_server: str):
+    pytest.importorskip("jaxft.download")
+    with pytest.raises(ValueError, match="not a valid zip file"):
+        spam.download_sms_spam(tmp_path / "d", urls=[f"{zip_server}/broken.zip"], progress=False)
