@@ -90,6 +90,14 @@ def _short_list(names: list[str], limit: int = 8) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
+def check_shapes(source: str, tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Each tensor named in `shapes` must have that shape; the error names it as the file does."""
+    for name, shape in shapes.items():
+        actual = tuple(np.shape(tensors[name]))
+        if actual != shape:
+            raise WeightsError(f"{source}: tensor {name} has shape {actual}, expected {shape}")
+
+
 def check_params(source: str, config: GPTConfig, flat: dict[str, Any]) -> None:
     """Keys and shapes of flat params must be exactly those of `config`."""
     shapes = expected_shapes(config)

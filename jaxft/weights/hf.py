@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..config import GPTConfig
-from .common import WeightsError, check_keys, check_params, flatten, to_float32, unflatten
+from .common import WeightsError, check_keys, check_params, check_shapes, flatten, to_float32, unflatten
 
 Params = dict[str, Any]
 
@@ -70,12 +70,40 @@ def _strip_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _expected_shapes(config: GPTConfig, has_head: bool) -> dict[str, tuple[int, ...]]:
+    """Every HF GPT-2 tensor (prefix stripped) for `config`, with its shape (Conv1D: [in, out])."""
+    d, v = config.emb_dim, config.vocab_size
+    shapes = {"wte.weight": (v, d), "wpe.weight": (config.context_length, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    if has_head:
+        shapes["lm_head.weight"] = (v, d)
+    block = {
+        "ln_1.weight": (d,),
+        "ln_1.bias": (d,),
+        "attn.c_attn.weight": (d, 3 * d),
+        "attn.c_attn.bias": (3 * d,),
+        "attn.c_proj.weight": (d, d),
+        "attn.c_proj.bias": (d,),
+        "ln_2.weight": (d,),
+        "ln_2.bias": (d,),
+        "mlp.c_fc.weight": (d, 4 * d),
+        "mlp.c_fc.bias": (4 * d,),
+        "mlp.c_proj.weight": (4 * d, d),
+        "mlp.c_proj.bias": (d,),
+    }
+    for i in range(config.n_layers):
+        for key, shape in block.items():
+            if config.qkv_bias or key != "attn.c_attn.bias":
+                shapes[f"h.{i}.{key}"] = shape
+    return shapes
+
+
 def state_dict_to_params(config: GPTConfig, tensors: dict[str, Any], source: str = "state dict") -> tuple[GPTConfig, Params]:
     """HF GPT-2 tensors -> (config, jaxft params). The head is tied unless `lm_head.weight` differs from wte."""
     tensors = _strip_prefix(tensors)
     get = lambda key: to_float32(source, key, tensors[key])
-    if "wte.weight" not in tensors:
-        raise WeightsError(f"{source}: not a Hugging Face GPT-2 checkpoint (no wte.weight)")
+    for key in ("wte.weight", "wpe.weight"):
+        if key not in tensors:
+            raise WeightsError(f"{source}: not a Hugging Face GPT-2 checkpoint (no {key})")
     vocab, emb = np.shape(tensors["wte.weight"])
     layers = 1 + max((int(k.split(".")[1]) for k in tensors if k.startswith("h.")), default=-1)
     found = {"vocab_size": vocab, "emb_dim": emb, "n_layers": layers, "context_length": np.shape(tensors["wpe.weight"])[0]}
@@ -86,10 +114,9 @@ def state_dict_to_params(config: GPTConfig, tensors: dict[str, Any], source: str
     tied = not has_head or np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["wte.weight"]))
     config = config.replace(tie_embeddings=tied, num_classes=None, qkv_bias="h.0.attn.c_attn.bias" in tensors)
 
-    expected = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"] + (["lm_head.weight"] if has_head else [])
-    for i in range(config.n_layers):
-        expected += [f"h.{i}.{k}" for k in _BLOCK if config.qkv_bias or k != "attn.c_attn.bias"]
-    check_keys(source, tensors, expected)
+    shapes = _expected_shapes(config, has_head)
+    check_keys(source, tensors, shapes)
+    check_shapes(source, tensors, shapes)  # under HF's names, so the error names the tensor the user has
 
     flat = {"wte/embedding": get("wte.weight"), "wpe/embedding": get("wpe.weight")}
     for i in range(config.n_layers):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..config import GPTConfig
-from .common import WeightsError, check_keys, check_params, flatten, to_float32, unflatten
+from .common import WeightsError, check_keys, check_params, check_shapes, flatten, to_float32, unflatten
 
 Params = dict[str, Any]
 
@@ -82,21 +82,33 @@ def config_from_state_dict(state_dict: dict[str, Any], config: GPTConfig | None,
     )
 
 
-def _expected_keys(config: GPTConfig) -> list[str]:
-    keys = ["tok_emb.weight", "pos_emb.weight", "final_norm.scale", "final_norm.shift", "out_head.weight"]
+def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the reference state dict for `config` (mask buffers aside), with its shape."""
+    d, v = config.emb_dim, config.vocab_size
+    head_rows = v if config.num_classes is None else config.num_classes
+    shapes = {
+        "tok_emb.weight": (v, d),
+        "pos_emb.weight": (config.context_length, d),
+        "final_norm.scale": (d,),
+        "final_norm.shift": (d,),
+        "out_head.weight": (head_rows, d),
+    }
     if config.num_classes is not None:
-        keys.append("out_head.bias")
+        shapes["out_head.bias"] = (config.num_classes,)
+    linear = {"att.out_proj": (d, d), "ff.layers.0": (4 * d, d), "ff.layers.2": (d, 4 * d)}  # [out, in]
     for i in range(config.n_layers):
         b = f"trf_blocks.{i}"
         for proj in ("W_query", "W_key", "W_value"):
-            keys.append(f"{b}.att.{proj}.weight")
+            shapes[f"{b}.att.{proj}.weight"] = (d, d)
             if config.qkv_bias:
-                keys.append(f"{b}.att.{proj}.bias")
-        for module in _BLOCK_LINEAR:
-            keys += [f"{b}.{module}.weight", f"{b}.{module}.bias"]
+                shapes[f"{b}.att.{proj}.bias"] = (d,)
+        for module, (rows, cols) in linear.items():
+            shapes[f"{b}.{module}.weight"] = (rows, cols)
+            shapes[f"{b}.{module}.bias"] = (rows,)
         for module in _BLOCK_NORM:
-            keys += [f"{b}.{module}.scale", f"{b}.{module}.shift"]
-    return keys
+            shapes[f"{b}.{module}.scale"] = (d,)
+            shapes[f"{b}.{module}.shift"] = (d,)
+    return shapes
 
 
 def state_dict_to_params(
@@ -106,7 +118,10 @@ def state_dict_to_params(
     state_dict = unwrap_state_dict(state_dict, source)
     config = config_from_state_dict(state_dict, config, source)
     tensors = {k: v for k, v in state_dict.items() if not k.endswith(".att.mask")}
-    check_keys(source, tensors, _expected_keys(config))
+    shapes = _expected_shapes(config)
+    check_keys(source, tensors, shapes)
+    # Check shapes under the reference's names before fusing q/k/v, so the error names the tensor the user has.
+    check_shapes(source, tensors, shapes)
     get = lambda key: to_float32(source, key, _numpy(tensors[key]))
 
     flat = {"wte/embedding": get("tok_emb.weight"), "wpe/embedding": get("pos_emb.weight")}
