@@ -228,6 +228,14 @@ def test_bad_tsv_names_file_and_line(tmp_path: Path, content: str, message: str)
             spam.read_sms_collection(path, parse=parse)
 
 
+def test_seed_parse_reports_a_quoted_empty_text(tmp_path: Path):
+    path = tmp_path / "quoted"
+    path.write_text('ham\thi\nspam\t""\n')
+    with pytest.raises(ValueError, match=r"quoted: row 2: empty text after pandas' quote handling"):
+        spam.read_sms_collection(path)
+    assert spam.read_sms_collection(path, parse="exact")["Text"].tolist() == ["hi", '""']
+
+
 def test_empty_split_and_missing_file(tmp_path: Path):
     path = tmp_path / "tiny"
     path.write_text("ham\ta\nham\tb\nspam\tc\nspam\td\n")

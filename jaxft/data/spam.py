@@ -153,6 +153,14 @@ def read_sms_collection(path: str | Path, parse: Parse = "seed") -> pd.DataFrame
         )
     except pd.errors.ParserError as exc:
         raise ValueError(f"{path}: {exc}".replace("\n", " ")) from None
+    # A quoted field (e.g. `""`) can still come out empty: name the row, as lines no longer map.
+    for column in ("Label", "Text"):
+        empty = np.flatnonzero(frame[column].str.strip().eq("").to_numpy())
+        if len(empty):
+            raise ValueError(
+                f"{path}: row {empty[0] + 1}: empty {column.lower()} after pandas' quote handling "
+                "(parse='exact' reads the line verbatim)"
+            )
     return frame
 
 
