@@ -1,0 +1,49 @@
+"""Training curves with the seed's two x axes: epochs below, examples (or tokens) seen above."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def plot_values(
+    num_epochs: float,
+    total_seen: int,
+    train_values: Sequence[float],
+    val_values: Sequence[float],
+    out_dir: str | Path,
+    label: str = "loss",
+    seen_label: str = "Examples seen",
+) -> list[Path]:
+    """Save `{label}-plot.pdf` and `{label}-plot.png` in out_dir; returns the paths.
+
+    Points are spread evenly over 0..num_epochs (and 0..total_seen), as the seed's
+    `torch.linspace` does.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    n = len(train_values)
+    epochs = np.linspace(0, num_epochs, n)
+    seen = np.linspace(0, total_seen, n)
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs, train_values, label=f"Training {label}")
+    ax1.plot(epochs, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend()
+    ax2 = ax1.twiny()  # second x axis sharing the y axis
+    ax2.plot(seen, train_values, alpha=0)  # invisible: aligns the ticks
+    ax2.set_xlabel(seen_label)
+    fig.tight_layout()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{label}-plot.pdf", out_dir / f"{label}-plot.png"]
+    for path in paths:
+        fig.savefig(path, dpi=150 if path.suffix == ".png" else None)
+    plt.close(fig)
+    return paths
