@@ -75,14 +75,9 @@ class _Transient(Exception):
 # --------------------------------------------------------------------------------------
 def format_alpaca_input(entry: Mapping[str, str]) -> str:
     """The Alpaca-style instruction (and optional input) the seed shows the judge."""
-    text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry['instruction']}"
-    )
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text
+    from .data.instruct import format_prompt
+
+    return format_prompt(entry, "alpaca")
 
 
 def check_template(template: str) -> None:
