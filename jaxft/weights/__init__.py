@@ -200,7 +200,8 @@ def _torch_save(path: Path, state_dict: dict[str, np.ndarray]) -> None:
     import io
 
     buffer = io.BytesIO()
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, buffer)
+    # np.array copies: arrays that came from JAX are read-only, which torch.from_numpy warns about.
+    torch.save({k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in state_dict.items()}, buffer)
     native.atomic_write_bytes(path, buffer.getvalue())
 
 
