@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import GPTConfig, from_hparams, get_config, is_size_name
 from . import hf, native, torch_ref
-from .common import WeightsError
+from .common import WeightsError, read_safetensors, safetensors_keys
 
 FORMATS = ("openai-tf", "hf", "torch-reference", "jaxft")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -35,16 +35,6 @@ def resolve_config(config: GPTConfig | str | Path | None) -> GPTConfig | None:
     if path.is_file() and path.suffix == ".json":
         return from_hparams(path)
     raise ValueError(f"config {text!r} is neither a GPT-2 size name nor an hparams.json file")
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "np") as f:
-            return list(f.keys())
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot read safetensors file ({exc})") from None
 
 
 def _layout_of_keys(path: Path, keys: list[str]) -> str:
@@ -70,7 +60,7 @@ def detect_format(path: str | Path) -> str:
         if (path / "model.ckpt.index").is_file() or (path / "hparams.json").is_file():
             return "openai-tf"
         if (path / "model.safetensors").is_file():
-            return _layout_of_keys(path, _safetensors_keys(path / "model.safetensors"))
+            return _layout_of_keys(path, safetensors_keys(path / "model.safetensors"))
         raise WeightsError(
             f"{path}: no GPT-2 checkpoint found (expected model.ckpt.index + hparams.json, "
             "model.safetensors, or a jaxft config.json + params.safetensors)"
@@ -80,7 +70,7 @@ def detect_format(path: str | Path) -> str:
     if path.name == native.CONFIG_FILE:
         return detect_format(path.parent)
     if path.suffix == ".safetensors":
-        return _layout_of_keys(path, _safetensors_keys(path))
+        return _layout_of_keys(path, safetensors_keys(path))
     if path.suffix in TORCH_SUFFIXES:
         return _layout_of_keys(path, list(_torch_load(path)))
     raise WeightsError(f"{path}: unknown checkpoint file type (expected a directory, .safetensors, .pth, .pt or .bin)")
@@ -105,12 +95,7 @@ def _torch_load(path: Path) -> dict[str, Any]:
 def _read_tensors(path: Path) -> dict[str, Any]:
     if path.suffix in TORCH_SUFFIXES:
         return _torch_load(path)
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot read safetensors file ({exc})") from None
+    return read_safetensors(path)
 
 
 def _check_same_shape(source: Path, found: GPTConfig, given: GPTConfig | None) -> GPTConfig:

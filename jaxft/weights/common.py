@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -124,3 +126,62 @@ def map_tensors(
         value = to_float32(source, src, tensors[src])
         out[dst] = transform(src, value) if transform else value
     return out
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why a safetensors file cannot be read, naming the first tensor a truncation cuts off.
+
+    The format is an 8-byte little-endian header length, a JSON header with each tensor's
+    byte range in the data section, then the data; safetensors' own error names no tensor.
+    None when the file does not look truncated (the caller reports the library's error).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return f"truncated: only {size} bytes, not even the 8-byte header length"
+            header_len = int.from_bytes(prefix, "little")
+            if 8 + header_len > size:
+                return f"truncated inside the header ({size} bytes, the header alone needs {8 + header_len})"
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError):
+        return None
+    data_size = size - 8 - header_len
+    ends = sorted(
+        (entry["data_offsets"][1], name)
+        for name, entry in header.items()
+        if isinstance(entry, dict) and "data_offsets" in entry
+    )
+    cut = [(end, name) for end, name in ends if end > data_size]
+    if not cut:
+        return None
+    end, name = cut[0]
+    return (
+        f"truncated: tensor {name} needs bytes up to {end} of the data section, which has only {data_size} "
+        f"({len(cut)} of {len(ends)} tensors cut off; was the download or copy interrupted?)"
+    )
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as NumPy arrays; a clear WeightsError when unreadable."""
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        reason = safetensors_problem(path) or f"cannot read safetensors file ({exc})"
+        raise WeightsError(f"{path}: {reason}") from None
+
+
+def safetensors_keys(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors file (reads only the header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            return list(f.keys())
+    except Exception as exc:
+        reason = safetensors_problem(path) or f"cannot read safetensors file ({exc})"
+        raise WeightsError(f"{path}: {reason}") from None

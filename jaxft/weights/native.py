@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ..config import GPTConfig
-from .common import WeightsError, check_params, flatten, unflatten
+from .common import WeightsError, check_params, flatten, read_safetensors, unflatten
 
 FORMAT_TAG = "jaxft"
 VERSION = 1
@@ -98,10 +98,7 @@ def load(path: str | Path) -> tuple[GPTConfig, Params]:
     params_file = path / PARAMS_FILE
     if not params_file.is_file():
         raise WeightsError(f"{params_file}: file not found")
-    try:
-        flat = load_file(str(params_file))
-    except Exception as exc:  # safetensors raises its own error types for truncated files
-        raise WeightsError(f"{params_file}: cannot read safetensors file ({exc})") from None
+    flat = read_safetensors(params_file)
     check_params(str(params_file), config, flat)
     return config, unflatten(flat)
 
