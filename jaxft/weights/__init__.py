@@ -7,6 +7,8 @@ reference `GPTModel` state dict, `.pth` or `.safetensors`), "jaxft" (config + pa
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +89,18 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         # weights_only: tensors and plain containers only, never arbitrary unpickling.
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise WeightsError(
+            f"{path}: refused: the file holds Python objects other than tensors{what}, and jaxft reads .pth "
+            "files with torch.load(weights_only=True), never a full unpickle; where you trust the file, "
+            "re-save just the state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors"
+        ) from None
     except Exception as exc:
-        raise WeightsError(f"{path}: cannot read PyTorch file ({type(exc).__name__}: {exc})") from None
+        # torch's messages run over several lines; the first one says what went wrong.
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise WeightsError(f"{path}: cannot read PyTorch file ({type(exc).__name__}: {detail})") from None
     return torch_ref.unwrap_state_dict(obj, str(path))
 
 
