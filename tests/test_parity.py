@@ -17,12 +17,13 @@ import pytest
 import torch
 from reference_gpt import GPTModel, config_dict, generate_text_simple, random_reference_model
 from safetensors.torch import save_file as torch_save_safetensors
+from test_weights import TINY, random_params
 
 import jaxft
 from jaxft import GPTConfig
 from jaxft.model import apply
 from jaxft.weights import torch_ref
-from jaxft.weights.common import expected_shapes, flatten, unflatten
+from jaxft.weights.common import flatten
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only; never the network
 transformers = pytest.importorskip("transformers")
@@ -30,9 +31,6 @@ transformers = pytest.importorskip("transformers")
 MAX_ABS = 1e-4
 MAX_REL = 1e-5
 GRAD_REL = 1e-4
-
-TINY = GPTConfig(vocab_size=101, context_length=64, emb_dim=32, n_layers=2, n_heads=4)
-
 
 def compare(label: str, ours, ref) -> tuple[float, float]:
     """Assert the logit tolerances; print and return (max |diff|, ||diff|| / ||ref||)."""
@@ -54,19 +52,6 @@ def torch_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
 
 def random_ids(config: GPTConfig, batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, config.vocab_size, size=(batch, seq))
-
-
-def random_params(config: GPTConfig, seed: int = 0) -> dict:
-    """Random jaxft params in NumPy (no jit compile, unlike init_params): N(0, 0.05) matrices,
-    N(0, 0.02) biases, LayerNorm scales near 1, so that no parameter is trivial."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for name, shape in expected_shapes(config).items():
-        if name.endswith("/scale"):
-            flat[name] = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            flat[name] = (0.05 if len(shape) > 1 else 0.02) * rng.standard_normal(shape)
-    return unflatten({k: v.astype(np.float32) for k, v in flat.items()})
 
 
 # --- Hugging Face GPT2LMHeadModel -------------------------------------------------------

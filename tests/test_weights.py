@@ -11,13 +11,27 @@ import pytest
 import torch
 from reference_gpt import random_reference_model
 from safetensors.numpy import load_file, save_file
-from test_parity import TINY, random_params
 
 import jaxft
+from jaxft import GPTConfig
 from jaxft.weights import WeightsError, detect_format, hf, native, torch_ref
-from jaxft.weights.common import flatten
+from jaxft.weights.common import expected_shapes, flatten, unflatten
 
+TINY = GPTConfig(vocab_size=101, context_length=64, emb_dim=32, n_layers=2, n_heads=4)
 CLASSIFIER = TINY.replace(num_classes=2, tie_embeddings=False)  # what the reference classifier loads as
+
+
+def random_params(config: GPTConfig, seed: int = 0) -> dict:
+    """Random jaxft params in NumPy (no jit compile, unlike init_params): N(0, 0.05) matrices,
+    N(0, 0.02) biases, LayerNorm scales near 1, so that no parameter is trivial."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith("/scale"):
+            flat[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            flat[name] = (0.05 if len(shape) > 1 else 0.02) * rng.standard_normal(shape)
+    return unflatten({k: v.astype(np.float32) for k, v in flat.items()})
 
 
 def assert_same_params(a, b) -> None:
