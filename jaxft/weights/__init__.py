@@ -34,8 +34,8 @@ def resolve_config(config: GPTConfig | str | Path | None) -> GPTConfig | None:
     if is_size_name(text):
         return get_config(text)
     path = Path(text)
-    if path.is_file() and path.suffix == ".json":
-        return from_hparams(path)
+    if path.suffix == ".json":
+        return from_hparams(path)  # a missing or malformed file: an error naming it
     raise ValueError(f"config {text!r} is neither a GPT-2 size name nor an hparams.json file")
 
 
@@ -155,7 +155,8 @@ def load(path: str | Path, config: GPTConfig | str | Path | None = None) -> tupl
     else:
         raise WeightsError(
             f"{file}: Hugging Face weights without a config.json beside them do not record the number of "
-            "attention heads; pass config=... (a size name such as 'gpt2-small', or a GPTConfig)"
+            "attention heads; pass config=... (a size name such as 'gpt2-small', an hparams.json, or a GPTConfig; "
+            "on the command line, --config)"
         )
     return hf.state_dict_to_params(base, tensors, str(file))
 

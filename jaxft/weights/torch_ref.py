@@ -61,7 +61,8 @@ def config_from_state_dict(state_dict: dict[str, Any], config: GPTConfig | None,
     if config is None:
         raise WeightsError(
             f"{source}: a PyTorch reference state dict does not record the number of attention heads; "
-            "pass config=... (a size name such as 'gpt2-small', or a GPTConfig)"
+            "pass config=... (a size name such as 'gpt2-small', an hparams.json, or a GPTConfig; "
+            "on the command line, --config)"
         )
     vocab, emb = _numpy(state_dict["tok_emb.weight"]).shape
     ctx = _numpy(state_dict["pos_emb.weight"]).shape[0]
