@@ -258,6 +258,18 @@ def test_shuffle_is_seeded_and_drops_last():
     assert len({i for b in a for i in b}) == 20
 
 
+def test_batch_order_matches_array_batching():
+    from jaxft.data.batching import batches
+
+    ids = np.arange(21)
+    for shuffle, drop_last in ((True, True), (False, False)):
+        expected = [b[0].tolist() for b in batches((ids,), 4, shuffle=shuffle, drop_last=drop_last, seed=5, epoch=2)]
+        got = instruct.batch_indices(21, 4, shuffle=shuffle, drop_last=drop_last, seed=5, epoch=2)
+        assert [g.tolist() for g in got] == expected
+    with pytest.raises(ValueError, match="empty"):
+        instruct.batch_indices(0, 4, shuffle=False, drop_last=False, seed=0)
+
+
 # --------------------------------------------------------------------------- real file
 
 

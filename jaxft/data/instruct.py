@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Sequen
 
 import numpy as np
 
+from jaxft.data.batching import num_batches, permutation
+
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, used both as end-of-response and as padding
 IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 1024
@@ -395,16 +397,11 @@ def tight_shape(targets: np.ndarray, ignore_index: int = IGNORE_INDEX) -> tuple[
 def batch_indices(
     n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, epoch: int = 0
 ) -> list[np.ndarray]:
-    """Index batches over `n` examples; the order depends only on (seed, epoch)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    stop = (n // batch_size) * batch_size if drop_last else n
-    return [order[start : start + batch_size] for start in range(0, stop, batch_size)]
-
-
-def num_batches(n: int, batch_size: int, *, drop_last: bool) -> int:
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
+    """Index batches over `n` examples, in the same order as `jaxft.data.batching.batches`
+    (a function of (seed, epoch) only). Index-based because the examples are ragged lists."""
+    count = num_batches(n, batch_size, drop_last)  # also rejects empty data / bad sizes
+    order = permutation(n, seed, epoch) if shuffle else np.arange(n)
+    return [order[b * batch_size : (b + 1) * batch_size] for b in range(count)]
 
 
 def instruction_batches(
