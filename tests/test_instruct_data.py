@@ -402,3 +402,45 @@ def test_download_skipped_when_present(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "jaxft.download", types.SimpleNamespace(fetch=no_fetch))
     assert instruct.download_and_load(path, "http://127.0.0.1:9/none.json")[0]["output"] == "b"
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """A static HTTP server on 127.0.0.1 serving tmp_path/served."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "served"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_from_local_server(tmp_path, local_server):
+    pytest.importorskip("jaxft.download")  # written by another engineer; runs once it exists
+    root, base = local_server
+    (root / "good.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 3))
+    dest = tmp_path / "out" / "instruction-data.json"
+    dest.parent.mkdir()
+    entries = instruct.download_and_load(dest, f"{base}/good.json", timeout=10, progress=False)
+    assert len(entries) == 3 and dest.is_file()
+    (root / "good.json").unlink()  # present now: no second download
+    assert len(instruct.download_and_load(dest, f"{base}/good.json", progress=False)) == 3
+    # a downloaded file that fails validation is not left behind
+    (root / "bad.json").write_text('{"not": "a list"}')
+    bad = tmp_path / "out" / "bad.json"
+    with pytest.raises(InstructionDataError, match="expected a JSON list"):
+        instruct.download_and_load(bad, f"{base}/bad.json", timeout=10, progress=False)
+    assert not bad.exists()
