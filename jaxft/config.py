@@ -32,6 +32,8 @@ class GPTConfig:
     tie_embeddings: bool = True
     num_classes: int | None = None
     layer_norm_eps: float = 1e-5
+    lora_rank: int = 0  # > 0: low-rank adapters on every block projection (see model.LoRADense)
+    lora_alpha: float = 16.0  # LoRA updates are scaled by lora_alpha / lora_rank
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -45,6 +47,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"GPTConfig.lora_rank must be a non-negative integer, got {self.lora_rank!r}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"GPTConfig.num_classes must be >= 2, got {self.num_classes}")
 

@@ -45,6 +45,44 @@ def _dense(features: int, name: str, dtype: Any, use_bias: bool = True, std: flo
     )
 
 
+def lora_a_init(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
+    """Kaiming-uniform with fan_in = in: U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class LoRADense(nn.Module):
+    """A Dense layer plus a low-rank update: y = x W + b + (alpha / r) (x A) B.
+
+    A [in, r] starts uniform (kaiming, fan_in = in), B [r, out] at zero, so training starts
+    from the base model exactly. Used for the block projections when `config.lora_rank > 0`.
+    """
+
+    features: int
+    rank: int
+    alpha: float
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    std: float = _INIT_STD
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.normal(self.std), (x.shape[-1], self.features))
+        y = x @ kernel.astype(self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        lora_a = self.param("lora_a", lora_a_init, (x.shape[-1], self.rank))
+        lora_b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
+        return y + (x @ lora_a.astype(self.dtype)) @ lora_b.astype(self.dtype) * (self.alpha / self.rank)
+
+
+def _projection(config: GPTConfig, features: int, name: str, dtype: Any, use_bias: bool = True, std: float = _INIT_STD):
+    """A block's projection: plain Dense, or LoRADense when the config asks for LoRA."""
+    if config.lora_rank:
+        return LoRADense(features, config.lora_rank, config.lora_alpha, use_bias, dtype, std, name=name)
+    return _dense(features, name, dtype, use_bias, std)
+
+
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
     # use_fast_variance=False: E[(x - mean)^2], as torch computes it (parity to 1e-6).
     return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=jnp.float32, name=name)
@@ -65,7 +103,7 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         batch, seq, _ = x.shape
-        qkv = _dense(3 * cfg.emb_dim, "c_attn", self.dtype, use_bias=cfg.qkv_bias)(x)
+        qkv = _projection(cfg, 3 * cfg.emb_dim, "c_attn", self.dtype, use_bias=cfg.qkv_bias)(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         q, k, v = (t.reshape(batch, seq, cfg.n_heads, cfg.head_dim) for t in (q, k, v))
 
@@ -85,7 +123,7 @@ class CausalSelfAttention(nn.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
         out = out.reshape(batch, seq, cfg.emb_dim)
         proj_std = _INIT_STD / math.sqrt(2 * cfg.n_layers)
-        return _dense(cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(out), layer_cache
+        return _projection(cfg, cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(out), layer_cache
 
 
 class MLP(nn.Module):
@@ -95,10 +133,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        h = _dense(4 * cfg.emb_dim, "c_fc", self.dtype)(x)
+        h = _projection(cfg, 4 * cfg.emb_dim, "c_fc", self.dtype)(x)
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's tanh approximation
         proj_std = _INIT_STD / math.sqrt(2 * cfg.n_layers)
-        return _dense(cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(h)
+        return _projection(cfg, cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(h)
 
 
 class Block(nn.Module):

@@ -19,7 +19,7 @@ from .config import GPTConfig
 
 Params = dict[str, Any]
 
-TRAINABLE_CHOICES = ("head", "last-block", "last-N-blocks", "all")
+TRAINABLE_CHOICES = ("head", "last-block", "last-N-blocks", "all", "lora")
 _LAST_N = re.compile(r"^last-(\d+)-blocks?$")
 
 
@@ -27,7 +27,7 @@ def trainable_blocks(config: GPTConfig, trainable: str) -> tuple[int, ...] | Non
     """Indices of the transformer blocks that train; None means every parameter trains."""
     if trainable == "all":
         return None
-    if trainable == "head":
+    if trainable in ("head", "lora"):
         return ()
     if trainable == "last-block":
         return (config.n_layers - 1,)
@@ -37,20 +37,28 @@ def trainable_blocks(config: GPTConfig, trainable: str) -> tuple[int, ...] | Non
         if not 1 <= n <= config.n_layers:
             raise ValueError(f"trainable {trainable!r}: the model has {config.n_layers} blocks")
         return tuple(range(config.n_layers - n, config.n_layers))
-    raise ValueError(f"unknown trainable selection {trainable!r}; choose head, last-block, last-N-blocks (e.g. last-2-blocks) or all")
+    raise ValueError(
+        f"unknown trainable selection {trainable!r}; choose head, last-block, last-N-blocks (e.g. last-2-blocks), all or lora"
+    )
 
 
 def trainable_mask(config: GPTConfig, params: Params, trainable: str = "last-block", final_norm: bool | None = None) -> Params:
     """A tree of bools like `params`: True where the parameter trains.
 
     The head always trains (the classification head, the untied LM head, or `wte` when
-    the LM head is tied to it). `final_norm` (default: on unless only the head trains)
+    the LM head is tied to it), except with "lora" on a language model: then only the
+    adapters train. `final_norm` (default: on unless only the head or the adapters train)
     adds the final LayerNorm, as the seed does for its last-block recipe.
     """
     blocks = trainable_blocks(config, trainable)
+    if trainable == "lora" and not config.lora_rank:
+        raise ValueError("trainable 'lora' needs a model with LoRA adapters (set a LoRA rank)")
     if final_norm is None:
-        final_norm = trainable != "head"
-    head_names = {"cls_head"} if config.num_classes is not None else ({"wte"} if config.tie_embeddings else {"lm_head"})
+        final_norm = trainable not in ("head", "lora")
+    if trainable == "lora" and config.num_classes is None:
+        head_names: set[str] = set()
+    else:
+        head_names = {"cls_head"} if config.num_classes is not None else ({"wte"} if config.tie_embeddings else {"lm_head"})
 
     def top_level(name: str) -> bool:
         if blocks is None:
@@ -63,7 +71,12 @@ def trainable_mask(config: GPTConfig, params: Params, trainable: str = "last-blo
             return int(name[2:]) in blocks
         return False
 
-    return {name: jax.tree_util.tree_map(lambda _: top_level(name), sub) for name, sub in params.items()}
+    mask = {name: jax.tree_util.tree_map(lambda _: top_level(name), sub) for name, sub in params.items()}
+    if config.lora_rank:  # adapters train with every selection; base kernels only where selected
+        mask = jax.tree_util.tree_map_with_path(
+            lambda path, m: True if path[-1].key in ("lora_a", "lora_b") else m, mask
+        )
+    return mask
 
 
 def split(params: Params, mask: Params) -> tuple[Params, Params]:

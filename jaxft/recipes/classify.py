@@ -25,6 +25,7 @@ import pandas as pd
 from .. import losses, model, optim, train, weights
 from ..config import GPTConfig
 from ..data import batching, spam
+from ..lora import add_lora
 from ..plots import plot_values
 from ..tokenizer import PAD_ID, get_tokenizer
 from .common import resolve_model, run_info, write_json
@@ -38,7 +39,7 @@ class ClassifierRecipe:
 
     model: str = "gpt2-small (124M)"
     init: str = "pretrained"  # or "random"
-    trainable: str = "last-block"  # head | last-block | last-N-blocks | all
+    trainable: str = "last-block"  # head | last-block | last-N-blocks | all | lora
     final_norm: bool | None = None  # default: trains unless trainable == "head"
     pooling: str = "last"  # last | last-non-pad | first | mean
     epochs: int = 5
@@ -52,6 +53,8 @@ class ClassifierRecipe:
     drop_rate: float = 0.0
     accumulation_steps: int = 1
     grad_clip_norm: float | None = None
+    lora_rank: int = 0  # > 0 adds LoRA adapters (train them with trainable="lora")
+    lora_alpha: float = 16.0
     models_dir: str = "gpt2"
     export_pth: bool = False
 
@@ -219,10 +222,12 @@ def run(
     if recipe.batch_size > n_train:
         raise ValueError(f"batch size {recipe.batch_size} is larger than the {n_train} training examples (drop_last would leave no batch)")
 
-    key_model, key_head = jax.random.split(jax.random.PRNGKey(recipe.seed))
+    key_model, key_head, key_lora = jax.random.split(jax.random.PRNGKey(recipe.seed), 3)
     config, params = resolve_model(recipe.model, init=recipe.init, models_dir=recipe.models_dir, key=key_model, drop_rate=recipe.drop_rate)
     data = encode_splits(frames, list(class_names), tokenizer, max_length=recipe.max_length, context_length=config.context_length)
     config, params = with_classifier_head(config, params, len(data.class_names), key_head)
+    if recipe.lora_rank:
+        config, params = add_lora(config, params, recipe.lora_rank, recipe.lora_alpha, key_lora)
 
     mask = optim.trainable_mask(config, params, recipe.trainable, recipe.final_norm)
     optimizer = optim.adamw(
@@ -360,6 +365,8 @@ def _finetune(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         drop_rate=args.drop_rate,
         accumulation_steps=args.accumulation_steps,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
         models_dir=args.models_dir,
         export_pth=args.export_pth,
     )
@@ -414,7 +421,9 @@ def register(subparsers: Any) -> None:
     m.add_argument("--model", default=defaults.model, help="size name, checkpoint path, or OpenAI-style hparams.json")
     m.add_argument("--init", choices=("pretrained", "random"), default=defaults.init)
     m.add_argument("--models-dir", default=defaults.models_dir, help="where OpenAI checkpoints are (or get downloaded)")
-    m.add_argument("--trainable", default=defaults.trainable, help="head | last-block | last-N-blocks | all")
+    m.add_argument("--trainable", default=defaults.trainable, help="head | last-block | last-N-blocks | all | lora")
+    m.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="add LoRA adapters of this rank (use with --trainable lora)")
+    m.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scaling numerator (updates scale by alpha / rank)")
     m.add_argument("--final-norm", type=_optional_bool, default=None, help="train the final LayerNorm (on/off; default on unless --trainable head)")
     m.add_argument("--pooling", choices=losses.POOLINGS, default=defaults.pooling)
     m.add_argument("--drop-rate", type=float, default=defaults.drop_rate)

@@ -164,6 +164,10 @@ def load(path: str | Path, config: GPTConfig | str | Path | None = None) -> tupl
 def export(config: GPTConfig, params: Params, path: str | Path, format: str, metadata: dict[str, Any] | None = None) -> Path:
     """Write `params` to `path` in `format` (one of FORMATS). Returns the path written."""
     path = Path(path)
+    if config.lora_rank and format != "jaxft":  # other formats hold plain kernels: fold the adapters in
+        from ..lora import merge_lora
+
+        config, params = merge_lora(config, params)
     params = _to_numpy(params)
     if format == "jaxft":
         return native.save(config, params, path, metadata)

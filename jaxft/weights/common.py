@@ -63,6 +63,11 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
         )
         if config.qkv_bias:
             shapes[f"{h}/attn/c_attn/bias"] = (3 * d,)
+        if config.lora_rank:
+            r = config.lora_rank
+            for name, (n_in, n_out) in (("attn/c_attn", (d, 3 * d)), ("attn/c_proj", (d, d)), ("mlp/c_fc", (d, 4 * d)), ("mlp/c_proj", (4 * d, d))):
+                shapes[f"{h}/{name}/lora_a"] = (n_in, r)
+                shapes[f"{h}/{name}/lora_b"] = (r, n_out)
     shapes["ln_f/scale"] = (d,)
     shapes["ln_f/bias"] = (d,)
     if config.num_classes is not None:
