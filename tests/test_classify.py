@@ -285,3 +285,27 @@ def test_learns_spam_from_random_init_on_real_data(shared_data, tokenizer, tmp_p
     assert metrics["test_accuracy"] >= 0.90
     assert metrics["train_step_compilations"] == 1
     assert math.isfinite(metrics["test_loss"])
+
+
+def test_padding_variants_cut_batches_without_changing_last_non_pad_predictions():
+    from jaxft.data.spam import EncodedSplit
+
+    rs = np.random.RandomState(0)
+    lengths = rs.randint(3, 40, 20).astype(np.int32)
+    tokens = np.full((20, 40), 50256, np.int32)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = rs.randint(0, 100, n)
+    split = EncodedSplit(tokens, rs.randint(0, 2, 20).astype(np.int32), lengths)
+    widths = {}
+    for padding in classify.PADDINGS:
+        batches = list(classify.make_batches(split, 8, shuffle=False, drop_last=False, seed=0, padding=padding))
+        widths[padding] = [b["tokens"].shape[1] for b in batches]
+        assert all(b["tokens"].shape[0] == 8 for b in batches)
+    assert widths["longest"] == [40, 40, 40]
+    assert widths["batch"] == [int(lengths[i : i + 8].max()) for i in range(0, 20, 8)]
+    assert all(w % 16 == 0 or w == 40 for w in widths["bucket"])
+    config, params = classify.with_classifier_head(TINY.replace(context_length=64), init_params(TINY.replace(context_length=64), jax.random.PRNGKey(0)), 2, jax.random.PRNGKey(1))
+    _, eval_step = train.make_steps(config, optim.adamw(), "classification", pooling="last-non-pad")
+    results = {p: train.evaluate(eval_step, params, classify.make_batches(split, 8, shuffle=False, drop_last=False, seed=0, padding=p)) for p in classify.PADDINGS}
+    for p in ("batch", "bucket"):
+        np.testing.assert_allclose(results[p]["loss"], results["longest"]["loss"], rtol=1e-5)

@@ -42,6 +42,7 @@ class ClassifierRecipe:
     trainable: str = "last-block"  # head | last-block | last-N-blocks | all | lora
     final_norm: bool | None = None  # default: trains unless trainable == "head"
     pooling: str = "last"  # last | last-non-pad | first | mean
+    padding: str = "longest"  # longest (in the training set) | batch | bucket
     epochs: int = 5
     batch_size: int = 8
     lr: float = 5e-5
@@ -59,6 +60,8 @@ class ClassifierRecipe:
     export_pth: bool = False
 
     def validate(self) -> None:
+        if self.padding not in PADDINGS:
+            raise ValueError(f"unknown padding {self.padding!r}; choose one of: {', '.join(PADDINGS)}")
         if self.pooling not in losses.POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
         for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps"):
@@ -92,13 +95,35 @@ def with_classifier_head(config: GPTConfig, params: Params, num_classes: int, ke
 # --------------------------------------------------------------------------- batches
 
 
+PADDINGS = ("longest", "batch", "bucket")
+BUCKET_MULTIPLE = 16
+
+
 def make_batches(
-    split: spam.EncodedSplit, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, epoch: int = 0
+    split: spam.EncodedSplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    epoch: int = 0,
+    padding: str = "longest",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Classification batches with static shapes: a short final batch is padded with weight-0 rows."""
+    """Classification batches; a short final batch is padded with weight-0 rows.
+
+    padding: "longest" keeps the split's width (the longest training text: one shape for the
+    whole run, the seed's); "batch" cuts each batch to its longest text; "bucket" to that
+    rounded up to a multiple of 16 (few shapes, little padding).
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"unknown padding {padding!r}; choose one of: {', '.join(PADDINGS)}")
     arrays = {**split.arrays(), "weights": np.ones(len(split), np.float32)}
     fill = {"tokens": PAD_ID, "labels": 0, "lengths": 1, "weights": 0.0}
     for batch in batching.batches(arrays, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch):
+        if padding != "longest":
+            multiple = BUCKET_MULTIPLE if padding == "bucket" else 1
+            width = min(-(-int(batch["lengths"].max()) // multiple) * multiple, split.length)
+            batch = {**batch, "tokens": batch["tokens"][:, :width]}
         yield train.pad_rows(batch, batch_size, fill)
 
 
@@ -242,9 +267,10 @@ def run(
     )
 
     bs, seed = recipe.batch_size, recipe.seed
-    train_batches = lambda epoch: make_batches(data.train, bs, shuffle=True, drop_last=True, seed=seed, epoch=epoch)
-    val_batches = lambda: make_batches(data.validation, bs, shuffle=False, drop_last=False, seed=seed)
-    test_batches = lambda: make_batches(data.test, bs, shuffle=False, drop_last=False, seed=seed)
+    pad = recipe.padding
+    train_batches = lambda epoch: make_batches(data.train, bs, shuffle=True, drop_last=True, seed=seed, epoch=epoch, padding=pad)
+    val_batches = lambda: make_batches(data.validation, bs, shuffle=False, drop_last=False, seed=seed, padding=pad)
+    test_batches = lambda: make_batches(data.test, bs, shuffle=False, drop_last=False, seed=seed, padding=pad)
 
     initial = {
         "train": train.evaluate(eval_step, state.params, train_batches(0), recipe.eval_iter),
@@ -355,6 +381,7 @@ def _finetune(args: argparse.Namespace) -> int:
         trainable=args.trainable,
         final_norm=args.final_norm,
         pooling=args.pooling,
+        padding=args.padding,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -426,6 +453,7 @@ def register(subparsers: Any) -> None:
     m.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scaling numerator (updates scale by alpha / rank)")
     m.add_argument("--final-norm", type=_optional_bool, default=None, help="train the final LayerNorm (on/off; default on unless --trainable head)")
     m.add_argument("--pooling", choices=losses.POOLINGS, default=defaults.pooling)
+    data.add_argument("--padding", choices=PADDINGS, default=defaults.padding, help="pad to the longest training text, the longest in each batch, or 16-token buckets")
     m.add_argument("--drop-rate", type=float, default=defaults.drop_rate)
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=defaults.epochs)
