@@ -273,7 +273,6 @@ def zip_server(tmp_path: Path):
 
 
 def test_download_extracts_then_skips(tmp_path: Path, zip_server: str, capsys):
-    pytest.importorskip("jaxft.download")
     dest = tmp_path / "data"
     # The first URL fails (404), the backup serves the zip.
     path = spam.download_sms_spam(dest, urls=[f"{zip_server}/missing.zip", f"{zip_server}/sms.zip"], progress=False)
@@ -287,6 +286,15 @@ def test_download_extracts_then_skips(tmp_path: Path, zip_server: str, capsys):
 
 
 def test_download_rejects_a_broken_zip(tmp_path: Path, zip_server: str):
-    pytest.importorskip("jaxft.download")
     with pytest.raises(ValueError, match="not a valid zip file"):
         spam.download_sms_spam(tmp_path / "d", urls=[f"{zip_server}/broken.zip"], progress=False)
+
+
+def test_download_reports_every_failed_url(tmp_path: Path, zip_server: str):
+    from jaxft.download import DownloadError
+
+    urls = [f"{zip_server}/missing.zip", f"{zip_server}/gone.zip"]
+    with pytest.raises(DownloadError) as info:
+        spam.download_sms_spam(tmp_path / "d", urls=urls, progress=False)
+    assert "missing.zip" in str(info.value) and "gone.zip" in str(info.value)
+    assert not (tmp_path / "d" / "SMSSpamCollection").exists()

@@ -66,6 +66,7 @@ def download_sms_spam(
     from jaxft.download import fetch  # lazy: only needed when something must be fetched
 
     dest_dir.mkdir(parents=True, exist_ok=True)
+    # fetch raises jaxft.download.DownloadError (naming every URL tried) when all of them fail.
     zip_path = fetch(
         list(urls), dest_dir / "sms_spam_collection.zip", desc="SMS Spam Collection", timeout=timeout, progress=progress
     )
