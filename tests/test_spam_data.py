@@ -78,7 +78,7 @@ def test_encoding_and_batch_counts_match_the_seed(tmp_path: Path, real_splits: s
     train, validation, test = spam.encode_splits(*real_splits.frames(), tokenizer)
     assert train.length == validation.length == test.length == 120
     assert train.tokens.dtype == np.int32 and train.tokens.shape == (1045, 120)
-    counts = [num_batches(len(train), 8, True), num_batches(len(validation), 8, False), num_batches(len(test), 8, False)]
+    counts = [num_batches(len(train), 8, True)] + [num_batches(len(s), 8, False) for s in (validation, test)]
     assert counts == [130, 19, 38]
     # The seed writes CSVs and its SpamDataset re-reads them with pandas: same tokens.
     paths = spam.write_splits(tmp_path, *real_splits.frames())
