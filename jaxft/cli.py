@@ -33,11 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .download import DownloadError
+    from .tokenizer import TokenizerNotFoundError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        print(f"jaxft {args.command}: error: {exc}", file=sys.stderr)
+    except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError) as exc:
+        # User mistakes and unreachable servers/files: one line, no traceback.
+        message = " ".join(str(exc).split("\n"))
+        print(f"jaxft {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxft {args.command}: interrupted", file=sys.stderr)
