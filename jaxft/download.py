@@ -1,23 +1,33 @@
-"""Downloads: the OpenAI GPT-2 checkpoints (and any file) from a primary URL with backups.
+"""Download files over HTTP(S) with mirrors, resume and verification; the OpenAI GPT-2 checkpoints.
 
-A file is streamed to `NAME.part` with a progress bar, checked against Content-Length and
-only then renamed, so an interrupted download never leaves a file that looks complete;
-a later run resumes the `.part` file with an HTTP Range request when the server allows it.
+`fetch` never leaves a file that looks complete but is not: it streams into `<dest>.part`,
+checks the byte count against Content-Length (and a SHA-256 when one is known), and only then
+renames the part file onto `dest`. An interrupted download leaves the `.part` file behind and
+the next run resumes it with an HTTP Range request when the server allows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import http.client
 import os
+import re
+import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
-from .config import OPENAI_SIZE_DIRS, canonical_name, from_hparams, get_config
+from tqdm import tqdm
 
-PRIMARY_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/models"
-BACKUP_BASE = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
+from jaxft.config import OPENAI_SIZE_DIRS, canonical_name, from_hparams, get_config
+
+# Roots of the OpenAI checkpoint directories; a file's URL is `{root}/{124M|...}/{file}`.
+PRIMARY_ROOT = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+BACKUP_ROOT = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
+DEFAULT_ROOTS = (PRIMARY_ROOT, BACKUP_ROOT)
+
 GPT2_FILES = (
     "checkpoint",
     "encoder.json",
@@ -27,56 +37,159 @@ GPT2_FILES = (
     "model.ckpt.meta",
     "vocab.bpe",
 )
-CHUNK = 1 << 20
+
+CHUNK_BYTES = 1 << 20
+USER_AGENT = "jaxft-downloader/0.1"
 
 
-class DownloadError(RuntimeError):
-    """Every URL failed; the message lists each one and why."""
+class DownloadError(OSError):
+    """Every URL for one file failed; `failures` holds the (url, reason) pairs in the order tried."""
+
+    def __init__(self, message: str, failures: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.failures = list(failures)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
-def _remote_size(url: str, timeout: float) -> int | None:
-    """Content-Length from a HEAD request, or None when the server does not say."""
-    request = urllib.request.Request(url, method="HEAD")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        length = response.headers.get("Content-Length")
-    return int(length) if length is not None else None
+class _UrlFailure(Exception):
+    """One URL failed; the caller moves on to the next one."""
 
 
-def _stream(url: str, dest: Path, desc: str, timeout: float, progress: bool) -> None:
-    """Download `url` into `dest` via `dest.part`, resuming a leftover .part when possible."""
-    from tqdm.auto import tqdm
+def partial_path(dest: str | Path) -> Path:
+    """Where `fetch` streams `dest` before renaming it: `<dest>.part`."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".part")
 
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    request = urllib.request.Request(url, headers=headers)
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open(url: str, timeout: float, headers: dict[str, str] | None = None, method: str = "GET"):
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})}, method=method)
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    """A short reason for one failed URL, for the final error message."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        if not isinstance(exc.reason, BaseException):
+            return str(exc.reason)
+        exc = exc.reason
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed early ({len(exc.partial)} bytes in the last read)"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _content_length(headers) -> int | None:
+    value = headers.get("Content-Length")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED = re.compile(r"bytes\s+\*/(\d+)")
+
+
+def _remote_size(urls: Sequence[str], timeout: float) -> int | None:
+    """The file's size according to the first URL that answers a HEAD request, else None."""
+    for url in urls:
+        try:
+            with _open(url, timeout, method="HEAD") as response:
+                size = _content_length(response.headers)
+        except (OSError, http.client.HTTPException):
+            continue
+        if size is not None:
+            return size
+    return None
+
+
+def _is_complete(dest: Path, urls: Sequence[str], timeout: float, sha256: str | None) -> bool:
+    """Whether an existing `dest` can be kept.
+
+    With a known hash the check is local (no request). Otherwise the size is compared with
+    the server's Content-Length; when no server answers (offline), the file is kept: `fetch`
+    only ever creates `dest` by renaming a verified part file.
+    """
+    if sha256 is not None:
+        return sha256_of(dest) == sha256.lower()
+    size = _remote_size(urls, timeout)
+    return size is None or size == dest.stat().st_size
+
+
+def _copy(response, fh, bar: tqdm, timeout: float) -> int:
+    """Stream the body into `fh`; network errors become `_UrlFailure`, disk errors propagate."""
+    received = 0
+    while True:
+        try:
+            chunk = response.read(CHUNK_BYTES)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _UrlFailure(f"{_describe(exc, timeout)} after {received} bytes") from None
+        if not chunk:
+            return received
+        fh.write(chunk)
+        received += len(chunk)
+        bar.update(len(chunk))
+
+
+def _download_one(url: str, part: Path, label: str, timeout: float, progress: bool) -> None:
+    """Bring `part` to the full body of `url`, resuming it when the server honours Range."""
+    offset = part.stat().st_size if part.is_file() else 0
+    try:
+        response = _open(url, timeout, {"Range": f"bytes={offset}-"} if offset else None)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:  # the .part is not a prefix we can resume from: restart
+        if exc.code == 416 and offset:
+            # Nothing left to send: the part file is either complete or not this file at all.
+            match = _UNSATISFIED.search(exc.headers.get("Content-Range", "") or "")
+            exc.close()
+            if match and int(match.group(1)) == offset:
+                return
             part.unlink()
-            return _stream(url, dest, desc, timeout, progress)
-        raise
+            return _download_one(url, part, label, timeout, progress)
+        exc.close()
+        raise _UrlFailure(_describe(exc, timeout)) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _UrlFailure(_describe(exc, timeout)) from None
+
     with response:
-        if offset and response.status != 206:  # the server ignored the Range: start over
-            offset = 0
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        mode = "ab" if offset else "wb"
-        with open(part, mode) as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress
+        length = _content_length(response.headers)
+        if response.status == 206:
+            match = _RANGE.search(response.headers.get("Content-Range", "") or "")
+            if not match or int(match.group(1)) != offset:
+                part.unlink()
+                got = response.headers.get("Content-Range")
+                raise _UrlFailure(f"bad Content-Range {got!r} for a resume at byte {offset}")
+            total = int(match.group(3)) if match.group(3) != "*" else None
+            mode = "ab"
+        else:
+            # A plain 200 (fresh download, or a server that ignores Range): start over.
+            offset, total, mode = 0, length, "wb"
+        with open(part, mode) as fh, tqdm(
+            total=total,
+            initial=offset,
+            desc=label,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not progress,
         ) as bar:
-            while True:
-                chunk = response.read(CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                bar.update(len(chunk))
-    received = part.stat().st_size
-    if total is not None and received != total:
-        # Keep the .part: the next attempt resumes it.
-        raise DownloadError(f"{url}: received {received} of {total} bytes (connection closed early)")
-    os.replace(part, dest)
+            received = _copy(response, fh, bar, timeout)
+    if length is not None and received != length:
+        raise _UrlFailure(f"short body: got {received} of {length} bytes")
+    if total is not None and part.stat().st_size != total:
+        raise _UrlFailure(f"size mismatch: {part.stat().st_size} bytes on disk, server says {total}")
 
 
 def fetch(
@@ -86,52 +199,70 @@ def fetch(
     desc: str | None = None,
     timeout: float = 60.0,
     progress: bool = True,
+    sha256: str | None = None,
 ) -> Path:
-    """Download `dest` from the first URL that works (primary first, then backups).
+    """Download the first URL of `urls` that works to `dest`; return `dest`.
 
-    Skips the download when `dest` exists with the size the server reports (or when the
-    server cannot be asked and the file exists); re-downloads on a size mismatch.
+    Skips an existing `dest` that is complete (see `_is_complete`). Streams into
+    `<dest>.part` (resumed with a Range request when one is left over) and renames it only
+    after the byte count matches Content-Length and, when `sha256` is given, the hash matches.
+    Raises `DownloadError` naming every URL tried and why it failed.
     """
+    dest = Path(dest)
     urls = [urls] if isinstance(urls, str) else list(urls)
     if not urls:
-        raise ValueError("fetch: no URL given")
-    dest = Path(dest)
+        raise ValueError(f"no URL given for {dest}")
+    label = desc or dest.name
+    if dest.is_file() and _is_complete(dest, urls, timeout, sha256):
+        if progress:
+            print(f"{label}: already complete, skipped", file=sys.stderr)
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    desc = desc or dest.name
-    failures: list[str] = []
+    part = partial_path(dest)
+    failures: list[tuple[str, str]] = []
     for url in urls:
         try:
-            try:
-                expected = _remote_size(url, timeout)
-            except urllib.error.HTTPError as exc:
-                if exc.code not in (403, 405, 501):  # servers that refuse HEAD but serve GET
-                    raise
-                expected = None
-            if dest.exists():
-                if expected is None or dest.stat().st_size == expected:
-                    if progress:
-                        print(f"{dest} already exists and is complete; skipping")
-                    return dest
-                dest.unlink()  # wrong size: an old or foreign file
-            _stream(url, dest, desc, timeout, progress)
-            if expected is not None and dest.stat().st_size != expected:
-                size = dest.stat().st_size
-                dest.unlink()
-                raise DownloadError(f"{url}: downloaded {size} bytes, but the server announced {expected}")
-            return dest
-        except (urllib.error.URLError, OSError, DownloadError, ValueError) as exc:
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError) else exc
-            failures.append(f"{url}: {reason}")
-    if dest.exists():  # offline, but a previous run completed the file
+            _download_one(url, part, label, timeout, progress)
+            if sha256 is not None:
+                actual = sha256_of(part)
+                if actual != sha256.lower():
+                    part.unlink()  # resuming a wrong body would only stay wrong
+                    raise _UrlFailure(f"SHA-256 {actual} does not match the expected {sha256.lower()}")
+        except _UrlFailure as exc:
+            failures.append((url, str(exc)))
+            continue
+        os.replace(part, dest)
         return dest
-    raise DownloadError(f"could not download {dest.name}:\n  " + "\n  ".join(failures))
+    tried = "; ".join(f"{url} ({reason})" for url, reason in failures)
+    raise DownloadError(f"could not download {dest}: tried {len(failures)} URL(s): {tried}", failures)
+
+
+def _size_dir(size: str) -> str:
+    return OPENAI_SIZE_DIRS[canonical_name(size)]
 
 
 def checkpoint_urls(size: str, base_urls: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
-    """(file name, [primary URL, backup URL, ...]) for each file of an OpenAI GPT-2 checkpoint."""
-    size_dir = OPENAI_SIZE_DIRS[canonical_name(size)]
-    bases = list(base_urls) if base_urls else [PRIMARY_BASE, BACKUP_BASE]
-    return [(name, [f"{base.rstrip('/')}/{size_dir}/{name}" for base in bases]) for name in GPT2_FILES]
+    """(file name, [url per root]) for the OpenAI checkpoint of `size`, primary root first."""
+    size_dir = _size_dir(size)
+    roots = [root.rstrip("/") for root in (base_urls or DEFAULT_ROOTS)]
+    return [(name, [f"{root}/{size_dir}/{name}" for root in roots]) for name in GPT2_FILES]
+
+
+def _known_hashes() -> dict[str, str]:
+    # The vocabulary files are the same for every size, and their hashes are published.
+    from jaxft.tokenizer import ENCODER_JSON, ENCODER_JSON_SHA256, VOCAB_BPE, VOCAB_BPE_SHA256
+
+    return {ENCODER_JSON: ENCODER_JSON_SHA256, VOCAB_BPE: VOCAB_BPE_SHA256}
+
+
+def check_hparams(checkpoint_dir: str | Path, size: str) -> None:
+    """Raise ValueError when `hparams.json` does not parse or does not describe `size`."""
+    path = Path(checkpoint_dir) / "hparams.json"
+    found = from_hparams(path).to_hparams()
+    expected = get_config(size).to_hparams()
+    if found != expected:
+        diff = ", ".join(f"{k}={found[k]} (expected {expected[k]})" for k in expected if found[k] != expected[k])
+        raise ValueError(f"{path}: does not describe {canonical_name(size)}: {diff}")
 
 
 def download_gpt2(
@@ -141,37 +272,61 @@ def download_gpt2(
     base_urls: Sequence[str] | None = None,
     timeout: float = 60.0,
     progress: bool = True,
+    verify_vocab: bool = True,
 ) -> Path:
-    """Download all seven files of an OpenAI GPT-2 checkpoint into `models_dir/<124M|...>/`."""
-    canonical = canonical_name(size)
-    ckpt_dir = Path(models_dir) / OPENAI_SIZE_DIRS[canonical]
-    for name, urls in checkpoint_urls(canonical, base_urls):
-        fetch(urls, ckpt_dir / name, desc=name, timeout=timeout, progress=progress)
-    found = from_hparams(ckpt_dir / "hparams.json")
-    expected = get_config(canonical)
-    for field in ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads"):
-        if getattr(found, field) != getattr(expected, field):
-            raise DownloadError(
-                f"{ckpt_dir / 'hparams.json'}: {field}={getattr(found, field)}, but {canonical} has {getattr(expected, field)}"
-            )
-    return ckpt_dir
+    """Download the 7 OpenAI checkpoint files of `size` into `models_dir/<124M|...>/`.
+
+    `base_urls` replaces the primary and backup roots. `verify_vocab` checks
+    `encoder.json` / `vocab.bpe` against GPT-2's published SHA-256. Returns the directory.
+    """
+    target = Path(models_dir) / _size_dir(size)
+    hashes = _known_hashes() if verify_vocab else {}
+    for name, urls in checkpoint_urls(size, base_urls):
+        fetch(
+            urls,
+            target / name,
+            desc=f"{target.name}/{name}",
+            timeout=timeout,
+            progress=progress,
+            sha256=hashes.get(name),
+        )
+    check_hparams(target, size)
+    return target
 
 
-def _download_command(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
+    from jaxft.cli import CLIError
+
     try:
-        path = download_gpt2(args.size, args.dir, base_urls=args.base_url or None, timeout=args.timeout)
+        target = download_gpt2(
+            args.size, args.dir, base_urls=args.base_url or None, timeout=args.timeout, progress=not args.quiet
+        )
     except DownloadError as exc:
-        from .cli import CLIError
-
-        raise CLIError(str(exc).replace("\n", " ")) from None
-    print(f"GPT-2 {canonical_name(args.size)} is in {path}")
+        raise CLIError(str(exc)) from None
+    print(target)
     return 0
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("download", help="download an OpenAI GPT-2 checkpoint (124M, 355M, 774M, 1558M)")
-    p.add_argument("size", help="124M | 355M | 774M | 1558M, or gpt2-small / gpt2-medium / ...")
-    p.add_argument("--dir", default="gpt2", help="models directory; files go to DIR/<size>/")
-    p.add_argument("--base-url", action="append", help="URL root to try instead of the defaults (repeatable; tried in order)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per connection attempt")
-    p.set_defaults(func=_download_command)
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add `jaxft download SIZE [--dir DIR] [--base-url URL ...]`."""
+    parser = subparsers.add_parser(
+        "download",
+        help="download an OpenAI GPT-2 checkpoint",
+        description="Download the OpenAI GPT-2 checkpoint files (primary URL, then the backup), "
+        "skipping complete files and resuming interrupted ones.",
+    )
+    parser.add_argument(
+        "size", metavar="SIZE", help="124M, 355M, 774M or 1558M (or gpt2-small, 'gpt2-small (124M)', ...)"
+    )
+    parser.add_argument("--dir", default="gpt2", help="models directory; files go to DIR/<124M|...>/ (default: gpt2)")
+    parser.add_argument(
+        "--base-url",
+        metavar="URL",
+        nargs="+",
+        action="extend",
+        help="root URL(s) to try in order instead of the OpenAI primary and backup; a file is fetched "
+        "from URL/<124M|...>/<file>",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per network operation (default: 60)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)
