@@ -317,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=240.0, help="deadline for the whole run after imports (default 240 s)")
     parser.add_argument("--reserve-s", type=float, default=100.0, help="time the train sections leave for generation")
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per variant (after 1 warm-up)")
-    parser.add_argument("--data", type=Path, default=REPO / "shared" / "data" / "instruction-data.json")
+    parser.add_argument("--data", type=Path, default=REPO / "shared" / "data" / "instruction-data.json",
+                        help="the instruction data (default: shared/data/ in the repo, else ../shared/data/); "
+                        "synthetic prompts when absent")
     parser.add_argument("--vocab-dir", type=Path, default=REPO / "shared" / "data" / "gpt2_vocab",
                         help="GPT-2 encoder.json + vocab.bpe (else $JAXFT_GPT2_VOCAB or tiktoken's cache)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -329,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    # Outside the GPU machine the shared data usually sits next to the repository, not inside it.
+    for name, default, alternative in (("data", parser.get_default("data"), REPO.parent / "shared" / "data" / "instruction-data.json"),
+                                       ("vocab_dir", parser.get_default("vocab_dir"), REPO.parent / "shared" / "data" / "gpt2_vocab")):
+        if getattr(args, name) == default and not default.exists() and alternative.exists():
+            setattr(args, name, alternative)
     if args.quick:
         args.steps, args.max_new_tokens, args.b1_tokens, args.b1_repeats = min(args.steps, 3), 16, 16, 1
         args.ref_prompts, args.reserve_s = min(args.ref_prompts, 3), min(args.reserve_s, 30.0)
