@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from .. import generate as gen
 from .. import model, optim, train, weights
 from ..config import GPTConfig, canonical_name, is_size_name
 from ..data import instruct as data
+from ..data.batching import num_batches
 from ..lora import add_lora
 from ..plots import plot_values
 from ..tokenizer import EOT_ID, get_tokenizer
@@ -64,6 +66,7 @@ class InstructRecipe:
     allowed_max_length: int = data.DEFAULT_MAX_LENGTH  # capped at the model's context length
     bucket_multiple: int = 32  # pad batch widths up to multiples of this (static shapes)
     limit: int | None = None  # use only the first `limit` entries (quick runs)
+    max_steps: int | None = None  # stop training after this many steps (quick runs)
     max_new_tokens: int = 256  # response length for the test split
     response_batch_size: int = 8
     drop_rate: float = 0.0
@@ -83,8 +86,9 @@ class InstructRecipe:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        for name in ("limit", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.init not in ("pretrained", "random"):
             raise ValueError(f"init must be 'pretrained' or 'random', got {self.init!r}")
 
@@ -105,10 +109,14 @@ def untie_head(config: GPTConfig, params: Params) -> tuple[GPTConfig, Params]:
     return config.replace(tie_embeddings=False), params
 
 
-def sft_file_name(model_name: str) -> str:
-    """The seed's file name: "gpt2-medium (355M)" -> "gpt2-medium355M-sft.pth"."""
-    base = canonical_name(model_name) if is_size_name(model_name) else Path(model_name).stem or "model"
-    return f"{re.sub(r'[ ()]', '', base)}-sft.pth"
+def sft_file_name(model_name: str, config: GPTConfig | None = None) -> str:
+    """The seed's file name: "gpt2-medium (355M)" -> "gpt2-medium355M-sft.pth"; "model-sft.pth"
+    for a custom size."""
+    if is_size_name(model_name):
+        base = canonical_name(model_name)
+    else:
+        base = config.name if config is not None and config.name != "custom" else "model"
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '', base)}-sft.pth"
 
 
 # --------------------------------------------------------------------------- generation
@@ -168,6 +176,9 @@ def sample_text(config: GPTConfig, params: Params, tokenizer: Any, prompt_text: 
 def _save_model_dir(config: GPTConfig, params: Params, path: Path, metadata: dict[str, Any]) -> Path:
     """Write the jaxft model beside `path`, then swap it in: never a half-written model dir."""
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model dir is an ordinary output
     try:
         weights.export(config, params, tmp, "jaxft", metadata=metadata)
         if path.exists():
@@ -183,7 +194,7 @@ def _save_model_dir(config: GPTConfig, params: Params, path: Path, metadata: dic
     return path
 
 
-def _save_plots(out_dir: Path, epochs: int, total_seen: int, train_losses: list[float], val_losses: list[float]) -> list[Path]:
+def _save_plots(out_dir: Path, epochs: float, total_seen: int, train_losses: list[float], val_losses: list[float]) -> list[Path]:
     """loss-plot.pdf/.png, drawn in a scratch dir and renamed into place."""
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".plots."))
     try:
@@ -245,7 +256,6 @@ def run(
     splits = _split(entries, recipe, source)
     tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     key_model, key_lora = jax.random.split(jax.random.PRNGKey(recipe.seed))
@@ -280,7 +290,14 @@ def run(
                 batch_shapes.add(inputs.shape)
             yield {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
 
-    train_batches = lambda epoch: batches(tok_train, shuffle=True, epoch=epoch)
+    steps_per_epoch = num_batches(n_train, recipe.batch_size, drop_last=True)
+
+    def train_batches(epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        batch_iter = batches(tok_train, shuffle=True, epoch=epoch)
+        if recipe.max_steps is None:
+            return batch_iter
+        return itertools.islice(batch_iter, max(recipe.max_steps - epoch * steps_per_epoch, 0))
+
     val_batches = lambda: batches(tok_val, shuffle=False)
     test_batches = lambda: batches(tok_test, shuffle=False)
 
@@ -295,8 +312,14 @@ def run(
         f"{recipe.style} prompts, {tokens.n_over_length} longer than {config.context_length} tokens"
     )
 
-    initial_train = train.evaluate(eval_step, state.params, train_batches(0), recipe.eval_iter)["loss"]
-    initial_val = train.evaluate(eval_step, state.params, val_batches(), recipe.eval_iter)["loss"]
+    # The seed's calc_loss_loader(..., num_batches=eval_iter) before and after training.
+    def losses_now(params: Params, epoch: int) -> tuple[float, float]:
+        return (
+            train.evaluate(eval_step, params, batches(tok_train, shuffle=True, epoch=epoch), recipe.eval_iter)["loss"],
+            train.evaluate(eval_step, params, val_batches(), recipe.eval_iter)["loss"],
+        )
+
+    initial_train, initial_val = losses_now(state.params, 0)
     log(f"Training loss: {initial_train}")
     log(f"Validation loss: {initial_val}")
 
@@ -318,14 +341,15 @@ def run(
     log(f"Training completed in {history['seconds'] / 60:.2f} minutes.")
 
     params = jax.device_get(state.params)
-    final = {
-        "train": train.evaluate(eval_step, params, train_batches(recipe.epochs))["loss"],
-        "validation": train.evaluate(eval_step, params, val_batches())["loss"],
-        "test": train.evaluate(eval_step, params, test_batches())["loss"],
-    }
-    log(f"Final loss: train {final['train']:.3f}, validation {final['validation']:.3f}, test {final['test']:.3f}")
+    final_train, final_val = losses_now(params, recipe.epochs)
+    full_val = train.evaluate(eval_step, params, val_batches())["loss"]
+    full_test = train.evaluate(eval_step, params, test_batches())["loss"]
+    log(f"Final loss on {recipe.eval_iter} batches: train {final_train:.3f}, validation {final_val:.3f}; "
+        f"whole validation split {full_val:.3f}, test split {full_test:.3f}")
 
-    plots = _save_plots(out_dir, recipe.epochs, history["total_seen"], history["train_losses"], history["val_losses"]) if history["train_losses"] else []
+    epochs_run = history["total_steps"] / steps_per_epoch  # fewer than recipe.epochs with max_steps
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails early leaves nothing behind
+    plots = _save_plots(out_dir, epochs_run, history["total_seen"], history["train_losses"], history["val_losses"]) if history["train_losses"] else []
 
     outputs: dict[str, Any] = {"plots": [str(p) for p in plots]}
     response_seconds = None
@@ -347,20 +371,22 @@ def run(
     }
     outputs["model"] = str(_save_model_dir(config, params, out_dir / MODEL_DIR, metadata))
     if recipe.export_pth:
-        outputs["torch_reference"] = str(weights.export(config, params, out_dir / sft_file_name(recipe.model), "torch-reference"))
+        outputs["torch_reference"] = str(weights.export(config, params, out_dir / sft_file_name(recipe.model, config), "torch-reference"))
 
     metrics = {
         "initial_train_loss": initial_train,
         "initial_validation_loss": initial_val,
-        "final_train_loss": final["train"],
-        "final_validation_loss": final["validation"],
-        "final_test_loss": final["test"],
+        "final_train_loss": final_train,
+        "final_validation_loss": final_val,
+        "validation_loss": full_val,
+        "test_loss": full_test,
         "eval_steps": history["steps"],
         "eval_train_losses": history["train_losses"],
         "eval_validation_losses": history["val_losses"],
         "eval_tokens_seen": history["seen"],
         "tokens_seen": history["total_seen"],
         "steps": history["total_steps"],
+        "epochs": epochs_run,
         "train_seconds": history["seconds"],
         "response_seconds": response_seconds,
         "total_seconds": time.perf_counter() - start,
@@ -387,7 +413,7 @@ def _finetune(args: argparse.Namespace) -> int:
         model=args.model, init=args.init, trainable=args.trainable, final_norm=args.final_norm, tie_head=args.tie_head,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, seed=args.seed, style=args.style,
-        mask_prompt=args.mask_prompt, allowed_max_length=args.allowed_max_length, limit=args.limit,
+        mask_prompt=args.mask_prompt, allowed_max_length=args.allowed_max_length, limit=args.limit, max_steps=args.max_steps,
         max_new_tokens=args.max_new_tokens, response_batch_size=args.response_batch_size, drop_rate=args.drop_rate,
         accumulation_steps=args.accumulation_steps, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         models_dir=args.models_dir, export_pth=args.export_pth, responses=not args.no_responses,
@@ -403,6 +429,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _respond(args: argparse.Namespace) -> int:
     from ..weights import native
 
+    entries = data.load_entries(args.data, require_output=False)  # cheap checks before a big model loads
     config, params = weights.load(args.model, args.config)
     if config.num_classes is not None:
         raise ValueError(f"{args.model}: a classification model, not a language model")
@@ -412,7 +439,6 @@ def _respond(args: argparse.Namespace) -> int:
     data.get_style(style)
     if args.max_new_tokens >= config.context_length:
         raise ValueError(f"max-new-tokens ({args.max_new_tokens}) must be smaller than the context length ({config.context_length})")
-    entries = data.load_entries(args.data, require_output=False)
     tokenizer = get_tokenizer(args.vocab_dir)
     start = time.perf_counter()
     responses = generate_responses(
@@ -468,6 +494,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--eval-iter", type=int, default=defaults.eval_iter)
     t.add_argument("--accumulation-steps", type=int, default=defaults.accumulation_steps)
     t.add_argument("--seed", type=int, default=defaults.seed)
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many training steps (quick runs)")
     g = p.add_argument_group("responses")
     g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="response length limit (greedy, eos stop)")
     g.add_argument("--response-batch-size", type=int, default=defaults.response_batch_size, help="prompts per generation batch")
@@ -487,7 +514,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--out", required=True, help="JSON file to write: the entries with their responses")
     r.add_argument("--max-new-tokens", type=int, default=256)
     r.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
-    r.add_argument("--style", choices=styles, default=None, help="prompt style (default: the model's, else alpaca)")
+    r.add_argument("--style", choices=styles, default=None, help="prompt style; unset: the one the model was trained with, else alpaca")
     r.add_argument("--response-key", default="model_response", help="field name of the response")
     r.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
