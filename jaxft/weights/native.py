@@ -37,6 +37,13 @@ def is_native_dir(path: Path) -> bool:
         return False
 
 
+def _default_mode() -> int:
+    """The mode an ordinary new file gets (mkstemp would leave it private to its owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +51,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -56,6 +64,7 @@ def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[
     os.close(fd)
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
