@@ -275,9 +275,9 @@ def test_learns_spam_from_random_init_on_real_data(shared_data, tokenizer, tmp_p
     from jaxft.data import spam
 
     data = spam.splits_with_classes(shared_data / "sms_spam_collection" / "SMSSpamCollection")
-    recipe = classify.ClassifierRecipe(model=str(_tiny_hparams(tmp_path, ctx=128).parent / "hparams.json"), init="random", trainable="all", epochs=2, lr=5e-4, eval_freq=50)
-    path = tmp_path / "hparams.json"
-    path.write_text(json.dumps({"n_vocab": 50257, "n_ctx": 128, "n_embd": 128, "n_head": 4, "n_layer": 2}))
+    hparams = tmp_path / "hparams.json"  # 2 layers, 128 wide: about 6.8M parameters
+    hparams.write_text(json.dumps({"n_vocab": 50257, "n_ctx": 128, "n_embd": 128, "n_head": 4, "n_layer": 2}))
+    recipe = classify.ClassifierRecipe(model=str(hparams), init="random", trainable="all", epochs=2, lr=5e-4, eval_freq=50)
     metrics = classify.run(recipe, tmp_path / "run", data.frames(), data.class_names, tokenizer)
     print(f"\nrandom-init spam classifier: test accuracy {metrics['test_accuracy']:.4f}, {metrics['train_seconds']:.0f} s training")
     assert metrics["split_sizes"] == {"train": 1045, "validation": 149, "test": 300}
