@@ -28,7 +28,7 @@ from ..data import batching, spam
 from ..lora import add_lora
 from ..plots import plot_values
 from ..tokenizer import PAD_ID, get_tokenizer
-from .common import resolve_model, run_info, write_json
+from .common import on_off, resolve_model, run_info, write_json
 
 Params = dict[str, Any]
 
@@ -420,14 +420,6 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional_bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")
-
-
 def register(subparsers: Any) -> None:
     defaults = ClassifierRecipe()
     p = subparsers.add_parser(
@@ -451,7 +443,7 @@ def register(subparsers: Any) -> None:
     m.add_argument("--trainable", default=defaults.trainable, help="head | last-block | last-N-blocks | all | lora")
     m.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="add LoRA adapters of this rank (use with --trainable lora)")
     m.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scaling numerator (updates scale by alpha / rank)")
-    m.add_argument("--final-norm", type=_optional_bool, default=None, help="train the final LayerNorm (on/off; default on unless --trainable head)")
+    m.add_argument("--final-norm", type=on_off, default=None, help="train the final LayerNorm (on/off; default on unless --trainable head)")
     m.add_argument("--pooling", choices=losses.POOLINGS, default=defaults.pooling)
     data.add_argument("--padding", choices=PADDINGS, default=defaults.padding, help="pad to the longest training text, the longest in each batch, or 16-token buckets")
     m.add_argument("--drop-rate", type=float, default=defaults.drop_rate)

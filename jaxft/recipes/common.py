@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -81,3 +82,12 @@ def write_json(path: Path, data: Any) -> None:
     from ..weights.native import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def on_off(value: str) -> bool:
+    """argparse type for on/off flags (1/0, true/false, yes/no, on/off)."""
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")

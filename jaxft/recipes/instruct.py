@@ -34,7 +34,7 @@ from ..data.batching import num_batches
 from ..lora import add_lora
 from ..plots import plot_values
 from ..tokenizer import EOT_ID, get_tokenizer
-from .common import resolve_model, run_info, write_json
+from .common import on_off, resolve_model, run_info, write_json
 
 Params = dict[str, Any]
 Entry = dict[str, Any]
@@ -450,14 +450,6 @@ def _respond(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional_bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")
-
-
 def register(subparsers: Any) -> None:
     defaults = InstructRecipe()
     styles = sorted(data.PROMPT_STYLES)
@@ -480,7 +472,7 @@ def register(subparsers: Any) -> None:
     m.add_argument("--init", choices=("pretrained", "random"), default=defaults.init)
     m.add_argument("--models-dir", default=defaults.models_dir, help="where OpenAI checkpoints are (or get downloaded)")
     m.add_argument("--trainable", default=defaults.trainable, help="all | head | last-block | last-N-blocks | lora")
-    m.add_argument("--final-norm", type=_optional_bool, default=None, help="train the final LayerNorm (on/off; default on unless head/lora)")
+    m.add_argument("--final-norm", type=on_off, default=None, help="train the final LayerNorm (on/off; default on unless head/lora)")
     m.add_argument("--tie-head", action="store_true", help="keep the LM head tied to wte (default: a separate head, as the seed's GPTModel)")
     m.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="add LoRA adapters of this rank (use with --trainable lora)")
     m.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scaling numerator (updates scale by alpha / rank)")
