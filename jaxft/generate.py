@@ -24,7 +24,6 @@ cache. The output equals the seed's whenever `len(prompt) + max_new_tokens <= co
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 

@@ -14,7 +14,7 @@ Weights are random (no pretrained GPT-2 here); speed does not depend on their va
 jax picks the GPU when it has one; torch uses CUDA when available.
 
     python scripts/bench_generate.py                      # gpt2-small, full settings
-    python scripts/bench_generate.py --split-size 384x6x6 --ref-prompts 2   # quicker
+    python scripts/bench_generate.py --split-size 384x6x6 --ref-prompts 1 --repeats 5   # BENCHMARKS.md, ~10 min on 2 cores
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def split_prompts(data: Path, n: int) -> tuple[list[list[int]], str]:
         return [tokenizer.encode(format_prompt(e, "alpaca")) for e in entries], f"{data} [935:1045]"
     except Exception as exc:  # a machine without the data or the vocabulary files
         rng = np.random.default_rng(0)
-        lengths = rng.integers(40, 130, n)  # the real split's prompts are 43-126 tokens
+        lengths = rng.integers(30, 57, n)  # the real split's prompts are 30-56 tokens
         note = f"SYNTHETIC prompts ({type(exc).__name__}: {exc})"
         return [rng.integers(0, 50256, k).tolist() for k in lengths], note
 
@@ -167,7 +167,9 @@ def bench_batch1(config, params, prompt, n_tokens, repeats) -> dict:
     return {"times": times, "hf": hf_name, "agree": agree, "n": n_tokens, "prompt_len": len(prompt)}
 
 
-def bench_split(config, params, prompts, max_new, batch_size, ref_prompts, compile_total, always_fixed) -> dict:
+def bench_split(
+    config, params, prompts, max_new, batch_size, ref_prompts, compile_total, always_fixed, torch_threads
+) -> dict:
     """The test split: jaxft batched (eos stop, then fixed length) vs the seed's loop on a subset."""
     from reference_gpt import generate as seed_generate
     from reference_gpt import generate_text_simple
@@ -191,6 +193,8 @@ def bench_split(config, params, prompts, max_new, batch_size, ref_prompts, compi
         result["jaxft_fixed"] = time.perf_counter() - start
 
     model = reference_model(config, params)
+    # Load changes over minutes on a shared machine: pick the seed loop's threads right now.
+    result["seed_threads"] = pick_torch_threads(model, config.vocab_size, torch_threads)
     subset = np.unique(np.linspace(0, len(prompts) - 1, ref_prompts).round().astype(int)).tolist()
     seed_eos_time, seed_eos_tokens, matches = 0.0, 0, 0
     ctx = config.context_length
@@ -224,7 +228,7 @@ def bench_split(config, params, prompts, max_new, batch_size, ref_prompts, compi
     return result
 
 
-def pick_torch_threads(config: GPTConfig, params, requested: int | None) -> str:
+def pick_torch_threads(model, vocab_size: int, requested: int | None) -> str:
     """Give the torch baselines their faster thread count on this CPU (1 or all cores).
 
     On a busy machine torch's default (all cores) can be several times slower than one
@@ -234,8 +238,7 @@ def pick_torch_threads(config: GPTConfig, params, requested: int | None) -> str:
     if requested:
         torch.set_num_threads(requested)
         return f"{requested} (--torch-threads)"
-    model = reference_model(config, params)
-    tokens = torch.randint(0, config.vocab_size, (1, 150))
+    tokens = torch.randint(0, vocab_size, (1, 150))
     best = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_total = jaxft_compile_seconds()
     config = parse_size(args.size)
     params = init_params(config, jax.random.key(args.seed))
-    threads = pick_torch_threads(config, params, args.torch_threads)
+    threads = pick_torch_threads(reference_model(config, params), config.vocab_size, args.torch_threads)
     print(f"# jaxft generation benchmark {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"machine: {args.device_note or '-'}; {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind} ({jax.default_backend()}); torch {torch.__version__} on {torch_device()}, "
@@ -316,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts, source = split_prompts(args.data, min(args.n_prompts, 110))
         n_ref = len(prompts) if args.ref_prompts is None else max(1, min(args.ref_prompts, len(prompts)))
         r = bench_split(
-            config, params, prompts, args.max_new_tokens, args.batch_size, n_ref, compile_total, args.always_fixed
+            config, params, prompts, args.max_new_tokens, args.batch_size, n_ref, compile_total, args.always_fixed,
+            args.torch_threads,
         )
         k, n = len(r["subset"]), len(prompts)
         extrap = f"measured on {k} of {n} prompts (indices {r['subset']}), EXTRAPOLATED x{n / k:.1f}" if k < n else "measured on all prompts"
@@ -326,18 +330,18 @@ def main(argv: list[str] | None = None) -> int:
               f"taking {r['jaxft_eos_compile']:.1f} s (included in its time)")
         if r["jaxft_fixed_same_run"]:
             print("jaxft fixed-length time = its eos run minus compilation (no eos fired: the same program and work)")
-        print(f"seed loop: {extrap}; {r['seed_eos_tokens_subset']} tokens generated on the subset; "
+        print(f"seed loop: torch threads {r['seed_threads']}; {extrap}; {r['seed_eos_tokens_subset']} tokens generated on the subset; "
               f"identical ids to jaxft for {r['seed_matches']} of {k} prompts")
         if r["seed_fixed_same_run"]:
             print("seed loop fixed-length time = its eos run (no eos fired on the subset: the same work)")
-        rows.append((f"split, eos stop, wall s", f"{r['jaxft_eos']:.1f} (cold)", f"seed loop {r['seed_eos']:.0f}",
+        rows.append(("split, eos stop, wall s", f"{r['jaxft_eos']:.1f} (cold)", f"seed loop {r['seed_eos']:.0f}",
                      f"{r['seed_eos'] / r['jaxft_eos']:.1f}x"))
         warm = r["jaxft_eos"] - r["jaxft_eos_compile"]
-        rows.append((f"split, eos stop, wall s excl. compile", f"{warm:.1f}", f"seed loop {r['seed_eos']:.0f}",
+        rows.append(("split, eos stop, wall s excl. compile", f"{warm:.1f}", f"seed loop {r['seed_eos']:.0f}",
                      f"{r['seed_eos'] / warm:.1f}x"))
         rows.append((f"split, fixed {args.max_new_tokens} tokens, wall s", f"{r['jaxft_fixed']:.1f}",
                      f"seed loop {r['seed_fixed']:.0f}", f"{r['seed_fixed'] / r['jaxft_fixed']:.1f}x"))
-        rows.append((f"split, fixed, tok/s", f"{r['jaxft_fixed_tokens'] / r['jaxft_fixed']:.1f}",
+        rows.append(("split, fixed, tok/s", f"{r['jaxft_fixed_tokens'] / r['jaxft_fixed']:.1f}",
                      f"seed loop {r['jaxft_fixed_tokens'] / r['seed_fixed']:.2f}",
                      f"{r['seed_fixed'] / r['jaxft_fixed']:.1f}x"))
 
