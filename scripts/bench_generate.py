@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 from jaxft import generate as gen  # noqa: E402
 from jaxft.config import GPTConfig, get_config, is_size_name  # noqa: E402
 from jaxft.model import init_params, param_count  # noqa: E402
+from bench_train import cpu_name  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 EOS = 50256
 SPLIT = slice(935, 1045)  # the seed's 85% / 10% split of the 1,100 entries: the test part
@@ -254,16 +254,6 @@ def pick_torch_threads(model, vocab_size: int, requested: int | None) -> str:
     torch.set_num_threads(choice)
     timings = ", ".join(f"{t} thread(s) {s * 1e3:.0f} ms" for t, s in best.items())
     return f"{choice} (fastest of: {timings} per 150-token forward)"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
