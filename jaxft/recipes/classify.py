@@ -28,7 +28,7 @@ from ..data import batching, spam
 from ..lora import add_lora
 from ..plots import plot_values
 from ..tokenizer import PAD_ID, get_tokenizer
-from .common import on_off, resolve_model, run_info, write_json
+from .common import add_model_arguments, add_training_arguments, resolve_model, run_info, write_json
 
 Params = dict[str, Any]
 
@@ -437,25 +437,10 @@ def register(subparsers: Any) -> None:
     data.add_argument("--max-length", type=int, default=None, help="pad/truncate to this many tokens (default: longest training text)")
     data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB or tiktoken)")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=defaults.model, help="size name, checkpoint path, or OpenAI-style hparams.json")
-    m.add_argument("--init", choices=("pretrained", "random"), default=defaults.init)
-    m.add_argument("--models-dir", default=defaults.models_dir, help="where OpenAI checkpoints are (or get downloaded)")
-    m.add_argument("--trainable", default=defaults.trainable, help="head | last-block | last-N-blocks | all | lora")
-    m.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="add LoRA adapters of this rank (use with --trainable lora)")
-    m.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scaling numerator (updates scale by alpha / rank)")
-    m.add_argument("--final-norm", type=on_off, default=None, help="train the final LayerNorm (on/off; default on unless --trainable head)")
+    add_model_arguments(m, defaults, "head | last-block | last-N-blocks | all | lora", "train the final LayerNorm (on/off; default on unless --trainable head)")
     m.add_argument("--pooling", choices=losses.POOLINGS, default=defaults.pooling)
     data.add_argument("--padding", choices=PADDINGS, default=defaults.padding, help="pad to the longest training text, the longest in each batch, or 16-token buckets")
-    m.add_argument("--drop-rate", type=float, default=defaults.drop_rate)
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=defaults.epochs)
-    t.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    t.add_argument("--lr", type=float, default=defaults.lr)
-    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    t.add_argument("--eval-freq", type=int, default=defaults.eval_freq)
-    t.add_argument("--eval-iter", type=int, default=defaults.eval_iter)
-    t.add_argument("--accumulation-steps", type=int, default=defaults.accumulation_steps)
-    t.add_argument("--seed", type=int, default=defaults.seed)
+    add_training_arguments(p.add_argument_group("training"), defaults)
     p.add_argument("--out", required=True, help="output directory: metrics.json, plots, model/")
     p.add_argument("--export-pth", action="store_true", help="also write the reference's review_classifier.pth")
     p.set_defaults(func=_finetune)

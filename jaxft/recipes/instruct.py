@@ -34,7 +34,7 @@ from ..data.batching import num_batches
 from ..lora import add_lora
 from ..plots import plot_values
 from ..tokenizer import EOT_ID, get_tokenizer
-from .common import on_off, resolve_model, run_info, write_json
+from .common import add_model_arguments, add_training_arguments, resolve_model, run_info, write_json
 
 Params = dict[str, Any]
 Entry = dict[str, Any]
@@ -468,24 +468,10 @@ def register(subparsers: Any) -> None:
     d.add_argument("--allowed-max-length", type=int, default=defaults.allowed_max_length, help="truncate examples to this many tokens (capped at the context length)")
     d.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB or tiktoken)")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=defaults.model, help="size name, checkpoint path, or OpenAI-style hparams.json")
-    m.add_argument("--init", choices=("pretrained", "random"), default=defaults.init)
-    m.add_argument("--models-dir", default=defaults.models_dir, help="where OpenAI checkpoints are (or get downloaded)")
-    m.add_argument("--trainable", default=defaults.trainable, help="all | head | last-block | last-N-blocks | lora")
-    m.add_argument("--final-norm", type=on_off, default=None, help="train the final LayerNorm (on/off; default on unless head/lora)")
+    add_model_arguments(m, defaults, "all | head | last-block | last-N-blocks | lora", "train the final LayerNorm (on/off; default on unless head/lora)")
     m.add_argument("--tie-head", action="store_true", help="keep the LM head tied to wte (default: a separate head, as the seed's GPTModel)")
-    m.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="add LoRA adapters of this rank (use with --trainable lora)")
-    m.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scaling numerator (updates scale by alpha / rank)")
-    m.add_argument("--drop-rate", type=float, default=defaults.drop_rate)
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=defaults.epochs)
-    t.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    t.add_argument("--lr", type=float, default=defaults.lr)
-    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    t.add_argument("--eval-freq", type=int, default=defaults.eval_freq)
-    t.add_argument("--eval-iter", type=int, default=defaults.eval_iter)
-    t.add_argument("--accumulation-steps", type=int, default=defaults.accumulation_steps)
-    t.add_argument("--seed", type=int, default=defaults.seed)
+    add_training_arguments(t, defaults)
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many training steps (quick runs)")
     g = p.add_argument_group("responses")
     g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="response length limit (greedy, eos stop)")
