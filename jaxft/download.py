@@ -8,7 +8,6 @@ the next run resumes it with an HTTP Range request when the server allows it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import os
@@ -292,41 +291,3 @@ def download_gpt2(
         )
     check_hparams(target, size)
     return target
-
-
-def _run(args: argparse.Namespace) -> int:
-    from jaxft.cli import CLIError
-
-    try:
-        target = download_gpt2(
-            args.size, args.dir, base_urls=args.base_url or None, timeout=args.timeout, progress=not args.quiet
-        )
-    except DownloadError as exc:
-        raise CLIError(str(exc)) from None
-    print(target)
-    return 0
-
-
-def register(subparsers: "argparse._SubParsersAction") -> None:
-    """Add `jaxft download SIZE [--dir DIR] [--base-url URL ...]`."""
-    parser = subparsers.add_parser(
-        "download",
-        help="download an OpenAI GPT-2 checkpoint",
-        description="Download the OpenAI GPT-2 checkpoint files (primary URL, then the backup), "
-        "skipping complete files and resuming interrupted ones.",
-    )
-    parser.add_argument(
-        "size", metavar="SIZE", help="124M, 355M, 774M or 1558M (or gpt2-small, 'gpt2-small (124M)', ...)"
-    )
-    parser.add_argument("--dir", default="gpt2", help="models directory; files go to DIR/<124M|...>/ (default: gpt2)")
-    parser.add_argument(
-        "--base-url",
-        metavar="URL",
-        nargs="+",
-        action="extend",
-        help="root URL(s) to try in order instead of the OpenAI primary and backup; a file is fetched "
-        "from URL/<124M|...>/<file>",
-    )
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per network operation (default: 60)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_run)

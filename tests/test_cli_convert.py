@@ -14,6 +14,7 @@ from test_weights import TINY, assert_same_params, random_params
 
 import jaxft
 import jaxft.cli
+import jaxft.cli.app
 from jaxft import GPTConfig
 
 # vocab 50257 so that real text tokenizes; small everywhere else.
@@ -25,7 +26,7 @@ PROMPT = "Every effort moves you"
 def cli(monkeypatch, capsys):
     """Run jaxft.cli.main with only this module's commands registered (other command modules
     are tested elsewhere) -> (exit code, stdout, stderr)."""
-    monkeypatch.setattr(jaxft.cli, "COMMAND_MODULES", ("jaxft.commands",))
+    monkeypatch.setattr(jaxft.cli.app, "COMMAND_MODULES", ("jaxft.cli.weights",))
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = jaxft.cli.main([str(a) for a in argv])
@@ -224,7 +225,7 @@ def test_generate_user_errors(cli, text_model, tmp_path):
 
 def test_full_cli_has_convert_and_generate(tmp_path, capsys):
     """With every command module present, `jaxft convert` works through the unpatched CLI."""
-    for name in jaxft.cli.COMMAND_MODULES:
+    for name in jaxft.cli.app.COMMAND_MODULES:
         try:
             importlib.import_module(name)
         except ImportError as exc:

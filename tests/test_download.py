@@ -13,6 +13,7 @@ import pytest
 
 from jaxft import download
 from jaxft.cli import CLIError
+from jaxft.cli import weights as weights_cli
 from jaxft.download import DownloadError, download_gpt2, fetch, partial_path
 
 BODY = bytes(range(256)) * 40  # 10,240 bytes
@@ -292,7 +293,7 @@ def test_download_gpt2_verifies_the_vocabulary(server, tmp_path, shared_data):
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jaxft")
-    download.register(parser.add_subparsers(dest="command", required=True))
+    weights_cli.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 

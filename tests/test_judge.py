@@ -15,6 +15,7 @@ import pytest
 from fake_llm_server import FakeLLMServer, fake_score, response_in_prompt, unused_url
 
 from jaxft import judge
+from jaxft.cli import judge as judge_cli
 from jaxft.cli import CLIError
 from jaxft.judge import (
     DEFAULT_OPTIONS,
@@ -53,7 +54,7 @@ def fake():
 def run_cli(*argv: str) -> int:
     """Parse `jaxft judge ...` with a parser holding only this module's subcommand, run it."""
     parser = argparse.ArgumentParser(prog="jaxft")
-    judge.register(parser.add_subparsers(dest="command", required=True))
+    judge_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["judge", *argv])
     return args.func(args)
 
@@ -430,7 +431,7 @@ def test_user_mistakes_are_one_line_errors(responses_path, tmp_path):
 def test_jaxft_main_reports_a_dead_server_in_one_line(monkeypatch, responses_path, tmp_path, capsys):
     from jaxft import cli
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("jaxft.judge",))  # the other commands are not needed
+    monkeypatch.setattr(cli.app, "COMMAND_MODULES", ("jaxft.cli.judge",))  # the other commands are not needed
     code = cli.main(["judge", str(responses_path), "--host", unused_url(), "--out", str(tmp_path / "s.jsonl")])
     err = capsys.readouterr().err
     assert code == 2
@@ -439,6 +440,6 @@ def test_jaxft_main_reports_a_dead_server_in_one_line(monkeypatch, responses_pat
 
 
 def test_default_out_file_name():
-    assert str(judge.default_out("/data/instruction-data-with-response.json", "llama3:8b")) == (
+    assert str(judge_cli.default_out("/data/instruction-data-with-response.json", "llama3:8b")) == (
         "instruction-data-with-response.judge-llama3_8b.jsonl"
     )

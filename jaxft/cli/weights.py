@@ -1,4 +1,5 @@
-"""`jaxft convert` (any readable weights format to any writable one) and `jaxft generate`."""
+"""`jaxft download` (OpenAI checkpoints), `jaxft convert` (any readable weights format to any
+writable one) and `jaxft generate`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import GPTConfig
-from .model import param_count
-from .tokenizer import ENCODER_JSON, EOT_ID, VOCAB_BPE, TokenizerNotFoundError, from_files, get_tokenizer
-from .weights import FORMATS, detect_format, export, load, resolve_config
+from ..config import GPTConfig
+from ..download import DownloadError, download_gpt2
+from ..model import param_count
+from ..tokenizer import ENCODER_JSON, EOT_ID, VOCAB_BPE, TokenizerNotFoundError, from_files, get_tokenizer
+from ..weights import FORMATS, detect_format, export, load, resolve_config
+from .common import CLIError
 
 CONFIG_HELP = (
     "a GPT-2 size (124M, gpt2-small, 'gpt2-medium (355M)', ...) or an hparams.json; needed only where "
@@ -19,12 +22,6 @@ CONFIG_HELP = (
 )
 # Formats written as a directory; "torch-reference" is a single .pth/.safetensors file.
 DIRECTORY_FORMATS = ("openai-tf", "hf", "jaxft")
-
-
-def _cli_error(message: str) -> Exception:
-    from .cli import CLIError  # imported late: jaxft.cli imports this module
-
-    return CLIError(message)
 
 
 def describe(config: GPTConfig) -> str:
@@ -48,11 +45,11 @@ def _files_written(path: Path) -> str:
 
 def _check_destination(src: Path, dst: Path, fmt: str) -> None:
     if dst.resolve() == src.resolve():
-        raise _cli_error(f"{dst}: the destination is the source; choose another path")
+        raise CLIError(f"{dst}: the destination is the source; choose another path")
     if fmt in DIRECTORY_FORMATS and dst.exists() and not dst.is_dir():
-        raise _cli_error(f"{dst}: exists and is not a directory ({fmt} is written as a directory)")
+        raise CLIError(f"{dst}: exists and is not a directory ({fmt} is written as a directory)")
     if fmt == "torch-reference" and dst.is_dir():
-        raise _cli_error(f"{dst}: is a directory; torch-reference is one file: give a .pth or .safetensors name")
+        raise CLIError(f"{dst}: is a directory; torch-reference is one file: give a .pth or .safetensors name")
 
 
 def _retie_for_openai(config: GPTConfig, params: dict[str, Any]) -> tuple[GPTConfig, dict[str, Any]]:
@@ -83,11 +80,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
     metadata = None
     if source_format == "jaxft" and args.to == "jaxft":
-        from .weights import native
+        from ..weights import native
 
         metadata = native.load_metadata(src if src.is_dir() else src.parent)
     if args.to == "openai-tf":
-        from .weights.openai import save_openai_checkpoint
+        from ..weights.openai import save_openai_checkpoint
 
         config, params = _retie_for_openai(config, params)
         written = save_openai_checkpoint(config, params, dst, vocab_dir=_vocab_dir_of(src))
@@ -107,27 +104,27 @@ def _tokenizer(args: argparse.Namespace):
         beside = _vocab_dir_of(Path(args.model))
         return from_files(beside) if beside is not None else get_tokenizer()
     except TokenizerNotFoundError as exc:
-        raise _cli_error(str(exc)) from None
+        raise CLIError(str(exc)) from None
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import jax
 
-    from . import generate as generation
+    from .. import generate as generation
 
     config, params = load(args.model, resolve_config(args.config))
     if config.num_classes is not None:
-        raise _cli_error(
+        raise CLIError(
             f"{args.model}: a classifier ({config.num_classes} classes) cannot generate text; use `jaxft classify`"
         )
     if not args.prompt:
-        raise _cli_error("--prompt is empty: give some text to continue")
+        raise CLIError("--prompt is empty: give some text to continue")
     if args.temperature < 0:
-        raise _cli_error(f"--temperature must be >= 0, got {args.temperature}")
+        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
     tokenizer = _tokenizer(args)
     prompt = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if max(prompt) >= config.vocab_size:
-        raise _cli_error(
+        raise CLIError(
             f"{args.model}: the model's vocabulary has {config.vocab_size} tokens, too few for the GPT-2 "
             f"tokenizer (the prompt has token id {max(prompt)})"
         )
@@ -147,7 +144,40 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_download(args: argparse.Namespace) -> int:
+    try:
+        target = download_gpt2(
+            args.size, args.dir, base_urls=args.base_url or None, timeout=args.timeout, progress=not args.quiet
+        )
+    except DownloadError as exc:
+        raise CLIError(str(exc)) from None
+    print(target)
+    return 0
+
+
 def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "download",
+        help="download an OpenAI GPT-2 checkpoint",
+        description="Download the OpenAI GPT-2 checkpoint files (primary URL, then the backup), "
+        "skipping complete files and resuming interrupted ones.",
+    )
+    parser.add_argument(
+        "size", metavar="SIZE", help="124M, 355M, 774M or 1558M (or gpt2-small, 'gpt2-small (124M)', ...)"
+    )
+    parser.add_argument("--dir", default="gpt2", help="models directory; files go to DIR/<124M|...>/ (default: gpt2)")
+    parser.add_argument(
+        "--base-url",
+        metavar="URL",
+        nargs="+",
+        action="extend",
+        help="root URL(s) to try in order instead of the OpenAI primary and backup; a file is fetched "
+        "from URL/<124M|...>/<file>",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per network operation (default: 60)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_download)
+
     convert = subparsers.add_parser(
         "convert",
         help="convert GPT-2 weights between formats",

@@ -1,6 +1,6 @@
-"""The `jaxft` command line: one subcommand per job.
+"""The `jaxft` entry point: one subcommand per job.
 
-Each command module exposes `register(subparsers)`, which adds its parser(s) and sets
+Each module of `jaxft.cli` exposes `register(subparsers)`, which adds its parser(s) and sets
 `func` (called with the parsed args; returns an exit code). A user mistake raises
 `CLIError` (or ValueError/FileNotFoundError) and is reported as one line on stderr.
 """
@@ -11,17 +11,16 @@ import argparse
 import importlib
 import sys
 
+from ..download import DownloadError
+from ..tokenizer import TokenizerNotFoundError
+from .common import EXIT_SIGINT, EXIT_USAGE, CLIError
+
 COMMAND_MODULES = (
-    "jaxft.download",  # download
-    "jaxft.commands",  # convert, generate
-    "jaxft.recipes.classify",  # finetune-classifier, classify
-    "jaxft.recipes.instruct",  # finetune-instruct, respond
-    "jaxft.judge",  # judge
+    "jaxft.cli.weights",  # download, convert, generate
+    "jaxft.cli.classify",  # finetune-classifier, classify
+    "jaxft.cli.instruct",  # finetune-instruct, respond
+    "jaxft.cli.judge",  # judge
 )
-
-
-class CLIError(Exception):
-    """A user mistake: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .download import DownloadError
-    from .tokenizer import TokenizerNotFoundError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -43,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         # User mistakes and unreachable servers/files: one line, no traceback.
         message = " ".join(str(exc).split("\n"))
         print(f"jaxft {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"jaxft {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""`jaxft judge`: score instruction responses with an LLM judge (see `jaxft.judge`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..judge import (
+    APIS,
+    DEFAULT_HOST,
+    DEFAULT_MODEL,
+    DEFAULT_OPTIONS,
+    DEFAULT_TEMPLATE,
+    TEMPLATE_FIELDS,
+    JudgeClient,
+    JudgeError,
+    check_template,
+    format_summary,
+    load_responses,
+    run_judge,
+    summarize,
+)
+from .common import CLIError
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def default_out(responses: str | os.PathLike, model: str) -> Path:
+    """Default score file: `<responses stem>.judge-<model>.jsonl` in the current directory."""
+    safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model)
+    return Path(f"{Path(responses).stem}.judge-{safe_model}.jsonl")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `judge` subcommand."""
+    p = subparsers.add_parser(
+        "judge",
+        help="score instruction responses with an LLM judge (Ollama or OpenAI-compatible)",
+        description="Score every response with an LLM judge, resumably; also report exact match "
+                    "and ROUGE-L between 'output' and the response.",
+    )
+    p.add_argument("responses", metavar="RESPONSES.json",
+                   help="JSON list of {instruction, input, output, model_response}")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"server URL (default {DEFAULT_HOST})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"judge model (default {DEFAULT_MODEL})")
+    p.add_argument("--api", choices=APIS, default="ollama",
+                   help="ollama: /api/chat (streamed); openai: /v1/chat/completions (default ollama)")
+    p.add_argument("--out", metavar="FILE", help="append-only JSONL of scores, reused to resume "
+                   "(default: <RESPONSES stem>.judge-<model>.jsonl in the current directory)")
+    p.add_argument("--response-key", default="model_response", help="key of the response to score")
+    p.add_argument("--option", metavar="KEY=VALUE", type=_option, action="append", default=[],
+                   help="judge option (JSON value) over the defaults seed=123 temperature=0 num_ctx=2048")
+    p.add_argument("--template", metavar="FILE", help="prompt template file; placeholders "
+                   + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS) + " (default: the seed's prompt)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--retries", type=int, default=4, help="retries per request (default 4)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="first retry delay in seconds, doubled each retry (default 1)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="bearer token for OpenAI-compatible servers (default $OPENAI_API_KEY)")
+    p.add_argument("--json", metavar="FILE", help="also write the summary as JSON ('-' for stdout)")
+    p.add_argument("--rescore-changed", action="store_true",
+                   help="score again the entries that changed since they were stored")
+    p.add_argument("--metrics-only", action="store_true",
+                   help="skip the judge: report exact match and ROUGE-L only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_command)
+
+
+def _run_command(args: argparse.Namespace, sleep: Callable[[float], None] = time.sleep) -> int:
+    entries = load_responses(args.responses, args.response_key)
+    template = DEFAULT_TEMPLATE
+    if args.template:
+        template = Path(args.template).read_text(encoding="utf-8")
+        try:
+            check_template(template)
+        except ValueError as exc:
+            raise ValueError(f"{args.template}: {exc}") from None
+    records = None
+    if not args.metrics_only:
+        client = JudgeClient(host=args.host, model=args.model, api=args.api,
+                             options={**DEFAULT_OPTIONS, **dict(args.option)}, timeout=args.timeout,
+                             retries=args.retries, backoff=args.backoff, api_key=args.api_key,
+                             sleep=sleep)
+        out = Path(args.out) if args.out else default_out(args.responses, args.model)
+        try:
+            records = run_judge(entries, client, out, response_key=args.response_key, template=template,
+                                rescore_changed=args.rescore_changed, progress=not args.no_progress)
+        except JudgeError as exc:
+            raise CLIError(str(exc)) from None
+    summary = summarize(entries, records, args.response_key)
+    if args.json == "-":
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
