@@ -23,6 +23,14 @@ TRAINABLE_CHOICES = ("head", "last-block", "last-N-blocks", "all", "lora")
 _LAST_N = re.compile(r"^last-(\d+)-blocks?$")
 
 
+def check_trainable(trainable: str) -> None:
+    """Refuse an unknown selection before any model is loaded (the block count is checked later)."""
+    if trainable not in ("all", "head", "lora", "last-block") and not _LAST_N.match(trainable):
+        raise ValueError(
+            f"unknown trainable selection {trainable!r}; choose head, last-block, last-N-blocks (e.g. last-2-blocks), all or lora"
+        )
+
+
 def trainable_blocks(config: GPTConfig, trainable: str) -> tuple[int, ...] | None:
     """Indices of the transformer blocks that train; None means every parameter trains."""
     if trainable == "all":

@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from jaxft import losses, optim, train
+from jaxft import losses, optim, steps, train
 from jaxft.config import GPTConfig
+from jaxft.data import batching
+from jaxft.tokenizer import PAD_ID
+from jaxft.train import TrainerSettings
 from jaxft.model import init_params
 from jaxft.recipes import classify
 from jaxft.weights import torch_ref
@@ -98,7 +101,7 @@ def test_padding_rows_do_not_change_eval_metrics():
     config, params = classify.with_classifier_head(TINY, init_params(TINY, jax.random.PRNGKey(1)), 2, jax.random.PRNGKey(2))
     _, eval_step = train.make_steps(config, optim.adamw(), "classification")
     batch = _batch(np.random.RandomState(3), batch=5)
-    padded = train.pad_rows(batch, 8, {"tokens": 50, "labels": 0, "lengths": 1, "weights": 0.0})
+    padded = batching.pad_rows(batch, 8, {"tokens": 50, "labels": 0, "lengths": 1, "weights": 0.0})
     a, b = eval_step(params, batch), eval_step(params, padded)
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
     assert float(a["correct"]) == float(b["correct"]) and float(b["count"]) == 5
@@ -163,7 +166,7 @@ def test_key_bias_gradient_is_zero_in_theory():
     batch = _batch(np.random.RandomState(1))
 
     def loss(p):
-        return train.classification_metrics(config, "last", p, batch)[0]
+        return steps.classification_metrics(config, "last", p, batch)[0]
 
     grads = flatten(jax.grad(loss)(params))
     d = config.emb_dim
@@ -277,7 +280,7 @@ def test_learns_spam_from_random_init_on_real_data(shared_data, tokenizer, tmp_p
     data = spam.splits_with_classes(shared_data / "sms_spam_collection" / "SMSSpamCollection")
     hparams = tmp_path / "hparams.json"  # 2 layers, 128 wide: about 6.8M parameters
     hparams.write_text(json.dumps({"n_vocab": 50257, "n_ctx": 128, "n_embd": 128, "n_head": 4, "n_layer": 2}))
-    recipe = classify.ClassifierRecipe(model=str(hparams), init="random", trainable="all", epochs=2, lr=5e-4, eval_freq=50)
+    recipe = classify.ClassifierRecipe(trainer=TrainerSettings(model=str(hparams), init="random", trainable="all", epochs=2, lr=5e-4, eval_freq=50))
     metrics = classify.run(recipe, tmp_path / "run", data.frames(), data.class_names, tokenizer)
     print(f"\nrandom-init spam classifier: test accuracy {metrics['test_accuracy']:.4f}, {metrics['train_seconds']:.0f} s training")
     assert metrics["split_sizes"] == {"train": 1045, "validation": 149, "test": 300}
@@ -297,8 +300,8 @@ def test_padding_variants_cut_batches_without_changing_last_non_pad_predictions(
         tokens[row, :n] = rs.randint(0, 100, n)
     split = EncodedSplit(tokens, rs.randint(0, 2, 20).astype(np.int32), lengths)
     widths = {}
-    for padding in classify.PADDINGS:
-        batches = list(classify.make_batches(split, 8, shuffle=False, drop_last=False, seed=0, padding=padding))
+    for padding in batching.PADDINGS:
+        batches = list(batching.classification_batches(split.arrays(), 8, shuffle=False, drop_last=False, seed=0, padding=padding, pad_id=PAD_ID))
         widths[padding] = [b["tokens"].shape[1] for b in batches]
         assert all(b["tokens"].shape[0] == 8 for b in batches)
     assert widths["longest"] == [40, 40, 40]
@@ -306,6 +309,6 @@ def test_padding_variants_cut_batches_without_changing_last_non_pad_predictions(
     assert all(w % 16 == 0 or w == 40 for w in widths["bucket"])
     config, params = classify.with_classifier_head(TINY.replace(context_length=64), init_params(TINY.replace(context_length=64), jax.random.PRNGKey(0)), 2, jax.random.PRNGKey(1))
     _, eval_step = train.make_steps(config, optim.adamw(), "classification", pooling="last-non-pad")
-    results = {p: train.evaluate(eval_step, params, classify.make_batches(split, 8, shuffle=False, drop_last=False, seed=0, padding=p)) for p in classify.PADDINGS}
+    results = {p: train.evaluate(eval_step, params, batching.classification_batches(split.arrays(), 8, shuffle=False, drop_last=False, seed=0, padding=p, pad_id=PAD_ID)) for p in batching.PADDINGS}
     for p in ("batch", "bucket"):
         np.testing.assert_allclose(results[p]["loss"], results["longest"]["loss"], rtol=1e-5)

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import losses
 from ..data import spam
-from ..recipes.classify import PADDINGS, Classifier, ClassifierRecipe, run
-from ..recipes.common import add_model_arguments, add_training_arguments
+from ..recipes.classify import Classifier, ClassifierRecipe, run
 from ..tokenizer import get_tokenizer
+from .common import add_settings_arguments, settings_from_args
 
+GROUPS = {"data": "data (default: the SMS Spam Collection)", "model": "model", "training": "training", "output": "output"}
 
 
 def _load_frames(args: argparse.Namespace) -> tuple[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], list[str]]:
@@ -35,28 +35,7 @@ def _load_frames(args: argparse.Namespace) -> tuple[tuple[pd.DataFrame, pd.DataF
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    recipe = ClassifierRecipe(
-        model=args.model,
-        init=args.init,
-        trainable=args.trainable,
-        final_norm=args.final_norm,
-        pooling=args.pooling,
-        padding=args.padding,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        eval_freq=args.eval_freq,
-        eval_iter=args.eval_iter,
-        seed=args.seed,
-        max_length=args.max_length,
-        drop_rate=args.drop_rate,
-        accumulation_steps=args.accumulation_steps,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        models_dir=args.models_dir,
-        export_pth=args.export_pth,
-    )
+    recipe = settings_from_args(ClassifierRecipe, args)
     recipe.validate()
     tokenizer = get_tokenizer(args.vocab_dir)
     start = time.perf_counter()
@@ -81,28 +60,21 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    defaults = ClassifierRecipe()
     p = subparsers.add_parser(
         "finetune-classifier",
-        help="fine-tune GPT-2 as a text classifier (the seed's SMS spam recipe by default)",
+        help="fine-tune GPT-2 as a text classifier (the reference's SMS spam recipe by default)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    data = p.add_argument_group("data (default: the SMS Spam Collection, downloaded unless --data is given)")
+    add_settings_arguments(p, ClassifierRecipe(), GROUPS)
+    data = next(g for g in p._action_groups if g.title == GROUPS["data"])
     data.add_argument("--data", help="a local SMSSpamCollection file (tab-separated label, text)")
     data.add_argument("--data-dir", default="sms_spam_collection", help="where to download the SMS Spam Collection")
-    data.add_argument("--parse", choices=("seed", "exact"), default="seed", help="seed: pandas' quote handling (5,572 rows); exact: 5,574")
+    data.add_argument("--parse", choices=("seed", "exact"), default="seed", help="seed: pandas' quote handling as the reference (5,572 rows); exact: 5,574")
     data.add_argument("--train", help="CSV with columns Label,Text (with --validation and --test)")
     data.add_argument("--validation", help="validation CSV (Label,Text)")
     data.add_argument("--test", help="test CSV (Label,Text)")
-    data.add_argument("--max-length", type=int, default=None, help="pad/truncate to this many tokens (default: longest training text)")
-    data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB or tiktoken)")
-    m = p.add_argument_group("model")
-    add_model_arguments(m, defaults, "head | last-block | last-N-blocks | all | lora", "train the final LayerNorm (on/off; default on unless --trainable head)")
-    m.add_argument("--pooling", choices=losses.POOLINGS, default=defaults.pooling)
-    data.add_argument("--padding", choices=PADDINGS, default=defaults.padding, help="pad to the longest training text, the longest in each batch, or 16-token buckets")
-    add_training_arguments(p.add_argument_group("training"), defaults)
+    data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
     p.add_argument("--out", required=True, help="output directory: metrics.json, plots, model/")
-    p.add_argument("--export-pth", action="store_true", help="also write the reference's review_classifier.pth")
     p.set_defaults(func=_finetune)
 
     c = subparsers.add_parser("classify", help="classify text with a fine-tuned classifier")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work itself failed (non-finite loss, a write error)
@@ -22,3 +25,70 @@ def on_off(value: str) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")
+
+
+# --------------------------------------------------------------------------- flags from settings
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(int|float|str|bool, optional?) of a field annotation such as `int | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args:  # a union with None
+        return args[0], True
+    return annotation, False
+
+
+def settings_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type) of every leaf setting of a settings dataclass; nested settings
+    dataclasses (e.g. `trainer`) are walked into, in order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += settings_fields(hints[f.name])
+        else:
+            out.append((f, hints[f.name]))
+    return out
+
+
+def _leaf_defaults(defaults: Any) -> dict[str, Any]:
+    values = {}
+    for f in dataclasses.fields(defaults):
+        value = getattr(defaults, f.name)
+        values.update(_leaf_defaults(value) if dataclasses.is_dataclass(value) else {f.name: value})
+    return values
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, defaults: Any, groups: dict[str, str]) -> None:
+    """One flag per setting of the dataclass instance `defaults` (nested ones included): name
+    `--field-name`, type, default and help from the field. `groups` maps a field's `group`
+    metadata to the help section's title. A bool that defaults to False is a switch
+    (`--export-pth`), one that defaults to True a `--no-...` switch, an optional bool takes on/off."""
+    sections = {key: parser.add_argument_group(title) for key, title in groups.items()}
+    values = _leaf_defaults(defaults)
+    for f, annotation in settings_fields(type(defaults)):
+        meta = dict(f.metadata)
+        section = sections[meta.pop("group", "training")]
+        help_text = meta.pop("help", None)
+        flag = "--" + f.name.replace("_", "-")
+        kind, optional = _base_type(annotation)
+        default = values[f.name]
+        if kind is bool and not optional:
+            if default:
+                section.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+            else:
+                section.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        section.add_argument(flag, dest=f.name, type=on_off if kind is bool else kind, default=default, help=help_text, **meta)
+
+
+def settings_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Build the settings dataclass `cls` (nested ones included) from parsed flags."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = settings_from_args(hints[f.name], args)
+        else:
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)

@@ -6,7 +6,7 @@ The shuffle order depends only on (seed, epoch), so a run can be replayed from a
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence, TypeVar, Union
+from typing import Any, Iterator, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -81,3 +81,53 @@ def batches(
     for b in range(num_batches(n, batch_size, drop_last)):
         window = slice(b * batch_size, min((b + 1) * batch_size, n))
         yield _take(arrays, window if order is None else order[window])
+
+
+def pad_rows(batch: dict[str, np.ndarray], batch_size: int, fill: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Pad every array of a short (final) batch to `batch_size` rows with `fill[key]`, so a
+    run compiles each step once per shape."""
+    n = len(next(iter(batch.values())))
+    if n == batch_size:
+        return batch
+    if n > batch_size:
+        raise ValueError(f"batch of {n} rows is larger than the batch size {batch_size}")
+    out = {}
+    for key, value in batch.items():
+        pad = np.full((batch_size - n, *value.shape[1:]), fill[key], dtype=value.dtype)
+        out[key] = np.concatenate([value, pad])
+    return out
+
+
+PADDINGS = ("longest", "batch", "bucket")
+BUCKET_MULTIPLE = 16
+
+
+def classification_batches(
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    epoch: int = 0,
+    padding: str = "longest",
+    pad_id: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Classification batches {tokens [B, T], labels, lengths, weights}; a short final batch is
+    padded with weight-0 rows.
+
+    padding: "longest" keeps the arrays' width (the longest training text: one shape for the
+    whole run, the reference's); "batch" cuts each batch to its longest text; "bucket" to that
+    rounded up to a multiple of 16 (few shapes, little padding).
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"unknown padding {padding!r}; choose one of: {', '.join(PADDINGS)}")
+    width_all = arrays["tokens"].shape[1]
+    arrays = {**arrays, "weights": np.ones(len(arrays["tokens"]), np.float32)}
+    fill = {"tokens": pad_id, "labels": 0, "lengths": 1, "weights": 0.0}
+    for batch in batches(arrays, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch):
+        if padding != "longest":
+            multiple = BUCKET_MULTIPLE if padding == "bucket" else 1
+            width = min(-(-int(batch["lengths"].max()) // multiple) * multiple, width_all)
+            batch = {**batch, "tokens": batch["tokens"][:, :width]}
+        yield pad_rows(batch, batch_size, fill)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -20,53 +20,39 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import losses, model, optim, train, weights
+from .. import losses, model, train, weights
+from ..weights import native
 from ..config import GPTConfig
 from ..data import batching, spam
+from ..data.batching import PADDINGS
 from ..lora import add_lora
 from ..plots import plot_values
 from ..tokenizer import PAD_ID, get_tokenizer
-from .common import resolve_model, run_info, write_json
+from ..train import TrainerSettings, setting
+from .common import resolve_model
 
 Params = dict[str, Any]
 
 
+def _trainer_defaults() -> TrainerSettings:
+    return TrainerSettings(model="gpt2-small (124M)", trainable="last-block", epochs=5, eval_freq=50, eval_iter=5)
+
+
 @dataclass(frozen=True)
 class ClassifierRecipe:
-    """Settings of a classification run; the defaults are the seed's."""
+    """Settings of a classification run; the defaults are the reference's recipe."""
 
-    model: str = "gpt2-small (124M)"
-    init: str = "pretrained"  # or "random"
-    trainable: str = "last-block"  # head | last-block | last-N-blocks | all | lora
-    final_norm: bool | None = None  # default: trains unless trainable == "head"
-    pooling: str = "last"  # last | last-non-pad | first | mean
-    padding: str = "longest"  # longest (in the training set) | batch | bucket
-    epochs: int = 5
-    batch_size: int = 8
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    eval_freq: int = 50
-    eval_iter: int = 5
-    seed: int = 123
-    max_length: int | None = None  # pad/truncate to this; default the longest training text
-    drop_rate: float = 0.0
-    accumulation_steps: int = 1
-    grad_clip_norm: float | None = None
-    lora_rank: int = 0  # > 0 adds LoRA adapters (train them with trainable="lora")
-    lora_alpha: float = 16.0
-    models_dir: str = "gpt2"
-    export_pth: bool = False
+    trainer: TrainerSettings = field(default_factory=_trainer_defaults)
+    pooling: str = setting("last", "which position's logits classify: last (the reference), last-non-pad, first or mean", group="model", choices=losses.POOLINGS)
+    padding: str = setting("longest", "pad to the longest training text, the longest in each batch, or 16-token buckets", group="data", choices=PADDINGS)
+    max_length: int | None = setting(None, "pad/truncate to this many tokens (default: the longest training text)", group="data")
 
     def validate(self) -> None:
+        self.trainer.validate()
         if self.padding not in PADDINGS:
             raise ValueError(f"unknown padding {self.padding!r}; choose one of: {', '.join(PADDINGS)}")
         if self.pooling not in losses.POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
-        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max-length must be >= 1, got {self.max_length}")
 
@@ -88,41 +74,6 @@ def with_classifier_head(config: GPTConfig, params: Params, num_classes: int, ke
         "bias": jax.random.uniform(k_b, (num_classes,), jnp.float32, -bound, bound),
     }
     return config.replace(num_classes=num_classes), params
-
-
-# --------------------------------------------------------------------------- batches
-
-
-PADDINGS = ("longest", "batch", "bucket")
-BUCKET_MULTIPLE = 16
-
-
-def make_batches(
-    split: spam.EncodedSplit,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    drop_last: bool,
-    seed: int,
-    epoch: int = 0,
-    padding: str = "longest",
-) -> Iterator[dict[str, np.ndarray]]:
-    """Classification batches; a short final batch is padded with weight-0 rows.
-
-    padding: "longest" keeps the split's width (the longest training text: one shape for the
-    whole run, the seed's); "batch" cuts each batch to its longest text; "bucket" to that
-    rounded up to a multiple of 16 (few shapes, little padding).
-    """
-    if padding not in PADDINGS:
-        raise ValueError(f"unknown padding {padding!r}; choose one of: {', '.join(PADDINGS)}")
-    arrays = {**split.arrays(), "weights": np.ones(len(split), np.float32)}
-    fill = {"tokens": PAD_ID, "labels": 0, "lengths": 1, "weights": 0.0}
-    for batch in batching.batches(arrays, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch):
-        if padding != "longest":
-            multiple = BUCKET_MULTIPLE if padding == "bucket" else 1
-            width = min(-(-int(batch["lengths"].max()) // multiple) * multiple, split.length)
-            batch = {**batch, "tokens": batch["tokens"][:, :width]}
-        yield train.pad_rows(batch, batch_size, fill)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -178,14 +129,17 @@ class Classifier:
     def classify(self, text: str) -> str:
         return self.class_names[int(np.argmax(self.probabilities([text])[0]))]
 
+    @staticmethod
+    def metadata(class_names: list[str], max_length: int | None, pooling: str) -> dict[str, Any]:
+        """What `load` needs besides the weights, stored in the model directory."""
+        return {"task": "classification", "class_names": class_names, "max_length": max_length, "pooling": pooling}
+
     def save(self, path: str | Path) -> Path:
-        metadata = {"task": "classification", "class_names": self.class_names, "max_length": self.max_length, "pooling": self.pooling}
-        return weights.export(self.config, self.params, path, "jaxft", metadata=metadata)
+        metadata = self.metadata(self.class_names, self.max_length, self.pooling)
+        return train.save_model_dir(self.config, self.params, Path(path), metadata)
 
     @classmethod
     def load(cls, path: str | Path, tokenizer: Any = None) -> "Classifier":
-        from ..weights import native
-
         config, params = weights.load(path)
         meta = native.load_metadata(path)
         if config.num_classes is None:
@@ -195,7 +149,7 @@ class Classifier:
 
 
 def classify_review(text: str, classifier: Classifier) -> str:
-    """The seed's `classify_review`: its spam model answers "spam" or "not spam"."""
+    """The reference's `classify_review`: its spam model answers "spam" or "not spam"."""
     label = classifier.classify(text)
     if classifier.class_names == ["ham", "spam"]:
         return "spam" if label == "spam" else "not spam"
@@ -227,6 +181,89 @@ def encode_splits(
     return ClassificationData(train_split, val_split, test_split, list(class_names), train_split.length)
 
 
+class ClassificationTask(train.Task):
+    """Batches of encoded texts, loss on one pooled position, accuracy after every epoch."""
+
+    loss = "classification"
+    seen_label = "Examples seen"
+
+    def __init__(self, recipe: ClassifierRecipe, data: ClassificationData) -> None:
+        self.recipe, self.data = recipe, data
+        self.pooling = recipe.pooling
+        self.train_accs: list[float] = []
+        self.val_accs: list[float] = []
+
+    def _batches(self, split: spam.EncodedSplit, *, shuffle: bool, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        return batching.classification_batches(
+            split.arrays(), self.recipe.trainer.batch_size, shuffle=shuffle, drop_last=shuffle,
+            seed=self.recipe.trainer.seed, epoch=epoch, padding=self.recipe.padding, pad_id=PAD_ID,
+        )
+
+    def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        return self._batches(self.data.train, shuffle=True, epoch=epoch)
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        return self._batches(getattr(self.data, split), shuffle=False)
+
+    def steps_per_epoch(self) -> int:
+        return batching.num_batches(len(self.data.train), self.recipe.trainer.batch_size, drop_last=True)
+
+    def seen(self, batch: dict[str, np.ndarray]) -> int:
+        return int(batch["weights"].sum())
+
+    def describe(self, config: GPTConfig, params: Params, trainable: Params) -> str:
+        return (
+            f"{super().describe(config, params, trainable)} ({self.recipe.trainer.trainable}); "
+            f"{len(self.data.train)} training examples padded to {self.data.max_length} tokens"
+        )
+
+    def initial(self, run: train.Run) -> dict[str, Any]:
+        n = run.settings.eval_iter
+        losses_ = {"train": run.evaluate(self.train_batches(0), n)["loss"], "validation": run.evaluate(self.eval_batches("validation"), n)["loss"]}
+        run.log(f"Initial loss on {n} batches: train {losses_['train']:.3f}, validation {losses_['validation']:.3f}")
+        return {"initial_train_loss": losses_["train"], "initial_validation_loss": losses_["validation"]}
+
+    def epoch_end(self, run: train.Run, epoch: int) -> None:
+        n = run.settings.eval_iter
+        train_acc = run.evaluate(self.train_batches(epoch), n)["accuracy"]
+        val_acc = run.evaluate(self.eval_batches("validation"), n)["accuracy"]
+        self.train_accs.append(train_acc)
+        self.val_accs.append(val_acc)
+        run.log(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%")
+
+    def final(self, run: train.Run) -> dict[str, Any]:
+        final = {
+            "train": run.evaluate(self.train_batches(run.settings.epochs)),
+            "validation": run.evaluate(self.eval_batches("validation")),
+            "test": run.evaluate(self.eval_batches("test")),
+        }
+        for name in ("train", "validation", "test"):
+            run.log(f"{name.capitalize()} accuracy: {final[name]['accuracy'] * 100:.2f}%")
+        metrics = {f"{name}_accuracy": final[name]["accuracy"] for name in final}
+        metrics.update({f"{name}_loss": final[name]["loss"] for name in final})
+        return metrics
+
+    def model_metadata(self) -> dict[str, Any]:
+        return Classifier.metadata(self.data.class_names, self.data.max_length, self.recipe.pooling)
+
+    def pth_name(self, config: GPTConfig) -> str:
+        return "review_classifier.pth"  # the reference's file name
+
+    def outputs(self, run: train.Run, out_dir: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
+        epochs_run = run.history.total_steps / self.steps_per_epoch()
+        plots = plot_values(epochs_run, run.history.total_seen, self.train_accs, self.val_accs, out_dir, "accuracy")
+        data = self.data
+        metrics = {
+            "epoch_train_accuracy": self.train_accs,
+            "epoch_validation_accuracy": self.val_accs,
+            "examples_seen": run.history.total_seen,
+            "class_names": data.class_names,
+            "split_sizes": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
+            "padded_length": data.max_length,
+        }
+        return metrics, {"plots": [str(p) for p in plots]}
+
+
 def run(
     recipe: ClassifierRecipe,
     out_dir: str | Path,
@@ -237,117 +274,16 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fine-tune on (train, validation, test) frames (`Label` ids, `Text`), evaluate, plot and
-    save. Returns the metrics (also written to out_dir/metrics.json)."""
-    recipe.validate()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    save. Returns the metrics (also written to out_dir/metrics.json). `recipe` must be valid."""
+    settings = recipe.trainer
     n_train = len(frames[0])
-    if recipe.batch_size > n_train:
-        raise ValueError(f"batch size {recipe.batch_size} is larger than the {n_train} training examples (drop_last would leave no batch)")
+    if settings.batch_size > n_train:
+        raise ValueError(f"batch size {settings.batch_size} is larger than the {n_train} training examples (drop_last would leave no batch)")
 
-    key_model, key_head, key_lora = jax.random.split(jax.random.PRNGKey(recipe.seed), 3)
-    config, params = resolve_model(recipe.model, init=recipe.init, models_dir=recipe.models_dir, key=key_model, drop_rate=recipe.drop_rate)
+    key_model, key_head, key_lora = jax.random.split(jax.random.PRNGKey(settings.seed), 3)
+    config, params = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
     data = encode_splits(frames, list(class_names), tokenizer, max_length=recipe.max_length, context_length=config.context_length)
     config, params = with_classifier_head(config, params, len(data.class_names), key_head)
-    if recipe.lora_rank:
-        config, params = add_lora(config, params, recipe.lora_rank, recipe.lora_alpha, key_lora)
-
-    mask = optim.trainable_mask(config, params, recipe.trainable, recipe.final_norm)
-    optimizer = optim.adamw(
-        recipe.lr, recipe.weight_decay, grad_clip_norm=recipe.grad_clip_norm, accumulation_steps=recipe.accumulation_steps
-    )
-    state = train.init_state(params, mask, optimizer, seed=recipe.seed)
-    train_step, eval_step = train.make_steps(config, optimizer, "classification", pooling=recipe.pooling)
-    log(
-        f"model {config.name}: {model.param_count(params):,} parameters, "
-        f"{optim.count(state.trainable):,} trainable ({recipe.trainable}); "
-        f"{n_train} training examples padded to {data.max_length} tokens"
-    )
-
-    bs, seed = recipe.batch_size, recipe.seed
-    pad = recipe.padding
-    train_batches = lambda epoch: make_batches(data.train, bs, shuffle=True, drop_last=True, seed=seed, epoch=epoch, padding=pad)
-    val_batches = lambda: make_batches(data.validation, bs, shuffle=False, drop_last=False, seed=seed, padding=pad)
-    test_batches = lambda: make_batches(data.test, bs, shuffle=False, drop_last=False, seed=seed, padding=pad)
-
-    initial = {
-        "train": train.evaluate(eval_step, state.params, train_batches(0), recipe.eval_iter),
-        "validation": train.evaluate(eval_step, state.params, val_batches(), recipe.eval_iter),
-    }
-    log(f"Initial loss on {recipe.eval_iter} batches: train {initial['train']['loss']:.3f}, validation {initial['validation']['loss']:.3f}")
-
-    train_accs: list[float] = []
-    val_accs: list[float] = []
-
-    def on_epoch_end(state: train.TrainState, epoch: int, history: train.History) -> None:
-        params = state.params
-        train_acc = train.evaluate(eval_step, params, train_batches(epoch), recipe.eval_iter)["accuracy"]
-        val_acc = train.evaluate(eval_step, params, val_batches(), recipe.eval_iter)["accuracy"]
-        train_accs.append(train_acc)
-        val_accs.append(val_acc)
-        log(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%")
-
-    state, history = train.train_loop(
-        state,
-        train_step,
-        eval_step,
-        train_batches,
-        val_batches,
-        num_epochs=recipe.epochs,
-        eval_freq=recipe.eval_freq,
-        eval_iter=recipe.eval_iter,
-        seen_per_batch=lambda batch: int(batch["weights"].sum()),
-        on_epoch_end=on_epoch_end,
-        log=log,
-    )
-    log(f"Training completed in {history['seconds'] / 60:.2f} minutes.")
-
-    params = state.params
-    final = {
-        "train": train.evaluate(eval_step, params, train_batches(recipe.epochs)),
-        "validation": train.evaluate(eval_step, params, val_batches()),
-        "test": train.evaluate(eval_step, params, test_batches()),
-    }
-    for name in ("train", "validation", "test"):
-        log(f"{name.capitalize()} accuracy: {final[name]['accuracy'] * 100:.2f}%")
-
-    plots = []
-    if history["train_losses"]:
-        plots += plot_values(recipe.epochs, history["total_seen"], history["train_losses"], history["val_losses"], out_dir, "loss")
-    plots += plot_values(recipe.epochs, history["total_seen"], train_accs, val_accs, out_dir, "accuracy")
-
-    params = jax.device_get(params)
-    classifier = Classifier(config, params, data.class_names, data.max_length, recipe.pooling, tokenizer=tokenizer)
-    model_dir = classifier.save(out_dir / "model")
-    outputs = {"model": str(model_dir), "plots": [str(p) for p in plots]}
-    if recipe.export_pth:
-        outputs["torch_reference"] = str(weights.export(config, params, out_dir / "review_classifier.pth", "torch-reference"))
-
-    metrics = {
-        "train_accuracy": final["train"]["accuracy"],
-        "validation_accuracy": final["validation"]["accuracy"],
-        "test_accuracy": final["test"]["accuracy"],
-        "train_loss": final["train"]["loss"],
-        "validation_loss": final["validation"]["loss"],
-        "test_loss": final["test"]["loss"],
-        "initial_train_loss": initial["train"]["loss"],
-        "initial_validation_loss": initial["validation"]["loss"],
-        "epoch_train_accuracy": train_accs,
-        "epoch_validation_accuracy": val_accs,
-        "eval_steps": history["steps"],
-        "eval_train_losses": history["train_losses"],
-        "eval_validation_losses": history["val_losses"],
-        "examples_seen": history["total_seen"],
-        "steps": history["total_steps"],
-        "train_seconds": history["seconds"],
-        "train_step_compilations": train.compile_count(train_step),
-        "eval_step_compilations": train.compile_count(eval_step),
-        "class_names": data.class_names,
-        "split_sizes": {"train": n_train, "validation": len(data.validation.labels), "test": len(data.test.labels)},
-        "padded_length": data.max_length,
-        "recipe": dataclasses.asdict(recipe),
-        "outputs": outputs,
-        "run": run_info(),
-    }
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    if settings.lora_rank:
+        config, params = add_lora(config, params, settings.lora_rank, settings.lora_alpha, key_lora)
+    return train.fit(settings, config, params, ClassificationTask(recipe, data), out_dir, record=dataclasses.asdict(recipe), log=log)

@@ -1,11 +1,7 @@
-"""What both fine-tuning recipes share: resolving `--model` to (config, params), run metadata."""
+"""What both fine-tuning recipes share: resolving `--model` to (config, params)."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -64,54 +60,3 @@ def resolve_model(
     if drop_rate is not None:
         config = config.replace(drop_rate=drop_rate)
     return config, params
-
-
-def run_info() -> dict[str, Any]:
-    """Where and when a run happened (stored with its metrics)."""
-    devices = jax.devices()
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": devices[0].device_kind if devices else "unknown",
-        "python": platform.python_version(),
-    }
-
-
-def write_json(path: Path, data: Any) -> None:
-    from ..weights.native import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def on_off(value: str) -> bool:
-    """argparse type for on/off flags (1/0, true/false, yes/no, on/off)."""
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {value!r}")
-
-
-def add_model_arguments(group: Any, defaults: Any, trainable_help: str, final_norm_help: str) -> None:
-    """The model flags both fine-tuning commands share; defaults from the recipe dataclass."""
-    group.add_argument("--model", default=defaults.model, help="size name, checkpoint path, or OpenAI-style hparams.json")
-    group.add_argument("--init", choices=("pretrained", "random"), default=defaults.init)
-    group.add_argument("--models-dir", default=defaults.models_dir, help="where OpenAI checkpoints are (or get downloaded)")
-    group.add_argument("--trainable", default=defaults.trainable, help=trainable_help)
-    group.add_argument("--final-norm", type=on_off, default=None, help=final_norm_help)
-    group.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="add LoRA adapters of this rank (use with --trainable lora)")
-    group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scaling numerator (updates scale by alpha / rank)")
-    group.add_argument("--drop-rate", type=float, default=defaults.drop_rate)
-
-
-def add_training_arguments(group: Any, defaults: Any) -> None:
-    """The optimisation and evaluation flags both fine-tuning commands share."""
-    group.add_argument("--epochs", type=int, default=defaults.epochs)
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    group.add_argument("--lr", type=float, default=defaults.lr)
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    group.add_argument("--eval-freq", type=int, default=defaults.eval_freq)
-    group.add_argument("--eval-iter", type=int, default=defaults.eval_iter)
-    group.add_argument("--accumulation-steps", type=int, default=defaults.accumulation_steps)
-    group.add_argument("--seed", type=int, default=defaults.seed)

@@ -1,0 +1,129 @@
+"""jit-compiled train and eval steps for both losses, and evaluation over batches.
+
+A batch is a dict of NumPy/JAX arrays with static shapes:
+  classification: tokens [B, T], labels [B], lengths [B] (real tokens), weights [B] (0 = padding row)
+  language model: inputs [B, T], targets [B, T] (-100 = ignored)
+Eval batches are padded to the full batch size (weight 0 / all targets -100), so a whole
+run compiles each step once per shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import losses, model
+from .config import GPTConfig
+from .optim import merge, split
+
+Params = dict[str, Any]
+Batch = dict[str, Any]
+
+
+class TrainState(NamedTuple):
+    trainable: Params  # frozen leaves are None
+    frozen: Params  # trainable leaves are None
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array  # dropout randomness, folded with the step
+
+    @property
+    def params(self) -> Params:
+        return merge(self.trainable, self.frozen)
+
+
+def init_state(params: Params, mask: Params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: steps donate the state
+    trainable, frozen = split(params, mask)
+    return TrainState(trainable, frozen, optimizer.init(trainable), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed))
+
+
+def _forward(config: GPTConfig, params: Params, tokens: jax.Array, dropout_key, dtype, remat) -> jax.Array:
+    key = dropout_key if config.drop_rate > 0 else None
+    return model.apply(config, params, tokens, dropout_key=key, dtype=dtype, remat=remat)
+
+
+def classification_metrics(config: GPTConfig, pooling: str, params: Params, batch: Batch, dropout_key=None, dtype=jnp.float32, remat=False):
+    """(weighted mean loss, {loss, correct, count}) for a classification batch."""
+    logits = _forward(config, params, batch["tokens"], dropout_key, dtype, remat)
+    pooled = losses.pool(logits, batch.get("lengths"), pooling)
+    weights = batch["weights"].astype(jnp.float32)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(pooled, batch["labels"])
+    loss = (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    correct = ((jnp.argmax(pooled, axis=-1) == batch["labels"]) * weights).sum()
+    return loss, {"loss": loss, "correct": correct, "count": weights.sum()}
+
+
+def lm_metrics(config: GPTConfig, params: Params, batch: Batch, dropout_key=None, dtype=jnp.float32, remat=False):
+    """(mean next-token loss over non-ignored targets, {loss, tokens})."""
+    logits = _forward(config, params, batch["inputs"], dropout_key, dtype, remat)
+    total, count = losses.masked_lm_loss_terms(logits, batch["targets"])
+    loss = total / jnp.maximum(count, 1)
+    return loss, {"loss": loss, "tokens": count}
+
+
+def make_steps(
+    config: GPTConfig,
+    optimizer: optax.GradientTransformation,
+    task: str,
+    *,
+    pooling: str = "last",
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+) -> tuple[Callable, Callable]:
+    """jit-compiled (train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> metrics).
+
+    task: "classification" or "lm". Gradients flow to the trainable tree only.
+    """
+    if task == "classification":
+        if pooling not in losses.POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
+        metrics_fn = functools.partial(classification_metrics, config, pooling)
+    elif task == "lm":
+        metrics_fn = functools.partial(lm_metrics, config)
+    else:
+        raise ValueError(f"unknown task {task!r}: 'classification' or 'lm'")
+
+    def loss_fn(trainable, frozen, batch, dropout_key):
+        return metrics_fn(merge(trainable, frozen), batch, dropout_key, dtype, remat)
+
+    def train_step(state: TrainState, batch: Batch):
+        dropout_key = jax.random.fold_in(state.rng, state.step)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable, state.frozen, batch, dropout_key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return state._replace(trainable=trainable, opt_state=opt_state, step=state.step + 1), metrics
+
+    def eval_step(params: Params, batch: Batch):
+        return metrics_fn(params, batch, None, dtype, False)[1]
+
+    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+
+
+def evaluate(eval_step: Callable, params: Params, batches: Iterable[Batch], num_batches: int | None = None) -> dict[str, float]:
+    """The reference's calc_loss_loader / calc_accuracy_loader: mean of per-batch losses over the
+    first `num_batches` batches, and accuracy over their examples. NaN loss for no batches."""
+    loss_sum, n_batches, correct, count = 0.0, 0, 0.0, 0.0
+    for batch in batches:
+        if num_batches is not None and n_batches >= num_batches:
+            break
+        m = jax.device_get(eval_step(params, batch))
+        loss_sum += float(m["loss"])
+        n_batches += 1
+        if "correct" in m:
+            correct += float(m["correct"])
+            count += float(m["count"])
+    result = {"loss": loss_sum / n_batches if n_batches else math.nan}
+    if count:
+        result["accuracy"] = correct / count
+    return result
+
+
+def compile_count(step: Callable) -> int:
+    """How many shapes a jitted step has been compiled for (for recompilation tests)."""
+    return step._cache_size()
