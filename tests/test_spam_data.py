@@ -16,6 +16,7 @@ import pytest
 
 from jaxft.data import spam
 from jaxft.data.batching import num_batches
+from jaxft.tokenizer import EOT_ID, encode_text
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,15 @@ def test_no_warning_for_seed_length_truncation(tokenizer):
         warnings.simplefilter("error")
         _, _, encoded = spam.encode_splits(train, train, test, tokenizer)
     assert encoded.length == 1 and encoded.num_truncated == 1  # counted, as the seed cuts silently
+
+
+def test_a_literal_end_of_text_in_a_message_is_plain_text(tokenizer):
+    text = "win <|endoftext|> now"
+    (ids,) = spam.tokenize([text], tokenizer)
+    assert ids == encode_text(tokenizer, text) and EOT_ID not in ids
+    frame = pd.DataFrame({"Label": [1], "Text": [text]})
+    encoded = spam.encode_split(frame, tokenizer)
+    assert encoded.tokens[0].tolist() == ids and encoded.lengths.tolist() == [len(ids)]
 
 
 # ----------------------------------------------------------------------------- any classes

@@ -408,10 +408,10 @@ class EncodedSplit:
 
 
 def tokenize(texts: Iterable[str], tokenizer: Any) -> list[list[int]]:
-    """Token ids of every text (`<|endoftext|>` in a text is the special token)."""
-    from jaxft.tokenizer import encode
+    """Token ids of every text (`encode_text`: a literal `<|endoftext|>` is plain text)."""
+    from jaxft.tokenizer import encode_text
 
-    return [encode(tokenizer, text) for text in texts]
+    return [encode_text(tokenizer, text) for text in texts]
 
 
 def training_length(
