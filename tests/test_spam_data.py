@@ -1,13 +1,9 @@
-"""SMS spam / labeled-CSV data: parity with the seed's pandas code, encoding, bad input, download."""
+"""SMS spam / labeled-CSV data: parity with the reference's pandas code, encoding, bad input."""
 
 from __future__ import annotations
 
 import csv
-import functools
-import http.server
-import threading
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -255,56 +251,3 @@ def test_empty_split_and_missing_file(tmp_path: Path):
         spam.splits(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="has no SMSSpamCollection"):
         spam.resolve_sms_spam_path(tmp_path)
-
-
-# ----------------------------------------------------------------------------- download
-
-
-class _ZipHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-
-@pytest.fixture()
-def zip_server(tmp_path: Path):
-    """A local HTTP server on 127.0.0.1 serving a zip laid out like UCI's."""
-    root = tmp_path / "www"
-    root.mkdir()
-    with zipfile.ZipFile(root / "sms.zip", "w") as archive:
-        archive.writestr("SMSSpamCollection", "ham\thello\nspam\tWIN now\n")
-        archive.writestr("readme", "about")
-    (root / "broken.zip").write_bytes(b"not a zip at all")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_ZipHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_download_extracts_then_skips(tmp_path: Path, zip_server: str, capsys):
-    dest = tmp_path / "data"
-    # The first URL fails (404), the backup serves the zip.
-    path = spam.download_sms_spam(dest, urls=[f"{zip_server}/missing.zip", f"{zip_server}/sms.zip"], progress=False)
-    assert path == dest / "SMSSpamCollection" and path.read_text() == "ham\thello\nspam\tWIN now\n"
-    assert (dest / "readme").read_text() == "about"
-    assert not (dest / "sms_spam_collection.zip").exists()
-    assert spam.read_sms_collection(path)["Label"].tolist() == ["ham", "spam"]
-    # Present now: no request is made (an unreachable URL would fail otherwise).
-    again = spam.download_sms_spam(dest, urls=["http://127.0.0.1:9/nothing.zip"])
-    assert again == path and "already exists" in capsys.readouterr().out
-
-
-def test_download_rejects_a_broken_zip(tmp_path: Path, zip_server: str):
-    with pytest.raises(ValueError, match="not a valid zip file"):
-        spam.download_sms_spam(tmp_path / "d", urls=[f"{zip_server}/broken.zip"], progress=False)
-
-
-def test_download_reports_every_failed_url(tmp_path: Path, zip_server: str):
-    from jaxft.download import DownloadError
-
-    urls = [f"{zip_server}/missing.zip", f"{zip_server}/gone.zip"]
-    with pytest.raises(DownloadError) as info:
-        spam.download_sms_spam(tmp_path / "d", urls=urls, progress=False)
-    assert "missing.zip" in str(info.value) and "gone.zip" in str(info.value)
-    assert not (tmp_path / "d" / "SMSSpamCollection").exists()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import losses
+from .. import losses, sources
 from ..data import spam
 from ..recipes.classify import PADDINGS, Classifier, ClassifierRecipe, run
 from ..recipes.common import add_model_arguments, add_training_arguments
@@ -27,7 +27,7 @@ def _load_frames(args: argparse.Namespace) -> tuple[tuple[pd.DataFrame, pd.DataF
         val_df, _ = spam.read_labeled_csv(args.validation, class_names=class_names)
         test_df, _ = spam.read_labeled_csv(args.test, class_names=class_names)
     else:
-        path = Path(args.data) if args.data else spam.download_sms_spam(args.data_dir)
+        path = Path(args.data) if args.data else sources.sms_spam_file(download=True, data_dir=args.data_dir)
         dataset = spam.splits_with_classes(path, seed=args.seed, parse=args.parse)
         train_df, val_df, test_df, class_names = dataset.train, dataset.validation, dataset.test, dataset.class_names
         spam.write_splits(Path(args.out) / "data", train_df, val_df, test_df)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import weights
+from .. import sources, weights
 from ..data import instruct as data
 from ..recipes.common import add_model_arguments, add_training_arguments, write_json
 from ..recipes.instruct import METRICS_FILE, InstructRecipe, generate_responses, load_data, run
@@ -70,7 +70,7 @@ def register(subparsers: Any) -> None:
     d = p.add_argument_group("data (default: the seed's instruction-data.json, downloaded unless --data is given)")
     d.add_argument("--data", help="a local JSON list of {instruction, input, output} entries")
     d.add_argument("--data-dir", default=".", help="where to download instruction-data.json when --data is not given")
-    d.add_argument("--url", default=data.DEFAULT_URL, help="download URL of instruction-data.json")
+    d.add_argument("--url", default=sources.INSTRUCTION_DATA_URL, help="download URL of instruction-data.json")
     d.add_argument("--limit", type=int, default=None, help="use only the first N entries (then split 85/10/5)")
     d.add_argument("--style", choices=styles, default=defaults.style, help="prompt style")
     d.add_argument("--mask-prompt", action="store_true", help="also ignore the instruction and input tokens in the loss")

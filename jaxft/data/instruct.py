@@ -1,5 +1,7 @@
 """Alpaca-style instruction data: load, validate, split, format, tokenise, collate, batch.
 
+The file comes from `jaxft.sources.instruction_data_file` (bundled, or downloaded).
+
 The collate function reproduces the seed's `custom_collate_fn` exactly (same values, NumPy
 instead of torch). `collate_bucketed` adds padding up to a few bucket lengths so that a jitted
 train step compiles only a handful of shapes; the extra positions carry the pad id in the
@@ -21,10 +23,6 @@ from jaxft.data.batching import num_batches, permutation
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, used both as end-of-response and as padding
 IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 1024
-DEFAULT_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch"
-    "/main/ch07/01_main-chapter-code/instruction-data.json"
-)
 
 Entry = dict[str, Any]
 
@@ -94,33 +92,6 @@ def load_entries(path: str | Path, *, require_output: bool = True) -> list[Entry
             f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
     return validate_entries(data, path, require_output=require_output)
-
-
-def download_and_load(
-    path: str | Path,
-    url: str | Sequence[str] = DEFAULT_URL,
-    *,
-    timeout: float = 60.0,
-    progress: bool = True,
-    require_output: bool = True,
-) -> list[Entry]:
-    """Load `path`, downloading it from `url` (or the first working of several) when absent.
-
-    A freshly downloaded file that fails validation is removed again, so that the next call
-    downloads it anew rather than tripping over the same bad file.
-    """
-    path = Path(path)
-    if path.exists():
-        return load_entries(path, require_output=require_output)
-    from jaxft.download import fetch  # lazy: only needed when the file is missing
-
-    urls = [url] if isinstance(url, str) else list(url)
-    fetched = Path(fetch(urls, path, desc=path.name, timeout=timeout, progress=progress))
-    try:
-        return load_entries(fetched, require_output=require_output)
-    except InstructionDataError:
-        fetched.unlink(missing_ok=True)
-        raise
 
 
 class Splits(NamedTuple):

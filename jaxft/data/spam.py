@@ -4,7 +4,8 @@ The default pipeline reproduces the seed's pandas code row for row: read the tab
 with pandas' default quote handling (5,572 rows: line 5,082 opens a double quote that never
 closes and swallows the next two lines), undersample every class to the minority count
 (`random_state=seed`), map labels to ids, shuffle (`random_state=seed`) and cut 70 / 10 / 20 %.
-`parse="exact"` reads every line as one message instead (5,574 rows).
+`parse="exact"` reads every line as one message instead (5,574 rows). The file itself comes
+from `jaxft.sources.sms_spam_file` (bundled, or downloaded).
 
 Encoding pads with `<|endoftext|>` (50256) to the longest training sequence; validation and test
 are truncated or padded to that length; nothing is ever longer than the model's context.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -23,10 +23,6 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-SMS_SPAM_URLS = (
-    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-    "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
-)
 SMS_SPAM_FILE = "SMSSpamCollection"
 # The seed renames the extracted file to this; accept it where it already exists.
 SMS_SPAM_FILE_SEED = "SMSSpamCollection.tsv"
@@ -39,47 +35,6 @@ Parse = Literal["seed", "exact"]
 
 class TruncationWarning(UserWarning):
     """Texts were cut to fit the model's context length (the count is in the message)."""
-
-
-# ----------------------------------------------------------------------------- download
-
-
-def download_sms_spam(
-    dest_dir: str | Path = "sms_spam_collection",
-    *,
-    urls: Sequence[str] = SMS_SPAM_URLS,
-    timeout: float = 60.0,
-    progress: bool = True,
-) -> Path:
-    """Download and extract the UCI zip into `dest_dir`; return the path of `SMSSpamCollection`.
-
-    Skips everything when the extracted file (or the seed's `.tsv` name) is already there.
-    URLs are tried in order (primary, then backup).
-    """
-    dest_dir = Path(dest_dir)
-    for name in (SMS_SPAM_FILE, SMS_SPAM_FILE_SEED):
-        if (dest_dir / name).is_file():
-            if progress:
-                print(f"{dest_dir / name} already exists. Skipping download and extraction.")
-            return dest_dir / name
-
-    from jaxft.download import fetch  # lazy: only needed when something must be fetched
-
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    # fetch raises jaxft.download.DownloadError (naming every URL tried) when all of them fail.
-    zip_path = fetch(
-        list(urls), dest_dir / "sms_spam_collection.zip", desc="SMS Spam Collection", timeout=timeout, progress=progress
-    )
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            if SMS_SPAM_FILE not in archive.namelist():
-                raise ValueError(f"{zip_path}: the archive has no {SMS_SPAM_FILE} (members: {archive.namelist()})")
-            # extractall sanitises member names, so a hostile zip cannot write outside dest_dir.
-            archive.extractall(dest_dir)
-    except zipfile.BadZipFile as exc:
-        raise ValueError(f"{zip_path}: not a valid zip file ({exc})") from None
-    Path(zip_path).unlink()  # the extracted file is the skip marker; the zip is no longer needed
-    return dest_dir / SMS_SPAM_FILE
 
 
 def resolve_sms_spam_path(path: str | Path) -> Path:

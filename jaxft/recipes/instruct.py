@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from .. import generate as gen
-from .. import model, optim, train, weights
+from .. import model, optim, sources, train, weights
 from ..config import GPTConfig, canonical_name, is_size_name
 from ..data import instruct as data
 from ..data.batching import num_batches
@@ -210,13 +210,15 @@ def _save_plots(out_dir: Path, epochs: float, total_seen: int, train_losses: lis
 # --------------------------------------------------------------------------- the run
 
 
-def load_data(path: str | Path | None = None, *, data_dir: str | Path = ".", url: str = data.DEFAULT_URL) -> tuple[list[Entry], Path]:
+def load_data(path: str | Path | None = None, *, data_dir: str | Path = ".", url: str = sources.INSTRUCTION_DATA_URL) -> tuple[list[Entry], Path]:
     """(entries, file): a given file must exist; without one, the seed's file is downloaded
     to `data_dir/instruction-data.json` (skipped when already there)."""
     if path is not None:
         return data.load_entries(path), Path(path)
-    target = Path(data_dir) / "instruction-data.json"
-    return data.download_and_load(target, url), target
+    # The reference's file is hash-checked; a file from another --url cannot be.
+    sha256 = sources.INSTRUCTION_DATA_SHA256 if url == sources.INSTRUCTION_DATA_URL else None
+    target = sources.instruction_data_file(download=True, data_dir=data_dir, url=url, sha256=sha256)
+    return data.load_entries(target), target
 
 
 def _split(entries: Sequence[Entry], recipe: InstructRecipe, source: str | Path) -> data.Splits:
