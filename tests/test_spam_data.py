@@ -165,9 +165,9 @@ def test_balance_generalises_the_reference_for_n_classes():
 
 def test_read_labeled_csv_integer_and_string_labels(tmp_path: Path):
     ints = tmp_path / "ints.csv"
-    ints.write_text("Label,Text\n2,two\n0,zero\n")
+    ints.write_text("Label,Text\n2,two\n0,zero\n1,one\n")  # ids 0..K-1, every one present
     frame, names = labeled.read_labeled_csv(ints)
-    assert frame["Label"].tolist() == [2, 0] and names == ["0", "1", "2"]
+    assert frame["Label"].tolist() == [2, 0, 1] and names == ["0", "1", "2"]
     words = tmp_path / "words.csv"
     words.write_text('text,label,extra\n"hello, ""world""\nagain",pos,x\nbad,neg,y\n')
     frame, names = labeled.read_labeled_csv(words)
@@ -254,3 +254,93 @@ def test_a_literal_end_of_text_in_a_message_is_plain_text(tokenizer):
     frame = pd.DataFrame({"Label": [1], "Text": [text]})
     encoded = spam.encode_split(frame, tokenizer)
     assert encoded.tokens[0].tolist() == ids and encoded.lengths.tolist() == [len(ids)]
+
+
+# ----------------------------------------------------------------------------- labels and quotes
+
+
+def _one_line_error(call, path: Path, pattern: str) -> str:
+    with pytest.raises(ValueError, match=pattern) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "content, line",
+    [
+        ('Label,Text\nham,hi\nspam,"win now\nham,later\nham,more\n', 3),  # swallows the rest
+        ('Label,Text\nham,hi\n"spam,win\nham,later\n', 3),  # an opening quote in the label
+        ('Label,Text\nham,"two\nlines"\nspam,"open\n', 4),  # after a closed multi-line field
+    ],
+)
+def test_unclosed_quote_names_the_file_and_the_line_it_opens(tmp_path: Path, content: str, line: int):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    _one_line_error(
+        lambda: labeled.read_labeled_csv(path), path, rf"line {line}: a quoted field opens here and is never closed"
+    )
+
+
+def test_quotes_that_close_or_sit_inside_a_field_are_fine(tmp_path: Path):
+    path = tmp_path / "ok.csv"
+    path.write_text('Label,Text\nham,he said "hi\nspam,"last, ""quoted""\nmessage"\n')
+    frame, names = labeled.read_labeled_csv(path)
+    assert frame["Text"].tolist() == ['he said "hi', 'last, "quoted"\nmessage'] and names == ["ham", "spam"]
+
+
+def test_labels_differing_by_case_or_spaces_are_refused_unless_normalized(tmp_path: Path):
+    rows = [(" Ham ", "a"), ("SPAM", "b"), ("ham", "c"), ("spam", "d"), ("ham", "e"), ("spam", "f")]
+    csv_path = tmp_path / "mixed.csv"
+    with csv_path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("Label", "Text"), *rows])
+    tsv_path = tmp_path / "mixed"
+    tsv_path.write_text("".join(f"{label}\t{text}\n" for label, text in rows * 5))
+    pattern = r"labels ' Ham ', 'SPAM', 'ham', 'spam' differ only by case or surrounding spaces.*normalize_labels=True"
+    _one_line_error(lambda: labeled.read_labeled_csv(csv_path), csv_path, pattern)
+    for parse in ("reference", "exact"):
+        _one_line_error(lambda parse=parse: spam.read_sms_collection(tsv_path, parse=parse), tsv_path, pattern)
+        _one_line_error(lambda parse=parse: spam.splits(tsv_path, parse=parse), tsv_path, pattern)
+
+    frame, names = labeled.read_labeled_csv(csv_path, normalize_labels=True)
+    assert names == ["ham", "spam"] and frame["Label"].tolist() == [0, 1, 0, 1, 0, 1]
+    folded = spam.read_sms_collection(tsv_path, normalize_labels=True)
+    assert folded["Label"].tolist() == ["ham", "spam"] * 15
+    assert spam.splits_with_classes(tsv_path, normalize_labels=True).class_names == ["ham", "spam"]
+
+
+@pytest.mark.parametrize(
+    "ids, detail",
+    [((0, 5), r"found 0, 5 \(missing 1, 2, 3, 4\)"), ((1, 2), r"found 1, 2 \(missing 0\)"), ((-1, 0), r"found -1, 0 \(negative ids\)")],
+)
+def test_integer_labels_must_be_consecutive_class_ids(tmp_path: Path, ids: tuple[int, int], detail: str):
+    path = tmp_path / "ints.csv"
+    path.write_text("Label,Text\n" + "".join(f"{label},text {i}\n" for i, label in enumerate(ids * 2)))
+    pattern = rf"integer labels must be the class ids 0..K-1 with every id present; {detail}"
+    _one_line_error(lambda: labeled.read_labeled_csv(path), path, pattern)
+    tsv = tmp_path / "ints.tsv"
+    tsv.write_text("".join(f"{label}\ttext {i}\n" for i, label in enumerate(ids * 2)))
+    _one_line_error(lambda: spam.splits(tsv), tsv, pattern)
+
+
+def test_a_label_absent_from_training_is_refused(tmp_path: Path):
+    train = tmp_path / "train.csv"
+    train.write_text("Label,Text\nham,a\nspam,b\n")
+    _, names = labeled.read_labeled_csv(train)
+    validation = tmp_path / "validation.csv"
+    validation.write_text("Label,Text\nham,c\neggs,d\n")
+    message = _one_line_error(
+        lambda: labeled.read_labeled_csv(validation, names), validation, r"line 3: unknown label 'eggs'"
+    )
+    assert "training" in message
+    # A stray class id among names is not taken as an id either (only a file of ids may give ids).
+    test = tmp_path / "test.csv"
+    test.write_text("Label,Text\nham,c\n1,d\n")
+    _one_line_error(lambda: labeled.read_labeled_csv(test, names), test, r"line 3: unknown label '1'")
+    ids_train = tmp_path / "ids.csv"
+    ids_train.write_text("Label,Text\n0,a\n1,b\n")
+    _, id_names = labeled.read_labeled_csv(ids_train)
+    unseen = tmp_path / "unseen.csv"
+    unseen.write_text("Label,Text\n0,a\n2,b\n")
+    _one_line_error(lambda: labeled.read_labeled_csv(unseen, id_names), unseen, r"line 3: unknown label '2'")

@@ -24,7 +24,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from jaxft.data.labeled import infer_class_names, read_labeled_csv, read_text
+from jaxft.data.labeled import (
+    check_label_spellings,
+    fold_label,
+    infer_class_names,
+    read_labeled_csv,
+    read_text,
+)
 from jaxft.tokenizer import PAD_ID, encode_text
 
 SMS_SPAM_FILE = "SMSSpamCollection"
@@ -76,22 +82,24 @@ def _tsv_lines(path: Path, text: str) -> list[tuple[int, str, str]]:
     return rows
 
 
-def read_sms_collection(path: str | Path, parse: Parse = "reference") -> pd.DataFrame:
+def read_sms_collection(path: str | Path, parse: Parse = "reference", *, normalize_labels: bool = False) -> pd.DataFrame:
     """The tab-separated collection as a DataFrame with string columns `Label`, `Text`.
 
     `parse="reference"` (or its old name "seed"): pandas' default quote handling, as the
     reference's `pd.read_csv(path, sep="\\t", header=None)` (5,572 rows on the real file), except
     that texts such as "NA" stay text. `parse="exact"`: one row per line, quotes kept verbatim
     (5,574 rows). Every line is checked first, so a malformed one is reported with its line
-    number.
+    number. Labels differing only by case or surrounding spaces are refused unless
+    `normalize_labels` (strip, lower-case).
     """
     path = resolve_sms_spam_path(path)
     text = read_text(path)
     rows = _tsv_lines(path, text)
     if parse == "exact":
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {"Label": [label for _, label, _ in rows], "Text": [message for _, _, message in rows]}
         ).astype({"Label": "str", "Text": "str"})
+        return _checked_labels(frame, path, normalize_labels)
     if parse not in ("reference", "seed"):
         raise ValueError(f"parse must be 'reference' (or 'seed') or 'exact', not {parse!r}")
     try:
@@ -109,6 +117,13 @@ def read_sms_collection(path: str | Path, parse: Parse = "reference") -> pd.Data
                 f"{path}: row {empty[0] + 1}: empty {column.lower()} after pandas' quote handling "
                 "(parse='exact' reads the line verbatim)"
             )
+    return _checked_labels(frame, path, normalize_labels)
+
+
+def _checked_labels(frame: pd.DataFrame, path: Path, normalize: bool) -> pd.DataFrame:
+    if normalize:
+        return frame.assign(Label=frame["Label"].map(fold_label))
+    check_label_spellings(frame["Label"], path)  # " Ham " next to "ham": refused
     return frame
 
 
@@ -175,19 +190,24 @@ def splits_with_classes(
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
     balanced: bool = True,
     class_names: Sequence[str] | None = None,
+    normalize_labels: bool = False,
 ) -> Splits:
     """The reference's pipeline on a `label<TAB>text` file (or a directory holding
     `SMSSpamCollection`), or on a `.csv` with a `Label,Text` header: read, balance, map labels to
-    ids, shuffle, split. Any number of classes; `class_names` fixes the id order."""
+    ids, shuffle, split. Any number of classes; `class_names` fixes the id order;
+    `normalize_labels` folds labels that differ only by case or surrounding spaces."""
     path = Path(path)
     train_frac, validation_frac = _fractions(fractions)
     if path.suffix.lower() == ".csv" and path.is_file():
-        ids_frame, names = read_labeled_csv(path, class_names)
+        ids_frame, names = read_labeled_csv(path, class_names, normalize_labels=normalize_labels)
         # Back to names, so balancing and mapping are one code path for both formats.
         frame = pd.DataFrame({"Label": [names[i] for i in ids_frame["Label"]], "Text": ids_frame["Text"]})
     else:
-        frame = read_sms_collection(path, parse=parse)
-        names = list(class_names) if class_names is not None else infer_class_names(frame["Label"])
+        frame = read_sms_collection(path, parse=parse, normalize_labels=normalize_labels)
+        if class_names is not None:
+            names = [fold_label(name) for name in class_names] if normalize_labels else list(class_names)
+        else:
+            names = infer_class_names(frame["Label"], source=path)
     mapping = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(frame["Label"]) - set(mapping))
     if unknown:
@@ -208,7 +228,7 @@ def splits(path: str | Path, seed: int = 123, **options: Any) -> tuple[pd.DataFr
     """(train, validation, test) DataFrames with `Label` (class id) and `Text`, the reference's semantics.
 
     On the real collection with the defaults: 1045 / 149 / 300 rows, identical to the reference's.
-    Options: see `splits_with_classes` (parse, fractions, balanced, class_names).
+    Options: see `splits_with_classes` (parse, fractions, balanced, class_names, normalize_labels).
     """
     return splits_with_classes(path, seed, **options).frames()
 
