@@ -1,5 +1,8 @@
 """Download files over HTTP(S) with mirrors, resume and verification; the OpenAI GPT-2 checkpoints.
 
+The machinery only: what to fetch and when is decided in `jaxft.sources`, the one module the
+rest of jaxft calls for anything that may come from the network.
+
 `fetch` never leaves a file that looks complete but is not: it streams into `<dest>.part`,
 checks the byte count against Content-Length (and a SHA-256 when one is known), and only then
 renames the part file onto `dest`. An interrupted download leaves the `.part` file behind and

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from local_http import FakeServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
@@ -31,3 +34,20 @@ def tokenizer(shared_data):
     from jaxft.tokenizer import from_files
 
     return from_files(shared_data / "gpt2_vocab")
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    """A scripted HTTP server on 127.0.0.1 (see tests/local_http.py)."""
+    s = FakeServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/f.bin"

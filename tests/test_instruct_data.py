@@ -1,4 +1,4 @@
-"""Instruction data: loading/validation, split, prompt styles, the seed's collate, buckets."""
+"""Instruction data: loading/validation, split, prompt styles, the reference's collate, buckets."""
 
 from __future__ import annotations
 
@@ -8,25 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxft.data import instruct
+from jaxft.data import instruct, prompts
 from jaxft.data.instruct import (
-    IGNORE_INDEX,
-    PAD_TOKEN_ID,
     InstructionDataError,
-    PromptStyle,
     bucket_length,
     collate,
     collate_bucketed,
-    extract_response,
-    format_entry,
     instruction_batches,
     load_entries,
     split_entries,
     tight_shape,
     tokenize_entries,
 )
+from jaxft.data.prompts import PromptStyle, extract_response, format_entry
+from jaxft.losses import IGNORE_INDEX
+from jaxft.tokenizer import PAD_ID, encode_text
 
-SEED_BATCH = ([0, 1, 2, 3, 4], [5, 6], [7, 8, 9])
+REFERENCE_BATCH = ([0, 1, 2, 3, 4], [5, 6], [7, 8, 9])
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -63,8 +61,8 @@ def real_train(real_entries, tokenizer):
 # --------------------------------------------------------------------------- collate
 
 
-def test_collate_seed_example():
-    inputs, targets = collate(SEED_BATCH)
+def test_collate_reference_example():
+    inputs, targets = collate(REFERENCE_BATCH)
     assert isinstance(inputs, np.ndarray) and isinstance(targets, np.ndarray)
     assert np.issubdtype(inputs.dtype, np.integer) and np.issubdtype(targets.dtype, np.integer)
     np.testing.assert_array_equal(
@@ -76,35 +74,35 @@ def test_collate_seed_example():
 
 
 def test_collate_positional_signature_and_other_ids():
-    inputs, targets = collate(SEED_BATCH, 0, -1, None)
+    inputs, targets = collate(REFERENCE_BATCH, 0, -1, None)
     np.testing.assert_array_equal(inputs[1], [5, 6, 0, 0, 0])
     # id 0 is now the pad id: token 0 in example 0 is never a target, so nothing else changes
     np.testing.assert_array_equal(targets[1], [6, 0, -1, -1, -1])
     np.testing.assert_array_equal(targets[0], [1, 2, 3, 4, 0])
 
 
-def test_collate_allowed_max_length_truncates_like_seed():
-    inputs, targets = collate(SEED_BATCH, allowed_max_length=3)
+def test_collate_allowed_max_length_truncates_like_the_reference():
+    inputs, targets = collate(REFERENCE_BATCH, allowed_max_length=3)
     np.testing.assert_array_equal(inputs, [[0, 1, 2], [5, 6, 50256], [7, 8, 9]])
     np.testing.assert_array_equal(targets, [[1, 2, 3], [6, 50256, -100], [8, 9, 50256]])
     # a limit above the batch width changes nothing
-    full = collate(SEED_BATCH)
-    for a, b in zip(collate(SEED_BATCH, allowed_max_length=1024), full):
+    full = collate(REFERENCE_BATCH)
+    for a, b in zip(collate(REFERENCE_BATCH, allowed_max_length=1024), full):
         np.testing.assert_array_equal(a, b)
 
 
-def test_collate_does_not_mutate_and_keeps_seed_pad_quirk():
+def test_collate_does_not_mutate_and_keeps_the_reference_pad_quirk():
     batch = [[1, 50256, 2], [3]]
     before = [list(x) for x in batch]
     _, targets = collate(batch)
     assert batch == before
-    # like the seed: the pad id inside example 0 (target 0) is the "first pad", the appended
+    # like the reference: the pad id inside example 0 (target 0) is the "first pad", the appended
     # end-of-text after it is then ignored
     np.testing.assert_array_equal(targets, [[50256, 2, -100], [50256, -100, -100]])
 
 
-def _seed_collate_lists(batch, pad, ignore, max_len, prompt_lengths):
-    """The seed's per-example list algorithm (with the reference's masking), as plain lists."""
+def _reference_collate_lists(batch, pad, ignore, max_len, prompt_lengths):
+    """The reference's per-example list algorithm (with its instruction masking), as plain lists."""
     width = max(len(item) + 1 for item in batch)
     xs, ys = [], []
     for k, item in enumerate(batch):
@@ -123,7 +121,7 @@ def _seed_collate_lists(batch, pad, ignore, max_len, prompt_lengths):
     return xs, ys
 
 
-def test_collate_matches_seed_algorithm_on_random_batches():
+def test_collate_matches_the_reference_algorithm_on_random_batches():
     rng = np.random.default_rng(3)
     for _ in range(200):
         size = int(rng.integers(1, 6))
@@ -131,7 +129,7 @@ def test_collate_matches_seed_algorithm_on_random_batches():
         max_len = None if rng.random() < 0.5 else int(rng.integers(1, 14))
         lengths = None if rng.random() < 0.5 else [int(rng.integers(0, len(b) + 2)) for b in batch]
         x, y = collate(batch, 8, -100, max_len, mask_prompt_lengths=lengths)
-        ex, ey = _seed_collate_lists(batch, 8, -100, max_len, lengths)
+        ex, ey = _reference_collate_lists(batch, 8, -100, max_len, lengths)
         assert x.tolist() == ex and y.tolist() == ey
 
 
@@ -139,12 +137,12 @@ def test_collate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="empty batch"):
         collate([])
     with pytest.raises(ValueError, match="pad_to=3"):
-        collate(SEED_BATCH, pad_to=3)
+        collate(REFERENCE_BATCH, pad_to=3)
     with pytest.raises(ValueError, match="2 prompt lengths"):
-        collate(SEED_BATCH, mask_prompt_lengths=[1, 2])
+        collate(REFERENCE_BATCH, mask_prompt_lengths=[1, 2])
 
 
-def test_seed_loss_example_ignores_minus_100():
+def test_reference_loss_example_ignores_minus_100():
     logits_1 = np.array([[-1.0, 1.0], [-0.5, 1.5]])
     logits_2 = np.array([[-1.0, 1.0], [-0.5, 1.5], [-0.5, 1.5]])
     loss_1 = masked_ce(logits_1, np.array([0, 1]))
@@ -159,8 +157,8 @@ def test_seed_loss_example_ignores_minus_100():
 
 
 def test_mask_prompt():
-    inputs, targets = collate(SEED_BATCH, mask_prompt_lengths=[3, 1, 2])
-    np.testing.assert_array_equal(inputs, collate(SEED_BATCH)[0])
+    inputs, targets = collate(REFERENCE_BATCH, mask_prompt_lengths=[3, 1, 2])
+    np.testing.assert_array_equal(inputs, collate(REFERENCE_BATCH)[0])
     # targets[j] predicts token j+1: a prompt of n tokens masks the first n-1 targets
     np.testing.assert_array_equal(
         targets, [[-100, -100, 3, 4, 50256], [6, 50256, -100, -100, -100], [-100, 9, 50256, -100, -100]]
@@ -173,7 +171,7 @@ def test_mask_prompt_on_real_entry(real_entries, tokenizer):
     for row, (ids, n_prompt) in enumerate(zip(data.token_ids, data.prompt_lengths)):
         kept = targets[row][targets[row] != IGNORE_INDEX]
         # only the response tokens (after the prompt) and one end-of-text remain
-        assert kept.tolist() == ids[n_prompt:] + [PAD_TOKEN_ID]
+        assert kept.tolist() == ids[n_prompt:] + [PAD_ID]
         response = tokenizer.decode(ids[n_prompt:])
         assert response == "\n\n### Response:\n" + real_entries[row]["output"]
 
@@ -225,7 +223,7 @@ def test_real_train_split_compiles_few_shapes(real_train):
             n += 1
     assert n == 2 * (935 // 8)
     assert len(shapes) <= 8, shapes
-    assert len(tight) > 2 * len(shapes)  # the seed's tight padding would compile many more
+    assert len(tight) > 2 * len(shapes)  # the reference's tight padding would compile many more
     print(f"bucketed shapes: {sorted(shapes)}; tight widths: {len(tight)}")
 
 
@@ -233,14 +231,14 @@ def test_instruction_batches_order_and_last_batch(real_entries, tokenizer):
     val = tokenize_entries(split_entries(real_entries).validation, tokenizer)
     batches = list(instruction_batches(val, 8, shuffle=False, drop_last=False, seed=0, bucket_multiple=None))
     assert [b[0].shape[0] for b in batches] == [8] * 6 + [7]
-    # unshuffled, tight: exactly the seed's collate over consecutive slices
+    # unshuffled, tight: exactly the reference's collate over consecutive slices
     for k, (x, y) in enumerate(batches):
         ex, ey = collate(val.token_ids[8 * k : 8 * k + 8], allowed_max_length=1024)
         np.testing.assert_array_equal(x, ex)
         np.testing.assert_array_equal(y, ey)
     filled = list(instruction_batches(val, 8, shuffle=False, drop_last=False, seed=0, fill_last_batch=True))
     x, y = filled[-1]
-    assert x.shape[0] == 8 and (y[7] == IGNORE_INDEX).all() and (x[7] == PAD_TOKEN_ID).all()
+    assert x.shape[0] == 8 and (y[7] == IGNORE_INDEX).all() and (x[7] == PAD_ID).all()
     assert tight_shape(y)[0] == 7
 
 
@@ -286,7 +284,7 @@ def test_real_file_split_and_alpaca_format(real_entries):
         "\n\n### Input:\nfreind --> friend"
     )
     assert full == prompt + "\n\n### Response:\n" + real_entries[0]["output"]
-    # an empty input leaves out the Input section (the seed's data[999])
+    # an empty input leaves out the Input section (the reference's data[999])
     prompt, full = format_entry(real_entries[999])
     assert "### Input" not in prompt
     assert full.endswith(
@@ -311,10 +309,12 @@ def test_style_registry():
         format_entry({"instruction": "a", "output": "b"}, "nope")
     style = PromptStyle("qa-test", lambda e: f"Q: {e['instruction']}", "\nA: ", "A:")
     try:
-        instruct.register_style(style)
+        prompts.register_style(style)
         assert format_entry({"instruction": "x", "output": "y"}, "qa-test") == ("Q: x", "Q: x\nA: y")
     finally:
-        instruct.PROMPT_STYLES.pop("qa-test", None)
+        prompts.PROMPT_STYLES.pop("qa-test", None)
+    # The recipes, the CLI and the judge reach the styles through jaxft.data.instruct.
+    assert instruct.format_prompt is prompts.format_prompt and instruct.PROMPT_STYLES is prompts.PROMPT_STYLES
 
 
 def test_tokenize_prompt_lengths_and_phi3(real_entries, tokenizer):
@@ -324,8 +324,10 @@ def test_tokenize_prompt_lengths_and_phi3(real_entries, tokenizer):
             prompt, full = format_entry(entry, style)
             assert ids == tokenizer.encode(full) and n == len(tokenizer.encode(prompt))
     # a literal <|endoftext|> in the data is ordinary text, never the eos id
-    data = tokenize_entries([{"instruction": "<|endoftext|>", "input": "", "output": "x"}], tokenizer)
-    assert PAD_TOKEN_ID not in data.token_ids[0]
+    entry = {"instruction": "<|endoftext|>", "input": "", "output": "x"}
+    data = tokenize_entries([entry], tokenizer)
+    assert PAD_ID not in data.token_ids[0]
+    assert data.token_ids[0] == encode_text(tokenizer, format_entry(entry)[1])  # the one encoding rule
 
 
 def test_prompt_longer_than_context(tokenizer):
@@ -389,58 +391,3 @@ def test_input_is_optional_and_extra_fields_kept(tmp_path):
     assert entries[0] == {"instruction": "a", "input": "", "output": "b"}
     assert entries[1]["model_response"] == "c" and entries[1]["input"] == ""
     assert load_entries(write(tmp_path, '[{"instruction": "a"}]'), require_output=False)[0]["input"] == ""
-
-
-def test_download_skipped_when_present(tmp_path, monkeypatch):
-    path = write(tmp_path, '[{"instruction": "a", "output": "b"}]')
-
-    def no_fetch(*args, **kwargs):  # pragma: no cover - must not be called
-        raise AssertionError("fetch called for a present file")
-
-    import sys
-    import types
-
-    monkeypatch.setitem(sys.modules, "jaxft.download", types.SimpleNamespace(fetch=no_fetch))
-    assert instruct.download_and_load(path, "http://127.0.0.1:9/none.json")[0]["output"] == "b"
-
-
-@pytest.fixture
-def local_server(tmp_path):
-    """A static HTTP server on 127.0.0.1 serving tmp_path/served."""
-    import functools
-    import http.server
-    import threading
-
-    root = tmp_path / "served"
-    root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_download_from_local_server(tmp_path, local_server):
-    pytest.importorskip("jaxft.download")  # written by another engineer; runs once it exists
-    root, base = local_server
-    (root / "good.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 3))
-    dest = tmp_path / "out" / "instruction-data.json"
-    dest.parent.mkdir()
-    entries = instruct.download_and_load(dest, f"{base}/good.json", timeout=10, progress=False)
-    assert len(entries) == 3 and dest.is_file()
-    (root / "good.json").unlink()  # present now: no second download
-    assert len(instruct.download_and_load(dest, f"{base}/good.json", progress=False)) == 3
-    # a downloaded file that fails validation is not left behind
-    (root / "bad.json").write_text('{"not": "a list"}')
-    bad = tmp_path / "out" / "bad.json"
-    with pytest.raises(InstructionDataError, match="expected a JSON list"):
-        instruct.download_and_load(bad, f"{base}/bad.json", timeout=10, progress=False)
-    assert not bad.exists()

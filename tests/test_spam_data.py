@@ -1,21 +1,18 @@
-"""SMS spam / labeled-CSV data: parity with the seed's pandas code, encoding, bad input, download."""
+"""SMS spam / labeled-CSV data: parity with the reference's pandas code, encoding, bad input."""
 
 from __future__ import annotations
 
 import csv
-import functools
-import http.server
-import threading
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from jaxft.data import spam
+from jaxft.data import labeled, spam
 from jaxft.data.batching import num_batches
+from jaxft.tokenizer import EOT_ID, encode_text
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +25,8 @@ def real_splits(sms_file: Path) -> spam.Splits:
     return spam.splits_with_classes(sms_file)
 
 
-def seed_pandas_splits(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The seed's steps, restated here with plain pandas calls (the reference to match)."""
+def reference_pandas_splits(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The reference's steps, restated here with plain pandas calls (what to match)."""
     df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])
     num_spam = df[df["Label"] == "spam"].shape[0]
     ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
@@ -44,29 +41,29 @@ def seed_pandas_splits(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
 # ----------------------------------------------------------------------------- real data
 
 
-def test_parse_seed_and_exact_row_counts(sms_file: Path):
-    seed = spam.read_sms_collection(sms_file)
+def test_parse_reference_and_exact_row_counts(sms_file: Path):
+    reference = spam.read_sms_collection(sms_file)
     exact = spam.read_sms_collection(sms_file, parse="exact")
-    assert len(seed) == 5572
-    assert seed["Label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
+    assert len(reference) == 5572
+    assert reference["Label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
     assert len(exact) == 5574
     assert exact["Label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
-    # The seed parse swallows lines 5,083-5,084 into row 5,081 (0-based) via the unclosed quote.
-    assert "\nham\tYeah, give me a call" in seed["Text"][5081]
+    # The reference parse swallows lines 5,083-5,084 into row 5,081 (0-based) via the unclosed quote.
+    assert "\nham\tYeah, give me a call" in reference["Text"][5081]
     assert exact["Text"][5081].startswith('"Keep ur problems')
-    pd.testing.assert_frame_equal(seed, pd.read_csv(sms_file, sep="\t", header=None, names=["Label", "Text"]))
+    pd.testing.assert_frame_equal(reference, pd.read_csv(sms_file, sep="\t", header=None, names=["Label", "Text"]))
 
 
-def test_splits_match_seed_pandas_row_for_row(sms_file: Path, real_splits: spam.Splits):
+def test_splits_match_reference_pandas_row_for_row(sms_file: Path, real_splits: spam.Splits):
     ours = spam.splits(sms_file, seed=123)
     assert [len(frame) for frame in ours] == [1045, 149, 300]
-    for mine, reference in zip(ours, seed_pandas_splits(sms_file)):
-        pd.testing.assert_frame_equal(mine, reference)  # values, dtypes and index
+    for mine, theirs in zip(ours, reference_pandas_splits(sms_file)):
+        pd.testing.assert_frame_equal(mine, theirs)  # values, dtypes and index
     assert real_splits.class_names == ["ham", "spam"]
     assert spam.splits(sms_file.parent)[2]["Text"].tolist() == ours[2]["Text"].tolist()  # directory form
 
 
-def test_exact_parse_and_other_seed_change_the_split(sms_file: Path, real_splits: spam.Splits):
+def test_exact_parse_and_another_seed_change_the_split(sms_file: Path, real_splits: spam.Splits):
     exact = spam.splits(sms_file, parse="exact")
     assert [len(frame) for frame in exact] == [1045, 149, 300]  # same spam count, same sizes
     assert not exact[0]["Text"].equals(real_splits.train["Text"])
@@ -74,13 +71,13 @@ def test_exact_parse_and_other_seed_change_the_split(sms_file: Path, real_splits
     assert not other[0]["Text"].equals(real_splits.train["Text"])
 
 
-def test_encoding_and_batch_counts_match_the_seed(tmp_path: Path, real_splits: spam.Splits, tokenizer):
+def test_encoding_and_batch_counts_match_the_reference(tmp_path: Path, real_splits: spam.Splits, tokenizer):
     train, validation, test = spam.encode_splits(*real_splits.frames(), tokenizer)
     assert train.length == validation.length == test.length == 120
     assert train.tokens.dtype == np.int32 and train.tokens.shape == (1045, 120)
     counts = [num_batches(len(train), 8, True)] + [num_batches(len(s), 8, False) for s in (validation, test)]
     assert counts == [130, 19, 38]
-    # The seed writes CSVs and its SpamDataset re-reads them with pandas: same tokens.
+    # The reference writes CSVs and its SpamDataset re-reads them with pandas: same tokens.
     paths = spam.write_splits(tmp_path, *real_splits.frames())
     for encoded, name in zip((train, validation, test), spam.SPLIT_NAMES):
         frame = pd.read_csv(paths[name])
@@ -98,7 +95,7 @@ def test_encoding_and_batch_counts_match_the_seed(tmp_path: Path, real_splits: s
 def test_write_splits_round_trips_through_read_labeled_csv(tmp_path: Path, real_splits: spam.Splits):
     paths = spam.write_splits(tmp_path, *real_splits.frames())
     assert sorted(p.name for p in paths.values()) == ["test.csv", "train.csv", "validation.csv"]
-    frame, names = spam.read_labeled_csv(paths["validation"], real_splits.class_names)
+    frame, names = labeled.read_labeled_csv(paths["validation"], real_splits.class_names)
     assert names == ["ham", "spam"]
     assert frame["Label"].tolist() == real_splits.validation["Label"].tolist()
     assert frame["Text"].tolist() == real_splits.validation["Text"].tolist()
@@ -124,13 +121,13 @@ def test_max_length_and_context_cap(tokenizer):
         spam.encode_split(frame[:0], tokenizer, name="validation")
 
 
-def test_no_warning_for_seed_length_truncation(tokenizer):
+def test_no_warning_for_reference_length_truncation(tokenizer):
     train = pd.DataFrame({"Label": [0], "Text": ["short"]})
     test = pd.DataFrame({"Label": [1], "Text": ["a much longer text than the training one"]})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _, _, encoded = spam.encode_splits(train, train, test, tokenizer)
-    assert encoded.length == 1 and encoded.num_truncated == 1  # counted, as the seed cuts silently
+    assert encoded.length == 1 and encoded.num_truncated == 1  # counted, as the reference cuts silently
 
 
 # ----------------------------------------------------------------------------- any classes
@@ -155,7 +152,7 @@ def test_multiclass_csv_splits_balance_every_class(tmp_path: Path):
     assert [len(frame) for frame in unbalanced] == [31, 15, 16]
 
 
-def test_balance_generalises_the_seed_for_n_classes():
+def test_balance_generalises_the_reference_for_n_classes():
     frame = pd.DataFrame({"Label": list("aaaaabbcccc"), "Text": [str(i) for i in range(11)]})
     balanced = spam.balance(frame, ["a", "b", "c"], seed=123)
     expected = pd.concat([
@@ -168,12 +165,12 @@ def test_balance_generalises_the_seed_for_n_classes():
 
 def test_read_labeled_csv_integer_and_string_labels(tmp_path: Path):
     ints = tmp_path / "ints.csv"
-    ints.write_text("Label,Text\n2,two\n0,zero\n")
-    frame, names = spam.read_labeled_csv(ints)
-    assert frame["Label"].tolist() == [2, 0] and names == ["0", "1", "2"]
+    ints.write_text("Label,Text\n2,two\n0,zero\n1,one\n")  # ids 0..K-1, every one present
+    frame, names = labeled.read_labeled_csv(ints)
+    assert frame["Label"].tolist() == [2, 0, 1] and names == ["0", "1", "2"]
     words = tmp_path / "words.csv"
     words.write_text('text,label,extra\n"hello, ""world""\nagain",pos,x\nbad,neg,y\n')
-    frame, names = spam.read_labeled_csv(words)
+    frame, names = labeled.read_labeled_csv(words)
     assert names == ["neg", "pos"] and frame["Label"].tolist() == [1, 0]
     assert frame["Text"][0] == 'hello, "world"\nagain'
 
@@ -197,7 +194,7 @@ def test_bad_csv_names_file_and_line(tmp_path: Path, content: str, message: str)
     path = tmp_path / "bad.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=message) as info:
-        spam.read_labeled_csv(path, ["ham", "spam"])
+        labeled.read_labeled_csv(path, ["ham", "spam"])
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
 
 
@@ -205,7 +202,7 @@ def test_undecodable_bytes_name_the_line(tmp_path: Path):
     path = tmp_path / "latin1.csv"
     path.write_bytes(b"Label,Text\nham,ok\nspam,caf\xe9\n")
     with pytest.raises(ValueError, match=r"latin1.csv: line 3: undecodable bytes"):
-        spam.read_labeled_csv(path)
+        labeled.read_labeled_csv(path)
     tsv = tmp_path / "collection"
     tsv.write_bytes(b"ham\tok\nspam\t\xff\xfe\n")
     with pytest.raises(ValueError, match=r"collection: line 2: undecodable bytes"):
@@ -223,12 +220,12 @@ def test_undecodable_bytes_name_the_line(tmp_path: Path):
 def test_bad_tsv_names_file_and_line(tmp_path: Path, content: str, message: str):
     path = tmp_path / "SMSSpamCollection"
     path.write_text(content)
-    for parse in ("seed", "exact"):
+    for parse in ("reference", "seed", "exact"):
         with pytest.raises(ValueError, match=message):
             spam.read_sms_collection(path, parse=parse)
 
 
-def test_seed_parse_reports_a_quoted_empty_text(tmp_path: Path):
+def test_reference_parse_reports_a_quoted_empty_text(tmp_path: Path):
     path = tmp_path / "quoted"
     path.write_text('ham\thi\nspam\t""\n')
     with pytest.raises(ValueError, match=r"quoted: row 2: empty text after pandas' quote handling"):
@@ -247,54 +244,103 @@ def test_empty_split_and_missing_file(tmp_path: Path):
         spam.resolve_sms_spam_path(tmp_path)
 
 
-# ----------------------------------------------------------------------------- download
+# ----------------------------------------------------------------------------- one encoding rule
 
 
-class _ZipHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep the test output clean
-        pass
+def test_a_literal_end_of_text_in_a_message_is_plain_text(tokenizer):
+    text = "win <|endoftext|> now"
+    (ids,) = spam.tokenize([text], tokenizer)
+    assert ids == encode_text(tokenizer, text) and EOT_ID not in ids
+    frame = pd.DataFrame({"Label": [1], "Text": [text]})
+    encoded = spam.encode_split(frame, tokenizer)
+    assert encoded.tokens[0].tolist() == ids and encoded.lengths.tolist() == [len(ids)]
 
 
-@pytest.fixture()
-def zip_server(tmp_path: Path):
-    """A local HTTP server on 127.0.0.1 serving a zip laid out like UCI's."""
-    root = tmp_path / "www"
-    root.mkdir()
-    with zipfile.ZipFile(root / "sms.zip", "w") as archive:
-        archive.writestr("SMSSpamCollection", "ham\thello\nspam\tWIN now\n")
-        archive.writestr("readme", "about")
-    (root / "broken.zip").write_bytes(b"not a zip at all")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_ZipHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+# ----------------------------------------------------------------------------- labels and quotes
 
 
-def test_download_extracts_then_skips(tmp_path: Path, zip_server: str, capsys):
-    dest = tmp_path / "data"
-    # The first URL fails (404), the backup serves the zip.
-    path = spam.download_sms_spam(dest, urls=[f"{zip_server}/missing.zip", f"{zip_server}/sms.zip"], progress=False)
-    assert path == dest / "SMSSpamCollection" and path.read_text() == "ham\thello\nspam\tWIN now\n"
-    assert (dest / "readme").read_text() == "about"
-    assert not (dest / "sms_spam_collection.zip").exists()
-    assert spam.read_sms_collection(path)["Label"].tolist() == ["ham", "spam"]
-    # Present now: no request is made (an unreachable URL would fail otherwise).
-    again = spam.download_sms_spam(dest, urls=["http://127.0.0.1:9/nothing.zip"])
-    assert again == path and "already exists" in capsys.readouterr().out
+def _one_line_error(call, path: Path, pattern: str) -> str:
+    with pytest.raises(ValueError, match=pattern) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    return message
 
 
-def test_download_rejects_a_broken_zip(tmp_path: Path, zip_server: str):
-    with pytest.raises(ValueError, match="not a valid zip file"):
-        spam.download_sms_spam(tmp_path / "d", urls=[f"{zip_server}/broken.zip"], progress=False)
+@pytest.mark.parametrize(
+    "content, line",
+    [
+        ('Label,Text\nham,hi\nspam,"win now\nham,later\nham,more\n', 3),  # swallows the rest
+        ('Label,Text\nham,hi\n"spam,win\nham,later\n', 3),  # an opening quote in the label
+        ('Label,Text\nham,"two\nlines"\nspam,"open\n', 4),  # after a closed multi-line field
+    ],
+)
+def test_unclosed_quote_names_the_file_and_the_line_it_opens(tmp_path: Path, content: str, line: int):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    _one_line_error(
+        lambda: labeled.read_labeled_csv(path), path, rf"line {line}: a quoted field opens here and is never closed"
+    )
 
 
-def test_download_reports_every_failed_url(tmp_path: Path, zip_server: str):
-    from jaxft.download import DownloadError
+def test_quotes_that_close_or_sit_inside_a_field_are_fine(tmp_path: Path):
+    path = tmp_path / "ok.csv"
+    path.write_text('Label,Text\nham,he said "hi\nspam,"last, ""quoted""\nmessage"\n')
+    frame, names = labeled.read_labeled_csv(path)
+    assert frame["Text"].tolist() == ['he said "hi', 'last, "quoted"\nmessage'] and names == ["ham", "spam"]
 
-    urls = [f"{zip_server}/missing.zip", f"{zip_server}/gone.zip"]
-    with pytest.raises(DownloadError) as info:
-        spam.download_sms_spam(tmp_path / "d", urls=urls, progress=False)
-    assert "missing.zip" in str(info.value) and "gone.zip" in str(info.value)
-    assert not (tmp_path / "d" / "SMSSpamCollection").exists()
+
+def test_labels_differing_by_case_or_spaces_are_refused_unless_normalized(tmp_path: Path):
+    rows = [(" Ham ", "a"), ("SPAM", "b"), ("ham", "c"), ("spam", "d"), ("ham", "e"), ("spam", "f")]
+    csv_path = tmp_path / "mixed.csv"
+    with csv_path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("Label", "Text"), *rows])
+    tsv_path = tmp_path / "mixed"
+    tsv_path.write_text("".join(f"{label}\t{text}\n" for label, text in rows * 5))
+    pattern = r"labels ' Ham ', 'SPAM', 'ham', 'spam' differ only by case or surrounding spaces.*normalize_labels=True"
+    _one_line_error(lambda: labeled.read_labeled_csv(csv_path), csv_path, pattern)
+    for parse in ("reference", "exact"):
+        _one_line_error(lambda parse=parse: spam.read_sms_collection(tsv_path, parse=parse), tsv_path, pattern)
+        _one_line_error(lambda parse=parse: spam.splits(tsv_path, parse=parse), tsv_path, pattern)
+
+    frame, names = labeled.read_labeled_csv(csv_path, normalize_labels=True)
+    assert names == ["ham", "spam"] and frame["Label"].tolist() == [0, 1, 0, 1, 0, 1]
+    folded = spam.read_sms_collection(tsv_path, normalize_labels=True)
+    assert folded["Label"].tolist() == ["ham", "spam"] * 15
+    assert spam.splits_with_classes(tsv_path, normalize_labels=True).class_names == ["ham", "spam"]
+
+
+@pytest.mark.parametrize(
+    "ids, detail",
+    [((0, 5), r"found 0, 5 \(missing 1, 2, 3, 4\)"), ((1, 2), r"found 1, 2 \(missing 0\)"), ((-1, 0), r"found -1, 0 \(negative ids\)")],
+)
+def test_integer_labels_must_be_consecutive_class_ids(tmp_path: Path, ids: tuple[int, int], detail: str):
+    path = tmp_path / "ints.csv"
+    path.write_text("Label,Text\n" + "".join(f"{label},text {i}\n" for i, label in enumerate(ids * 2)))
+    pattern = rf"integer labels must be the class ids 0..K-1 with every id present; {detail}"
+    _one_line_error(lambda: labeled.read_labeled_csv(path), path, pattern)
+    tsv = tmp_path / "ints.tsv"
+    tsv.write_text("".join(f"{label}\ttext {i}\n" for i, label in enumerate(ids * 2)))
+    _one_line_error(lambda: spam.splits(tsv), tsv, pattern)
+
+
+def test_a_label_absent_from_training_is_refused(tmp_path: Path):
+    train = tmp_path / "train.csv"
+    train.write_text("Label,Text\nham,a\nspam,b\n")
+    _, names = labeled.read_labeled_csv(train)
+    validation = tmp_path / "validation.csv"
+    validation.write_text("Label,Text\nham,c\neggs,d\n")
+    message = _one_line_error(
+        lambda: labeled.read_labeled_csv(validation, names), validation, r"line 3: unknown label 'eggs'"
+    )
+    assert "training" in message
+    # A stray class id among names is not taken as an id either (only a file of ids may give ids).
+    test = tmp_path / "test.csv"
+    test.write_text("Label,Text\nham,c\n1,d\n")
+    _one_line_error(lambda: labeled.read_labeled_csv(test, names), test, r"line 3: unknown label '1'")
+    ids_train = tmp_path / "ids.csv"
+    ids_train.write_text("Label,Text\n0,a\n1,b\n")
+    _, id_names = labeled.read_labeled_csv(ids_train)
+    unseen = tmp_path / "unseen.csv"
+    unseen.write_text("Label,Text\n0,a\n2,b\n")
+    _one_line_error(lambda: labeled.read_labeled_csv(unseen, id_names), unseen, r"line 3: unknown label '2'")

@@ -8,30 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from ..data import spam
-from ..recipes.classify import Classifier, ClassifierRecipe, run
+from ..recipes.classify import Classifier, ClassifierRecipe, load_frames, run
 from ..tokenizer import get_tokenizer
 from .common import add_settings_arguments, settings_from_args
 
 GROUPS = {"data": "data (default: the SMS Spam Collection)", "model": "model", "training": "training", "output": "output"}
-
-
-def _load_frames(args: argparse.Namespace) -> tuple[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], list[str]]:
-    user_files = [args.train, args.validation, args.test]
-    if any(user_files):
-        if not all(user_files):
-            raise ValueError("--train, --validation and --test go together")
-        train_df, class_names = spam.read_labeled_csv(args.train)
-        val_df, _ = spam.read_labeled_csv(args.validation, class_names=class_names)
-        test_df, _ = spam.read_labeled_csv(args.test, class_names=class_names)
-    else:
-        path = Path(args.data) if args.data else spam.download_sms_spam(args.data_dir)
-        dataset = spam.splits_with_classes(path, seed=args.seed, parse=args.parse)
-        train_df, val_df, test_df, class_names = dataset.train, dataset.validation, dataset.test, dataset.class_names
-        spam.write_splits(Path(args.out) / "data", train_df, val_df, test_df)
-    return (train_df, val_df, test_df), class_names
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -39,7 +22,9 @@ def _finetune(args: argparse.Namespace) -> int:
     recipe.validate()
     tokenizer = get_tokenizer(args.vocab_dir)
     start = time.perf_counter()
-    frames, class_names = _load_frames(args)
+    frames, class_names, split_here = load_frames(recipe)
+    if split_here:
+        spam.write_splits(Path(args.out) / "data", *frames)  # the reference's train/validation/test.csv
     print(f"splits: train {len(frames[0])}, validation {len(frames[1])}, test {len(frames[2])}; classes {class_names}")
     metrics = run(recipe, args.out, frames, class_names, tokenizer)
     print(f"wrote {Path(args.out) / 'metrics.json'} ({(time.perf_counter() - start) / 60:.2f} minutes in all)")
@@ -67,12 +52,6 @@ def register(subparsers: Any) -> None:
     )
     add_settings_arguments(p, ClassifierRecipe(), GROUPS)
     data = next(g for g in p._action_groups if g.title == GROUPS["data"])
-    data.add_argument("--data", help="a local SMSSpamCollection file (tab-separated label, text)")
-    data.add_argument("--data-dir", default="sms_spam_collection", help="where to download the SMS Spam Collection")
-    data.add_argument("--parse", choices=("seed", "exact"), default="seed", help="seed: pandas' quote handling as the reference (5,572 rows); exact: 5,574")
-    data.add_argument("--train", help="CSV with columns Label,Text (with --validation and --test)")
-    data.add_argument("--validation", help="validation CSV (Label,Text)")
-    data.add_argument("--test", help="test CSV (Label,Text)")
     data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
     p.add_argument("--out", required=True, help="output directory: metrics.json, plots, model/")
     p.set_defaults(func=_finetune)

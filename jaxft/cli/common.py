@@ -79,7 +79,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, defaults: Any, group
             else:
                 section.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
-        section.add_argument(flag, dest=f.name, type=on_off if kind is bool else kind, default=default, help=help_text, **meta)
+        arg_type = meta.pop("type", on_off if kind is bool else kind)
+        section.add_argument(flag, dest=f.name, type=arg_type, default=default, help=help_text, **meta)
 
 
 def settings_from_args(cls: type, args: argparse.Namespace) -> Any:

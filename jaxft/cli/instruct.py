@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import weights
 from ..data import instruct as data
-from ..recipes.instruct import METRICS_FILE, InstructRecipe, generate_responses, load_data, run
+from ..recipes.instruct import METRICS_FILE, InstructRecipe, data_file, generate_responses, run
 from ..tokenizer import get_tokenizer
 from ..train import write_json
 from ..weights import native
@@ -29,9 +29,8 @@ GROUPS = {
 def _finetune(args: argparse.Namespace) -> int:
     recipe = settings_from_args(InstructRecipe, args)
     recipe.validate()
-    entries, source = load_data(args.data, data_dir=args.data_dir, url=args.url)
     tokenizer = get_tokenizer(args.vocab_dir)
-    metrics = run(recipe, args.out, entries if args.data is None else source, tokenizer)
+    metrics = run(recipe, args.out, data_file(recipe), tokenizer)
     print(f"wrote {Path(args.out) / METRICS_FILE} ({metrics['total_seconds'] / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["final_validation_loss"]) else 1
 
@@ -67,9 +66,6 @@ def register(subparsers: Any) -> None:
     )
     add_settings_arguments(p, InstructRecipe(), GROUPS)
     d = next(g for g in p._action_groups if g.title == GROUPS["data"])
-    d.add_argument("--data", help="a local JSON list of {instruction, input, output} entries")
-    d.add_argument("--data-dir", default=".", help="where to download instruction-data.json when --data is not given")
-    d.add_argument("--url", default=data.DEFAULT_URL, help="download URL of instruction-data.json")
     d.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
     p.add_argument("--out", required=True, help="output directory: metrics.json, loss plots, responses, model/")
     p.set_defaults(func=_finetune)

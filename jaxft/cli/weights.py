@@ -9,10 +9,18 @@ from typing import Any
 
 import numpy as np
 
+from .. import sources
 from ..config import GPTConfig
-from ..download import DownloadError, download_gpt2
+from ..download import DownloadError
 from ..model import param_count
-from ..tokenizer import ENCODER_JSON, EOT_ID, VOCAB_BPE, TokenizerNotFoundError, from_files, get_tokenizer
+from ..tokenizer import (
+    ENCODER_JSON,
+    EOT_ID,
+    VOCAB_BPE,
+    TokenizerNotFoundError,
+    from_files,
+    get_tokenizer,
+)
 from ..weights import FORMATS, detect_format, export, load, resolve_config
 from .common import CLIError
 
@@ -146,8 +154,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_download(args: argparse.Namespace) -> int:
     try:
-        target = download_gpt2(
-            args.size, args.dir, base_urls=args.base_url or None, timeout=args.timeout, progress=not args.quiet
+        target = sources.gpt2_checkpoint(
+            args.size, args.dir, base_urls=args.base_url or None, timeout=args.timeout, progress=not args.quiet, verify=True
         )
     except DownloadError as exc:
         raise CLIError(str(exc)) from None

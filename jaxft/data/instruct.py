@@ -1,6 +1,9 @@
-"""Alpaca-style instruction data: load, validate, split, format, tokenise, collate, batch.
+"""Alpaca-style instruction data: load, validate, split, tokenise, collate, batch.
 
-The collate function reproduces the seed's `custom_collate_fn` exactly (same values, NumPy
+The file comes from `jaxft.sources.instruction_data_file` (bundled, or downloaded); the prompt
+styles that turn an entry into text are in `jaxft.data.prompts`.
+
+The collate function reproduces the reference's `custom_collate_fn` exactly (same values, NumPy
 instead of torch). `collate_bucketed` adds padding up to a few bucket lengths so that a jitted
 train step compiles only a handful of shapes; the extra positions carry the pad id in the
 inputs and `ignore_index` in the targets, so a loss that ignores `ignore_index` is unchanged.
@@ -10,21 +13,29 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from jaxft.data.batching import num_batches, permutation
 
-PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, used both as end-of-response and as padding
-IGNORE_INDEX = -100
-DEFAULT_MAX_LENGTH = 1024
-DEFAULT_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch"
-    "/main/ch07/01_main-chapter-code/instruction-data.json"
+# Re-exported: the recipes, the CLI and the judge reach the prompt styles through this module.
+from jaxft.data.prompts import (  # noqa: F401
+    PROMPT_STYLES,
+    PromptStyle,
+    extract_response,
+    format_entry,
+    format_prompt,
+    get_style,
+    register_style,
 )
+from jaxft.losses import IGNORE_INDEX
+from jaxft.tokenizer import PAD_ID, encode_text
+
+DEFAULT_MAX_LENGTH = 1024
 
 Entry = dict[str, Any]
 
@@ -96,33 +107,6 @@ def load_entries(path: str | Path, *, require_output: bool = True) -> list[Entry
     return validate_entries(data, path, require_output=require_output)
 
 
-def download_and_load(
-    path: str | Path,
-    url: str | Sequence[str] = DEFAULT_URL,
-    *,
-    timeout: float = 60.0,
-    progress: bool = True,
-    require_output: bool = True,
-) -> list[Entry]:
-    """Load `path`, downloading it from `url` (or the first working of several) when absent.
-
-    A freshly downloaded file that fails validation is removed again, so that the next call
-    downloads it anew rather than tripping over the same bad file.
-    """
-    path = Path(path)
-    if path.exists():
-        return load_entries(path, require_output=require_output)
-    from jaxft.download import fetch  # lazy: only needed when the file is missing
-
-    urls = [url] if isinstance(url, str) else list(url)
-    fetched = Path(fetch(urls, path, desc=path.name, timeout=timeout, progress=progress))
-    try:
-        return load_entries(fetched, require_output=require_output)
-    except InstructionDataError:
-        fetched.unlink(missing_ok=True)
-        raise
-
-
 class Splits(NamedTuple):
     train: list[Entry]
     test: list[Entry]
@@ -130,96 +114,12 @@ class Splits(NamedTuple):
 
 
 def split_entries(entries: Sequence[Entry], train_frac: float = 0.85, test_frac: float = 0.10) -> Splits:
-    """Split in order as the seed does: train first, then test, the rest is validation."""
+    """Split in order as the reference does: train first, then test, the rest is validation."""
     n = len(entries)
     n_train = int(n * train_frac)
     n_test = int(n * test_frac)
     entries = list(entries)
     return Splits(entries[:n_train], entries[n_train : n_train + n_test], entries[n_train + n_test :])
-
-
-# --------------------------------------------------------------------------- prompt styles
-
-
-@dataclass(frozen=True)
-class PromptStyle:
-    """How an entry becomes text: `prompt(entry)`, then `response_prefix + output`.
-
-    `response_marker` is stripped from generated text when extracting the response.
-    """
-
-    name: str
-    format_prompt: Callable[[Mapping[str, Any]], str]
-    response_prefix: str
-    response_marker: str
-
-    def prompt(self, entry: Mapping[str, Any]) -> str:
-        return self.format_prompt(entry)
-
-    def texts(self, entry: Mapping[str, Any]) -> tuple[str, str]:
-        """(prompt_text, full_text) where full_text = prompt + response prefix + output."""
-        prompt = self.format_prompt(entry)
-        return prompt, prompt + self.response_prefix + entry["output"]
-
-    def extract_response(self, generated_text: str, prompt_text: str) -> str:
-        """The seed's extraction: text after the prompt, marker removed, whitespace trimmed."""
-        return generated_text[len(prompt_text) :].replace(self.response_marker, "").strip()
-
-
-def _alpaca_prompt(entry: Mapping[str, Any]) -> str:
-    text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry['instruction']}"
-    )
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text
-
-
-def _phi3_prompt(entry: Mapping[str, Any]) -> str:
-    # As the reference's exercise 7.1 solution: the input follows the instruction on a new line.
-    text = f"<|user|>\n{entry['instruction']}"
-    if entry.get("input"):
-        text += f"\n{entry['input']}"
-    return text
-
-
-PROMPT_STYLES: dict[str, PromptStyle] = {}
-
-
-def register_style(style: PromptStyle) -> PromptStyle:
-    """Add (or replace) a prompt style under `style.name`."""
-    PROMPT_STYLES[style.name] = style
-    return style
-
-
-register_style(PromptStyle("alpaca", _alpaca_prompt, "\n\n### Response:\n", "### Response:"))
-register_style(PromptStyle("phi3", _phi3_prompt, "\n<|assistant|>:\n", "<|assistant|>:"))
-
-
-def get_style(style: str | PromptStyle) -> PromptStyle:
-    if isinstance(style, PromptStyle):
-        return style
-    try:
-        return PROMPT_STYLES[style]
-    except KeyError:
-        known = ", ".join(sorted(PROMPT_STYLES))
-        raise ValueError(f"unknown prompt style {style!r} (known: {known})") from None
-
-
-def format_entry(entry: Mapping[str, Any], style: str | PromptStyle = "alpaca") -> tuple[str, str]:
-    """(prompt_text, full_text) for one entry in the named style."""
-    return get_style(style).texts(entry)
-
-
-def format_prompt(entry: Mapping[str, Any], style: str | PromptStyle = "alpaca") -> str:
-    """The prompt text given to the model at generation time."""
-    return get_style(style).prompt(entry)
-
-
-def extract_response(generated_text: str, prompt_text: str, style: str | PromptStyle = "alpaca") -> str:
-    return get_style(style).extract_response(generated_text, prompt_text)
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -261,14 +161,11 @@ def tokenize_entries(
         raise ValueError(f"too_long must be 'error' or 'truncate', got {too_long!r}")
     style = get_style(style)
 
-    def encode(text: str) -> list[int]:
-        # Literal "<|endoftext|>" in the data stays ordinary text: no eos inside an example.
-        return tokenizer.encode(text, disallowed_special=())
-
     token_ids, prompt_lengths, over = [], [], 0
     for index, entry in enumerate(entries):
         prompt, full = style.texts(entry)
-        ids, n_prompt = encode(full), len(encode(prompt))
+        # A literal "<|endoftext|>" in the data stays ordinary text: no eos inside an example.
+        ids, n_prompt = encode_text(tokenizer, full), len(encode_text(tokenizer, prompt))
         if max_length is not None:
             if n_prompt > max_length and too_long == "error":
                 raise InstructionDataError(
@@ -286,7 +183,7 @@ def tokenize_entries(
 
 def collate(
     batch: Sequence[Sequence[int]],
-    pad_token_id: int = PAD_TOKEN_ID,
+    pad_token_id: int = PAD_ID,
     ignore_index: int = IGNORE_INDEX,
     allowed_max_length: int | None = None,
     *,
@@ -294,14 +191,14 @@ def collate(
     pad_to: int | None = None,
     dtype: Any = np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The seed's `custom_collate_fn` in NumPy: returns (inputs, targets), both [B, T].
+    """The reference's `custom_collate_fn` in NumPy: returns (inputs, targets), both [B, T].
 
     Each example gets one `pad_token_id` appended (its end-of-text), is padded with
     `pad_token_id` to the batch's longest + 1, inputs drop the last token, targets drop the
     first; in the targets every `pad_token_id` after the first becomes `ignore_index`. Then
     both are truncated to `allowed_max_length`.
 
-    Options beyond the seed: `mask_prompt_lengths[i]` also sets the targets that predict the
+    Options beyond the reference's: `mask_prompt_lengths[i]` also sets the targets that predict the
     prompt's own tokens to `ignore_index` (the reference's instruction masking); `pad_to`
     widens the arrays to that length with `pad_token_id` inputs and `ignore_index` targets,
     which leaves a loss that ignores `ignore_index` unchanged.
@@ -318,7 +215,7 @@ def collate(
         padded[row, : len(item)] = item
     inputs, targets = padded[:, :-1].copy(), padded[:, 1:].copy()
 
-    # Like the seed, this looks at every pad id in the targets, not only the trailing ones.
+    # Like the reference, this looks at every pad id in the targets, not only the trailing ones.
     is_pad = targets == pad_token_id
     first_pad = is_pad & (np.cumsum(is_pad, axis=1) == 1)
     targets[is_pad & ~first_pad] = ignore_index
@@ -354,7 +251,7 @@ def bucket_length(n: int, multiple: int = 32, max_len: int | None = DEFAULT_MAX_
 
 def collate_bucketed(
     batch: Sequence[Sequence[int]],
-    pad_token_id: int = PAD_TOKEN_ID,
+    pad_token_id: int = PAD_ID,
     ignore_index: int = IGNORE_INDEX,
     allowed_max_length: int | None = DEFAULT_MAX_LENGTH,
     *,
@@ -379,11 +276,11 @@ def collate_bucketed(
 
 
 def tight_shape(targets: np.ndarray, ignore_index: int = IGNORE_INDEX) -> tuple[int, int]:
-    """(rows, width) the seed's tight collate would have produced for this (bucketed) batch.
+    """(rows, width) the reference's tight collate would have produced for this (bucketed) batch.
 
     Rows whose targets are all `ignore_index` (batch filler) are not counted; the width is one
     past the last column holding a target. Without prompt masking this is exact, so
-    `rows * width` is the seed's tokens-seen increment.
+    `rows * width` is the reference's tokens-seen increment.
     """
     kept = targets != ignore_index
     rows = int(kept.any(axis=1).sum())
@@ -416,13 +313,13 @@ def instruction_batches(
     allowed_max_length: int | None = DEFAULT_MAX_LENGTH,
     bucket_multiple: int | None = 32,
     fill_last_batch: bool = False,
-    pad_token_id: int = PAD_TOKEN_ID,
+    pad_token_id: int = PAD_ID,
     ignore_index: int = IGNORE_INDEX,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield collated (inputs, targets) batches: the seed's loaders are
+    """Yield collated (inputs, targets) batches: the reference's loaders are
     train `shuffle=True, drop_last=True` and validation/test `shuffle=False, drop_last=False`.
 
-    `bucket_multiple=None` gives the seed's tightly padded shapes. `fill_last_batch` pads a
+    `bucket_multiple=None` gives the reference's tightly padded shapes. `fill_last_batch` pads a
     short final batch with rows of pad inputs and `ignore_index` targets, so every batch has
     `batch_size` rows (one shape fewer to compile; a masked mean loss is unchanged).
     """

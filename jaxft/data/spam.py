@@ -1,10 +1,12 @@
-"""Text-classification data: the SMS Spam Collection (seed section 二) and any `Label,Text` CSV.
+"""Text-classification data: the SMS Spam Collection (the reference's chapter 6) and any `Label,Text` CSV.
 
-The default pipeline reproduces the seed's pandas code row for row: read the tab-separated file
-with pandas' default quote handling (5,572 rows: line 5,082 opens a double quote that never
+The default pipeline reproduces the reference's pandas code row for row: read the tab-separated
+file with pandas' default quote handling (5,572 rows: line 5,082 opens a double quote that never
 closes and swallows the next two lines), undersample every class to the minority count
 (`random_state=seed`), map labels to ids, shuffle (`random_state=seed`) and cut 70 / 10 / 20 %.
-`parse="exact"` reads every line as one message instead (5,574 rows).
+`parse="exact"` reads every line as one message instead (5,574 rows). The file itself comes from
+`jaxft.sources.sms_spam_file` (bundled, or downloaded); the CSV reader and the label rules are
+in `jaxft.data.labeled`.
 
 Encoding pads with `<|endoftext|>` (50256) to the longest training sequence; validation and test
 are truncated or padded to that length; nothing is ever longer than the model's context.
@@ -12,102 +14,52 @@ are truncated or padded to that length; nothing is ever longer than the model's 
 
 from __future__ import annotations
 
-import csv
 import io
 import warnings
-import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-SMS_SPAM_URLS = (
-    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-    "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+from jaxft.data.labeled import (
+    check_label_spellings,
+    fold_label,
+    infer_class_names,
+    read_labeled_csv,
+    read_text,
 )
+from jaxft.tokenizer import PAD_ID, encode_text
+
 SMS_SPAM_FILE = "SMSSpamCollection"
-# The seed renames the extracted file to this; accept it where it already exists.
-SMS_SPAM_FILE_SEED = "SMSSpamCollection.tsv"
+# The reference renames the extracted file to this; accept it where it already exists.
+SMS_SPAM_FILE_REFERENCE = "SMSSpamCollection.tsv"
 SPLIT_NAMES = ("train", "validation", "test")
-PAD_TOKEN_ID = 50256
 CONTEXT_LENGTH = 1024
 
-Parse = Literal["seed", "exact"]
+Parse = Literal["reference", "seed", "exact"]  # "seed": the old name of "reference"
 
 
 class TruncationWarning(UserWarning):
     """Texts were cut to fit the model's context length (the count is in the message)."""
 
 
-# ----------------------------------------------------------------------------- download
-
-
-def download_sms_spam(
-    dest_dir: str | Path = "sms_spam_collection",
-    *,
-    urls: Sequence[str] = SMS_SPAM_URLS,
-    timeout: float = 60.0,
-    progress: bool = True,
-) -> Path:
-    """Download and extract the UCI zip into `dest_dir`; return the path of `SMSSpamCollection`.
-
-    Skips everything when the extracted file (or the seed's `.tsv` name) is already there.
-    URLs are tried in order (primary, then backup).
-    """
-    dest_dir = Path(dest_dir)
-    for name in (SMS_SPAM_FILE, SMS_SPAM_FILE_SEED):
-        if (dest_dir / name).is_file():
-            if progress:
-                print(f"{dest_dir / name} already exists. Skipping download and extraction.")
-            return dest_dir / name
-
-    from jaxft.download import fetch  # lazy: only needed when something must be fetched
-
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    # fetch raises jaxft.download.DownloadError (naming every URL tried) when all of them fail.
-    zip_path = fetch(
-        list(urls), dest_dir / "sms_spam_collection.zip", desc="SMS Spam Collection", timeout=timeout, progress=progress
-    )
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            if SMS_SPAM_FILE not in archive.namelist():
-                raise ValueError(f"{zip_path}: the archive has no {SMS_SPAM_FILE} (members: {archive.namelist()})")
-            # extractall sanitises member names, so a hostile zip cannot write outside dest_dir.
-            archive.extractall(dest_dir)
-    except zipfile.BadZipFile as exc:
-        raise ValueError(f"{zip_path}: not a valid zip file ({exc})") from None
-    Path(zip_path).unlink()  # the extracted file is the skip marker; the zip is no longer needed
-    return dest_dir / SMS_SPAM_FILE
-
-
 def resolve_sms_spam_path(path: str | Path) -> Path:
     """`path` itself, or the collection file inside a directory holding it."""
     path = Path(path)
     if path.is_dir():
-        for name in (SMS_SPAM_FILE, SMS_SPAM_FILE_SEED):
+        for name in (SMS_SPAM_FILE, SMS_SPAM_FILE_REFERENCE):
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(f"{path}: directory has no {SMS_SPAM_FILE} (or {SMS_SPAM_FILE_SEED})")
+        raise FileNotFoundError(f"{path}: directory has no {SMS_SPAM_FILE} (or {SMS_SPAM_FILE_REFERENCE})")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     return path
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _read_text(path: Path) -> str:
-    """The file decoded as UTF-8; undecodable bytes give the line number."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(
-            f"{path}: line {line}: undecodable bytes {data[exc.start:exc.end]!r} (expected UTF-8)"
-        ) from None
 
 
 def _tsv_lines(path: Path, text: str) -> list[tuple[int, str, str]]:
@@ -130,23 +82,26 @@ def _tsv_lines(path: Path, text: str) -> list[tuple[int, str, str]]:
     return rows
 
 
-def read_sms_collection(path: str | Path, parse: Parse = "seed") -> pd.DataFrame:
+def read_sms_collection(path: str | Path, parse: Parse = "reference", *, normalize_labels: bool = False) -> pd.DataFrame:
     """The tab-separated collection as a DataFrame with string columns `Label`, `Text`.
 
-    `parse="seed"`: pandas' default quote handling, as `pd.read_csv(path, sep="\\t", header=None)`
-    in the seed (5,572 rows on the real file), except that texts such as "NA" stay text.
-    `parse="exact"`: one row per line, quotes kept verbatim (5,574 rows).
-    Every line is checked first, so a malformed one is reported with its line number.
+    `parse="reference"` (or its old name "seed"): pandas' default quote handling, as the
+    reference's `pd.read_csv(path, sep="\\t", header=None)` (5,572 rows on the real file), except
+    that texts such as "NA" stay text. `parse="exact"`: one row per line, quotes kept verbatim
+    (5,574 rows). Every line is checked first, so a malformed one is reported with its line
+    number. Labels differing only by case or surrounding spaces are refused unless
+    `normalize_labels` (strip, lower-case).
     """
     path = resolve_sms_spam_path(path)
-    text = _read_text(path)
+    text = read_text(path)
     rows = _tsv_lines(path, text)
     if parse == "exact":
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {"Label": [label for _, label, _ in rows], "Text": [message for _, _, message in rows]}
         ).astype({"Label": "str", "Text": "str"})
-    if parse != "seed":
-        raise ValueError(f"parse must be 'seed' or 'exact', not {parse!r}")
+        return _checked_labels(frame, path, normalize_labels)
+    if parse not in ("reference", "seed"):
+        raise ValueError(f"parse must be 'reference' (or 'seed') or 'exact', not {parse!r}")
     try:
         # na_filter=False: a message reading "NA" or "null" is text, not a missing value.
         frame = pd.read_csv(
@@ -162,111 +117,14 @@ def read_sms_collection(path: str | Path, parse: Parse = "seed") -> pd.DataFrame
                 f"{path}: row {empty[0] + 1}: empty {column.lower()} after pandas' quote handling "
                 "(parse='exact' reads the line verbatim)"
             )
+    return _checked_labels(frame, path, normalize_labels)
+
+
+def _checked_labels(frame: pd.DataFrame, path: Path, normalize: bool) -> pd.DataFrame:
+    if normalize:
+        return frame.assign(Label=frame["Label"].map(fold_label))
+    check_label_spellings(frame["Label"], path)  # " Ham " next to "ham": refused
     return frame
-
-
-# ----------------------------------------------------------------------------- labels
-
-
-def _as_int(label: Any) -> int | None:
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-        return int(label)
-    if isinstance(label, str):
-        stripped = label.strip()
-        if stripped.lstrip("-").isdigit():
-            return int(stripped)
-    return None
-
-
-def infer_class_names(labels: Iterable[Any]) -> list[str]:
-    """Class names in id order: integer labels keep their value as id ("0".."max"), otherwise
-    the distinct names sorted (the seed's ham=0, spam=1)."""
-    labels = list(labels)
-    as_ints = [_as_int(label) for label in labels]
-    if labels and all(value is not None for value in as_ints):
-        return [str(i) for i in range(max(as_ints) + 1)]
-    return sorted({str(label) for label in labels})
-
-
-def label_ids(
-    labels: Sequence[Any], class_names: Sequence[str], *, where: Sequence[str] | None = None
-) -> np.ndarray:
-    """Map labels to ids by name; integer labels not among the names are kept as ids.
-
-    `where[i]` names row i in error messages (e.g. "data.csv: line 7").
-    """
-    index = {name: i for i, name in enumerate(class_names)}
-    ids = np.empty(len(labels), dtype=np.int64)
-    for i, label in enumerate(labels):
-        key = str(label)
-        if key in index:
-            ids[i] = index[key]
-            continue
-        value = _as_int(label)
-        if value is not None and 0 <= value < len(class_names):
-            ids[i] = value
-            continue
-        place = where[i] if where is not None else f"row {i}"
-        raise ValueError(f"{place}: unknown label {key!r} (classes: {', '.join(class_names)})")
-    return ids
-
-
-def read_labeled_csv(
-    path: str | Path, class_names: Sequence[str] | None = None
-) -> tuple[pd.DataFrame, list[str]]:
-    """A user CSV with columns `Label,Text` (header required, other columns ignored).
-
-    Returns (frame with int `Label` ids and str `Text`, class names). Without `class_names` they
-    are inferred (`infer_class_names`); pass the training split's names when reading validation
-    and test, so an unseen label is an error. Integer labels are kept as ids.
-    Errors are one line naming the file and line: missing column, wrong field count, unknown
-    label, empty text, undecodable bytes, no rows.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    text = _read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    labels: list[str] = []
-    texts: list[str] = []
-    where: list[str] = []
-    previous_end = 0
-    try:
-        for record in reader:
-            start, previous_end = previous_end + 1, reader.line_num  # a quoted field may span lines
-            if not record or not "".join(record).strip():
-                continue
-            if header is None:
-                header = [name.strip().lower() for name in record]
-                missing = [name for name in ("Label", "Text") if name.lower() not in header]
-                if missing:
-                    raise ValueError(
-                        f"{path}: line {start}: missing column {' and '.join(missing)} "
-                        f"(header is {','.join(record)!r}; expected Label,Text)"
-                    )
-                label_col, text_col = header.index("label"), header.index("text")
-                continue
-            if len(record) != len(header):
-                raise ValueError(f"{path}: line {start}: expected {len(header)} fields, found {len(record)}")
-            label, message = record[label_col], record[text_col]
-            if not label.strip():
-                raise ValueError(f"{path}: line {start}: empty label")
-            if not message.strip():
-                raise ValueError(f"{path}: line {start}: empty text")
-            labels.append(label)
-            texts.append(message)
-            where.append(f"{path}: line {start}")
-    except csv.Error as exc:
-        raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
-    if header is None:
-        raise ValueError(f"{path}: file is empty (expected a header line 'Label,Text')")
-    if not labels:
-        raise ValueError(f"{path}: no rows after the header")
-    names = list(class_names) if class_names is not None else infer_class_names(labels)
-    ids = label_ids(labels, names, where=where)
-    frame = pd.DataFrame({"Label": ids, "Text": pd.Series(texts, dtype="str")})
-    return frame, names
 
 
 # ----------------------------------------------------------------------------- balance and split
@@ -276,7 +134,7 @@ def balance(frame: pd.DataFrame, class_names: Sequence[str], seed: int = 123) ->
     """Undersample every class to the minority count, concatenated in class order.
 
     A class larger than the minority is sampled with `random_state=seed`; a class already at the
-    minority count is kept whole and in order. For ham/spam this is exactly the seed's
+    minority count is kept whole and in order. For ham/spam this is exactly the reference's
     `pd.concat([ham.sample(n_spam, random_state=123), spam])`.
     """
     groups = [frame[frame["Label"] == name] for name in class_names]
@@ -291,9 +149,9 @@ def balance(frame: pd.DataFrame, class_names: Sequence[str], seed: int = 123) ->
 def random_split(
     frame: pd.DataFrame, train_frac: float = 0.7, validation_frac: float = 0.1, seed: int = 123
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Shuffle (`random_state=seed`), then cut train / validation / the rest, as the seed does.
+    """Shuffle (`random_state=seed`), then cut train / validation / the rest, as the reference does.
 
-    The shuffled frame's index is reset, so the pieces keep consecutive indices (as the seed's).
+    The shuffled frame's index is reset, so the pieces keep consecutive indices (as the reference's).
     """
     shuffled = frame.sample(frac=1, random_state=seed).reset_index(drop=True)
     train_end = int(len(shuffled) * train_frac)
@@ -328,23 +186,28 @@ def splits_with_classes(
     path: str | Path,
     seed: int = 123,
     *,
-    parse: Parse = "seed",
+    parse: Parse = "reference",
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
     balanced: bool = True,
     class_names: Sequence[str] | None = None,
+    normalize_labels: bool = False,
 ) -> Splits:
-    """The seed's pipeline on a `label<TAB>text` file (or a directory holding
+    """The reference's pipeline on a `label<TAB>text` file (or a directory holding
     `SMSSpamCollection`), or on a `.csv` with a `Label,Text` header: read, balance, map labels to
-    ids, shuffle, split. Any number of classes; `class_names` fixes the id order."""
+    ids, shuffle, split. Any number of classes; `class_names` fixes the id order;
+    `normalize_labels` folds labels that differ only by case or surrounding spaces."""
     path = Path(path)
     train_frac, validation_frac = _fractions(fractions)
     if path.suffix.lower() == ".csv" and path.is_file():
-        ids_frame, names = read_labeled_csv(path, class_names)
+        ids_frame, names = read_labeled_csv(path, class_names, normalize_labels=normalize_labels)
         # Back to names, so balancing and mapping are one code path for both formats.
         frame = pd.DataFrame({"Label": [names[i] for i in ids_frame["Label"]], "Text": ids_frame["Text"]})
     else:
-        frame = read_sms_collection(path, parse=parse)
-        names = list(class_names) if class_names is not None else infer_class_names(frame["Label"])
+        frame = read_sms_collection(path, parse=parse, normalize_labels=normalize_labels)
+        if class_names is not None:
+            names = [fold_label(name) for name in class_names] if normalize_labels else list(class_names)
+        else:
+            names = infer_class_names(frame["Label"], source=path)
     mapping = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(frame["Label"]) - set(mapping))
     if unknown:
@@ -362,10 +225,10 @@ def splits_with_classes(
 
 
 def splits(path: str | Path, seed: int = 123, **options: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, validation, test) DataFrames with `Label` (class id) and `Text`, the seed's semantics.
+    """(train, validation, test) DataFrames with `Label` (class id) and `Text`, the reference's semantics.
 
-    On the real collection with the defaults: 1045 / 149 / 300 rows, identical to the seed's.
-    Options: see `splits_with_classes` (parse, fractions, balanced, class_names).
+    On the real collection with the defaults: 1045 / 149 / 300 rows, identical to the reference's.
+    Options: see `splits_with_classes` (parse, fractions, balanced, class_names, normalize_labels).
     """
     return splits_with_classes(path, seed, **options).frames()
 
@@ -373,7 +236,7 @@ def splits(path: str | Path, seed: int = 123, **options: Any) -> tuple[pd.DataFr
 def write_splits(
     out_dir: str | Path, train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame
 ) -> dict[str, Path]:
-    """Write train.csv / validation.csv / test.csv (columns Label,Text, no index) as the seed does."""
+    """Write train.csv / validation.csv / test.csv (columns Label,Text, no index) as the reference does."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -408,10 +271,8 @@ class EncodedSplit:
 
 
 def tokenize(texts: Iterable[str], tokenizer: Any) -> list[list[int]]:
-    """Token ids of every text (`<|endoftext|>` in a text is the special token)."""
-    from jaxft.tokenizer import encode
-
-    return [encode(tokenizer, text) for text in texts]
+    """Token ids of every text (`encode_text`: a literal `<|endoftext|>` is plain text)."""
+    return [encode_text(tokenizer, text) for text in texts]
 
 
 def training_length(
@@ -437,13 +298,13 @@ def pad_truncate(
     token_lists: Sequence[Sequence[int]],
     length: int,
     *,
-    pad_token_id: int = PAD_TOKEN_ID,
+    pad_token_id: int = PAD_ID,
     context_length: int = CONTEXT_LENGTH,
     name: str = "texts",
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Cut or pad every sequence to `length`: (tokens [N, length] int32, lengths [N] int32, number cut).
 
-    Sequences longer than `length` are cut (the seed does this silently for validation/test);
+    Sequences longer than `length` are cut (the reference does this silently for validation/test);
     those longer than the context length also raise a `TruncationWarning` with their count.
     """
     tokens = np.full((len(token_lists), length), pad_token_id, dtype=np.int32)
@@ -474,7 +335,7 @@ def encode_texts(
     texts: Iterable[str],
     tokenizer: Any,
     max_length: int | None = None,
-    pad_token_id: int = PAD_TOKEN_ID,
+    pad_token_id: int = PAD_ID,
     context_length: int = CONTEXT_LENGTH,
 ) -> np.ndarray:
     """Token ids [N, L] int32, padded with `pad_token_id` to `max_length` or the longest text."""
@@ -489,7 +350,7 @@ def encode_split(
     tokenizer: Any,
     max_length: int | None = None,
     *,
-    pad_token_id: int = PAD_TOKEN_ID,
+    pad_token_id: int = PAD_ID,
     context_length: int = CONTEXT_LENGTH,
     name: str = "split",
 ) -> EncodedSplit:
@@ -512,10 +373,10 @@ def encode_splits(
     tokenizer: Any,
     max_length: int | None = None,
     *,
-    pad_token_id: int = PAD_TOKEN_ID,
+    pad_token_id: int = PAD_ID,
     context_length: int = CONTEXT_LENGTH,
 ) -> tuple[EncodedSplit, EncodedSplit, EncodedSplit]:
-    """The seed's SpamDataset trio: train padded to its longest text (or `max_length`), validation
+    """The reference's SpamDataset trio: train padded to its longest text (or `max_length`), validation
     and test cut/padded to the same length (120 on the real data with GPT-2's vocabulary)."""
     options = dict(pad_token_id=pad_token_id, context_length=context_length)
     encoded_train = encode_split(train, tokenizer, max_length, name="train", **options)

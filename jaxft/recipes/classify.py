@@ -23,15 +23,20 @@ import pandas as pd
 from .. import losses, model, train, weights
 from ..weights import native
 from ..config import GPTConfig
-from ..data import batching, spam
+from .. import sources
+from ..data import batching, labeled, spam
 from ..data.batching import PADDINGS
 from ..lora import add_lora
 from ..plots import plot_values
-from ..tokenizer import PAD_ID, get_tokenizer
+from ..tokenizer import PAD_ID, encode_text, get_tokenizer
 from ..train import TrainerSettings, setting
 from .common import resolve_model
 
 Params = dict[str, Any]
+
+
+def _parse_name(value: str) -> str:
+    return "reference" if value == "seed" else value  # "seed": the flag's earlier spelling
 
 
 def _trainer_defaults() -> TrainerSettings:
@@ -43,12 +48,27 @@ class ClassifierRecipe:
     """Settings of a classification run; the defaults are the reference's recipe."""
 
     trainer: TrainerSettings = field(default_factory=_trainer_defaults)
+    data: str | None = setting(None, "a local label<TAB>text file such as SMSSpamCollection (default: the bundled SMS Spam Collection)", group="data")
+    download: bool = setting(False, "download the original SMS Spam Collection (primary, then backup URL; hash-checked) instead of the bundled copy", group="data")
+    data_dir: str = setting("sms_spam_collection", "where --download puts the SMS Spam Collection", group="data")
+    parse: str = setting("reference", "reference: pandas' quote handling, as the reference (5,572 rows); exact: every line (5,574)", group="data", choices=("reference", "exact"), type=_parse_name)
+    train: str | None = setting(None, "CSV with columns Label,Text (with --validation and --test), instead of splitting one file", group="data")
+    validation: str | None = setting(None, "validation CSV (Label,Text)", group="data")
+    test: str | None = setting(None, "test CSV (Label,Text)", group="data")
+    normalize_labels: bool = setting(False, "fold labels that differ only by case or surrounding spaces (default: refuse them)", group="data")
     pooling: str = setting("last", "which position's logits classify: last (the reference), last-non-pad, first or mean", group="model", choices=losses.POOLINGS)
     padding: str = setting("longest", "pad to the longest training text, the longest in each batch, or 16-token buckets", group="data", choices=PADDINGS)
     max_length: int | None = setting(None, "pad/truncate to this many tokens (default: the longest training text)", group="data")
 
     def validate(self) -> None:
         self.trainer.validate()
+        files = [self.train, self.validation, self.test]
+        if any(files) and not all(files):
+            raise ValueError("--train, --validation and --test go together")
+        if any(files) and (self.data or self.download):
+            raise ValueError("--train/--validation/--test replace --data/--download: give one or the other")
+        if self.data and self.download:
+            raise ValueError("--data is a local file; --download fetches the original: give one or the other")
         if self.padding not in PADDINGS:
             raise ValueError(f"unknown padding {self.padding!r}; choose one of: {', '.join(PADDINGS)}")
         if self.pooling not in losses.POOLINGS:
@@ -85,7 +105,7 @@ def encode_for_classification(tokenizer: Any, text: str, max_length: int | None,
     (The seed truncates with the wrong dimension of the position table; this uses the
     model's context length.)
     """
-    ids = tokenizer.encode(text, disallowed_special=())
+    ids = encode_text(tokenizer, text)  # the training texts' rule: user text is never a special token
     limit = context_length if max_length is None else min(max_length, context_length)
     ids = ids[:limit]
     length = max(len(ids), 1)
@@ -157,6 +177,23 @@ def classify_review(text: str, classifier: Classifier) -> str:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+Frames = tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
+
+
+def load_frames(recipe: ClassifierRecipe) -> tuple[Frames, list[str], bool]:
+    """(train, validation, test frames, class names, whether the splits were made here): three
+    user CSVs, or one labelled file (local, downloaded, or the bundled SMS Spam Collection)
+    balanced and split as the reference does."""
+    if recipe.train:
+        train_df, class_names = labeled.read_labeled_csv(recipe.train, normalize_labels=recipe.normalize_labels)
+        val_df, _ = labeled.read_labeled_csv(recipe.validation, class_names=class_names, normalize_labels=recipe.normalize_labels)
+        test_df, _ = labeled.read_labeled_csv(recipe.test, class_names=class_names, normalize_labels=recipe.normalize_labels)
+        return (train_df, val_df, test_df), class_names, False
+    path = Path(recipe.data) if recipe.data else sources.sms_spam_file(download=recipe.download, data_dir=recipe.data_dir)
+    dataset = spam.splits_with_classes(path, seed=recipe.trainer.seed, parse=recipe.parse, normalize_labels=recipe.normalize_labels)
+    return dataset.frames(), dataset.class_names, True
 
 
 @dataclass
@@ -267,7 +304,7 @@ class ClassificationTask(train.Task):
 def run(
     recipe: ClassifierRecipe,
     out_dir: str | Path,
-    frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
+    frames: Frames,
     class_names: Sequence[str],
     tokenizer: Any,
     *,

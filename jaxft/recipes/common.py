@@ -7,8 +7,8 @@ from typing import Any
 
 import jax
 
-from .. import weights
-from ..config import OPENAI_SIZE_DIRS, GPTConfig, canonical_name, from_hparams, get_config, is_size_name
+from .. import sources, weights
+from ..config import GPTConfig, from_hparams, get_config, is_size_name
 from ..model import init_params
 
 Params = dict[str, Any]
@@ -49,12 +49,7 @@ def resolve_model(
                 raise ValueError(f"{path}: an hparams.json alone has no weights; pass --init random for a random model of this size")
             config, params = weights.load(path)
         elif is_size_name(model):
-            ckpt_dir = Path(models_dir) / OPENAI_SIZE_DIRS[canonical_name(model)]
-            if not (ckpt_dir / "model.ckpt.index").is_file():
-                from ..download import download_gpt2
-
-                download_gpt2(model, models_dir)
-            config, params = weights.load(ckpt_dir)
+            config, params = weights.load(sources.gpt2_checkpoint(model, models_dir))  # downloads once
         else:
             raise FileNotFoundError(f"{model}: no such checkpoint, and not a GPT-2 size name")
     if drop_rate is not None:

@@ -22,12 +22,12 @@ import jax
 import numpy as np
 
 from .. import generate as gen
-from .. import train
+from .. import sources, train
 from ..config import GPTConfig, canonical_name, is_size_name
 from ..data import instruct as data
 from ..data.batching import num_batches
 from ..lora import add_lora
-from ..tokenizer import EOT_ID, get_tokenizer
+from ..tokenizer import EOT_ID, encode_text, get_tokenizer
 from ..train import TrainerSettings, setting
 from .common import resolve_model
 
@@ -57,9 +57,15 @@ class InstructRecipe:
     max_new_tokens: int = setting(256, "response length limit (greedy, eos stop)", group="responses")
     response_batch_size: int = setting(8, "prompts per generation batch", group="responses")
     responses: bool = setting(True, "generate the test split's responses after training", group="responses")
+    data: str | None = setting(None, "a local JSON list of {instruction, input, output} entries (default: the bundled instruction-data.json of the reference)", group="data")
+    download: bool = setting(False, "download the reference's instruction-data.json (hash-checked) instead of the bundled copy", group="data")
+    data_dir: str = setting(".", "where --download puts instruction-data.json", group="data")
+    url: str = setting(sources.INSTRUCTION_DATA_URL, "the URL --download fetches", group="data")
 
     def validate(self) -> None:
         self.trainer.validate()
+        if self.data and self.download:
+            raise ValueError("--data is a local file; --download fetches the original: give one or the other")
         data.get_style(self.style)  # unknown style: a clear error
         for name in ("bucket_multiple", "max_new_tokens", "response_batch_size", "allowed_max_length"):
             if getattr(self, name) < 1:
@@ -104,7 +110,7 @@ def encode_prompts(
     texts, ids = [], []
     for index, entry in enumerate(entries):
         text = data.format_prompt(entry, style)
-        tokens = tokenizer.encode(text, disallowed_special=())  # as the training texts are encoded
+        tokens = encode_text(tokenizer, text)  # as the training texts are encoded
         if len(tokens) > context_length:
             raise data.InstructionDataError(
                 f"{source}: entry {index}: prompt is {len(tokens)} tokens, longer than the context length {context_length}"
@@ -140,7 +146,7 @@ def generate_responses(
 
 def sample_text(config: GPTConfig, params: Params, tokenizer: Any, prompt_text: str, max_new_tokens: int = SAMPLE_NEW_TOKENS) -> str:
     """The seed's generate_and_print_sample: prompt + greedy tokens (no eos stop), on one line."""
-    prompt = tokenizer.encode(prompt_text, disallowed_special=())
+    prompt = encode_text(tokenizer, prompt_text)
     new = gen.generate(config, params, [prompt], max_new_tokens=min(max_new_tokens, config.context_length - 1), eos_id=None)[0]
     return tokenizer.decode(prompt + new).replace("\n", " ")
 
@@ -148,13 +154,13 @@ def sample_text(config: GPTConfig, params: Params, tokenizer: Any, prompt_text: 
 # --------------------------------------------------------------------------- the run
 
 
-def load_data(path: str | Path | None = None, *, data_dir: str | Path = ".", url: str = data.DEFAULT_URL) -> tuple[list[Entry], Path]:
-    """(entries, file): a given file must exist; without one, the seed's file is downloaded
-    to `data_dir/instruction-data.json` (skipped when already there)."""
-    if path is not None:
-        return data.load_entries(path), Path(path)
-    target = Path(data_dir) / "instruction-data.json"
-    return data.download_and_load(target, url), target
+def data_file(recipe: InstructRecipe) -> Path:
+    """The instruction data the recipe names: a local file, the downloaded original (hash-checked
+    when it comes from the reference's URL), or the bundled copy."""
+    if recipe.data:
+        return Path(recipe.data)
+    sha256 = sources.INSTRUCTION_DATA_SHA256 if recipe.url == sources.INSTRUCTION_DATA_URL else None
+    return sources.instruction_data_file(download=recipe.download, data_dir=recipe.data_dir, url=recipe.url, sha256=sha256)
 
 
 def _split(entries: Sequence[Entry], recipe: InstructRecipe, source: str | Path) -> data.Splits:
@@ -290,18 +296,20 @@ class InstructionTask(train.Task):
 def run(
     recipe: InstructRecipe,
     out_dir: str | Path,
-    entries: Sequence[Entry] | str | Path,
+    entries: Sequence[Entry] | str | Path | None = None,
     tokenizer: Any = None,
     *,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune on `entries` (a validated list, or a JSON file), evaluate, plot, generate the
+    """Fine-tune on `entries` (a validated list, a JSON file, or None: the recipe's data file), evaluate, plot, generate the
     test split's responses and save everything in `out_dir`. Returns the metrics (also
     `out_dir/metrics.json`, written last: its presence means the run completed). `recipe`
     must be valid."""
     settings = recipe.trainer
     source: str | Path = "<data>"
+    if entries is None:
+        entries = data_file(recipe)
     if isinstance(entries, (str, Path)):
         source = Path(entries)
         entries = data.load_entries(source)
