@@ -81,7 +81,7 @@ class GPTConfig:
         }
 
 
-# The seed's spellings are the canonical names; short aliases resolve to them.
+# The reference's spellings are the canonical names; short aliases resolve to them.
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "gpt2-small (124M)": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
     "gpt2-medium (355M)": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
@@ -112,7 +112,7 @@ ALIASES = _aliases()
 
 
 def canonical_name(name: str) -> str:
-    """Map any accepted spelling ("124M", "gpt2-small", "gpt2-small (124M)") to the seed's."""
+    """Map any accepted spelling ("124M", "gpt2-small", "gpt2-small (124M)") to the reference's."""
     try:
         return ALIASES[name.strip().lower()]
     except KeyError:

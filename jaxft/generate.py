@@ -15,10 +15,10 @@ temperature, then top-k and top-p (nucleus) filtering apply, and a token is draw
 explicit PRNG key. Each row draws from `fold_in(fold_in(key, row_id), step)`, so a prompt's
 sample depends on the key, its index in the input list and the prompt alone, not on batching.
 
-Context length: the seed's loop feeds the last `context_length` tokens at every step (a
+Context length: the reference's loop feeds the last `context_length` tokens at every step (a
 sliding window). Here the prompt is cut once, up front, to its last
 `context_length - max_new_tokens` tokens, so prompt and new tokens always fit in the
-cache. The output equals the seed's whenever `len(prompt) + max_new_tokens <= context_length`.
+cache. The output equals the reference's whenever `len(prompt) + max_new_tokens <= context_length`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _filter_logits(logits: jax.Array, top_k: int | None, top_p: jax.Array | None
     neg_inf = jnp.array(-jnp.inf, logits.dtype)
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg_inf, logits)  # the seed's rule: ties with the k-th stay
+        logits = jnp.where(logits < kth, neg_inf, logits)  # the reference's rule: ties with the k-th stay
     if top_p is not None:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -334,7 +334,7 @@ def generate_batched(
 
 
 def greedy(config: GPTConfig, params: Params, token_ids: Any, max_new_tokens: int) -> np.ndarray:
-    """The seed's `generate_text_simple`: prompt ids [seq] or [batch, seq] followed by
+    """The reference's `generate_text_simple`: prompt ids [seq] or [batch, seq] followed by
     `max_new_tokens` greedy tokens (no eos stop), as an int array of the same rank."""
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.ndim not in (1, 2):
@@ -354,7 +354,7 @@ def generate_text(
     max_new_tokens: int = 256,
     **kwargs: Any,
 ) -> str:
-    """The prompt `text` followed by its generated continuation (the seed's
+    """The prompt `text` followed by its generated continuation (the reference's
     `token_ids_to_text(generate(...))`); pass the result to `extract_response`."""
     prompt = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
     new = generate(config, params, [prompt], max_new_tokens=max_new_tokens, **kwargs)[0]

@@ -13,7 +13,7 @@ POOLINGS = ("last", "last-non-pad", "first", "mean")
 def pool(logits: jax.Array, lengths: jax.Array | None, pooling: str) -> jax.Array:
     """Pick the logits a classifier predicts from: [B, T, C] -> [B, C].
 
-    last: the last position (the seed; padding included). last-non-pad: the last real
+    last: the last position (the reference; padding included). last-non-pad: the last real
     token (the reference's "flexible" variant). first: position 0. mean: the mean over
     real tokens. `lengths` (real tokens per row) is needed by the last two.
     """

@@ -56,7 +56,7 @@ def trainable_mask(config: GPTConfig, params: Params, trainable: str = "last-blo
     The head always trains (the classification head, the untied LM head, or `wte` when
     the LM head is tied to it), except with "lora" on a language model: then only the
     adapters train. `final_norm` (default: on unless only the head or the adapters train)
-    adds the final LayerNorm, as the seed does for its last-block recipe.
+    adds the final LayerNorm, as the reference does for its last-block recipe.
     """
     blocks = trainable_blocks(config, trainable)
     if trainable == "lora" and not config.lora_rank:

@@ -1,4 +1,4 @@
-"""Training curves with the seed's two x axes: epochs below, examples (or tokens) seen above."""
+"""Training curves with the reference's two x axes: epochs below, examples (or tokens) seen above."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def plot_values(
 ) -> list[Path]:
     """Save `{label}-plot.pdf` and `{label}-plot.png` in out_dir; returns the paths.
 
-    Points are spread evenly over 0..num_epochs (and 0..total_seen), as the seed's
+    Points are spread evenly over 0..num_epochs (and 0..total_seen), as the reference's
     `torch.linspace` does.
     """
     import matplotlib

@@ -2,14 +2,14 @@
 """The GPU benchmark: one prepared, time-bounded run of every speed figure on a lent card.
 
 Sections (jaxft against the PyTorch reference, same random weights, same device, same run):
-  1. classification train step, gpt2-small shape, batch 8 x 120, the seed's trainable set
+  1. classification train step, gpt2-small shape, batch 8 x 120, the reference's trainable set
      (last block + final norm + head): jaxft fp32 and bf16 compute (`make_steps(dtype=bf16)`)
      against the torch reference in fp32 and under `torch.autocast(bfloat16)`;
   2. instruction train step, gpt2-medium shape, batch 8 x 256, all parameters trainable,
      same four variants;
   3. generation, gpt2-medium shape: batch-1 greedy tokens/s (jaxft's cached, compiled loop
-     against the seed's uncached loop), and the 110-prompt test split batched with an eos
-     stop (up to 256 new tokens) against the seed's one-prompt-at-a-time uncached loop, run
+     against the reference's uncached loop), and the 110-prompt test split batched with an eos
+     stop (up to 256 new tokens) against the reference's one-prompt-at-a-time uncached loop, run
      on as many prompts as its time budget allows and EXTRAPOLATED to the whole split.
 
 fp32 matmuls: JAX uses TF32 on recent NVIDIA cards by default; torch does not. With
@@ -77,7 +77,7 @@ from jaxft.config import GPTConfig  # noqa: E402
 from jaxft.model import init_params, param_count  # noqa: E402
 
 EOS = 50256
-SPLIT = slice(935, 1045)  # the seed's test split of the 1,100 instruction entries
+SPLIT = slice(935, 1045)  # the reference's test split of the 1,100 instruction entries
 # --quick: a small vocabulary keeps the head cheap; token ids are folded into it.
 TINY = GPTConfig(vocab_size=1024, context_length=256, emb_dim=64, n_layers=1, n_heads=2, name="tiny 64x1x2, vocab 1024")
 
@@ -240,7 +240,7 @@ def generation_section(config: GPTConfig, args, deadline: Deadline, budget_s: fl
           f"{cold:.1f} s), seed uncached loop {row['seed_tok_s']:.0f} tok/s -> {row['speedup']:.1f}x; "
           f"ids agree for the first {agree} of {n}; t={deadline.elapsed():.0f}s")
 
-    # The test split, eos stop: jaxft batched (cold, then warm) vs the seed's loop on a subset.
+    # The test split, eos stop: jaxft batched (cold, then warm) vs the reference's loop on a subset.
     # Its compile takes about as long as the batch-1 one (the same program at another shape).
     needed = 1.5 * cold + 2 * seed_s * args.max_new_tokens / n + 5
     if deadline.elapsed() > section_end - needed:
@@ -296,7 +296,7 @@ def table(env: dict, rows: list[dict]) -> str:
             lines.append(f"| {r['section']} {r.get('precision', '')} | - | - | - | skipped: {r['skipped']} |")
         elif r["section"] == "generation batch 1":
             lines.append(f"| batch-1 greedy tok/s ({r['prompt_tokens']}+{r['new_tokens']} tokens) | {r['jaxft_tok_s']:.0f} | "
-                         f"{r['seed_tok_s']:.0f} (seed's uncached loop) | {r['speedup']:.1f}x | "
+                         f"{r['seed_tok_s']:.0f} (the reference's uncached loop) | {r['speedup']:.1f}x | "
                          f"jaxft first call {r['jaxft_cold_s']:.1f} s incl. compile |")
         elif r["section"] == "generation split":
             lines.append(f"| test split, {r['prompts']} prompts, <= {r['max_new_tokens']} new, eos stop: wall s | "
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b1-tokens", type=int, default=128, help="new tokens in the batch-1 measurement")
     parser.add_argument("--b1-repeats", type=int, default=3)
     parser.add_argument("--gen-batch", type=int, default=0, help="jaxft batch size on the split (0: all prompts at once)")
-    parser.add_argument("--ref-prompts", type=int, default=110, help="most split prompts run through the seed's loop")
+    parser.add_argument("--ref-prompts", type=int, default=110, help="most split prompts run through the reference's loop")
     parser.add_argument("--fp32-matmul", choices=("tf32", "full"), default="tf32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Training-step speed: jaxft's jitted steps against the PyTorch reference, same run, same weights.
 
-Two steps, each timed in jaxft and in a torch loop written like the seed's:
+Two steps, each timed in jaxft and in a torch loop written like the reference's:
 
-1. classification (the seed's SMS-spam recipe): batch 8 x 120 tokens, a new 2-class head,
+1. classification (the reference's SMS-spam recipe): batch 8 x 120 tokens, a new 2-class head,
    only the head + final LayerNorm + last block trainable, AdamW(5e-5, weight decay 0.1),
    cross-entropy on the last position's logits;
 2. instruction tuning: masked next-token loss (targets -100 are ignored; the last 16
    positions of every other row are padding), every parameter trainable, batch 8 x
    --lm-seq tokens (default 128), AdamW(5e-5, weight decay 0.1). Both frameworks use the
-   reference's layout: a separate (untied) output head, as in the seed's GPTModel.
+   reference's layout: a separate (untied) output head, as in the reference's GPTModel.
 
 Both models hold the same random weights (jaxft's init, exported with
 `params_to_state_dict`) and see the same batch; the first-step losses are printed side by
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO, REPO / "tests"):  # jaxft without installing it; the seed's GPTModel
+for _path in (REPO, REPO / "tests"):  # jaxft without installing it; the reference's GPTModel
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -64,7 +64,7 @@ from jaxft.model import init_params, param_count  # noqa: E402
 from jaxft.recipes.classify import with_classifier_head  # noqa: E402
 from jaxft.weights.torch_ref import params_to_state_dict  # noqa: E402
 
-LR, WEIGHT_DECAY = 5e-5, 0.1  # the seed's AdamW settings for both recipes
+LR, WEIGHT_DECAY = 5e-5, 0.1  # the reference's AdamW settings for both recipes
 NUM_CLASSES = 2
 IGNORE = -100
 
@@ -96,13 +96,13 @@ def classifier_params(config: GPTConfig, seed: int) -> tuple[GPTConfig, Params]:
 
 
 def lm_params(config: GPTConfig, seed: int) -> tuple[GPTConfig, Params]:
-    """Random params in the reference's layout: an untied `lm_head` (the seed's `out_head`)."""
+    """Random params in the reference's layout: an untied `lm_head` (the reference's `out_head`)."""
     config = config.replace(tie_embeddings=False)
     return config, init_params(config, jax.random.key(seed))
 
 
 def classification_batch(config: GPTConfig, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
-    """Token rows of random lengths padded with 50256 to `seq` (the seed pads to the longest text), labels 0/1."""
+    """Token rows of random lengths padded with 50256 to `seq` (the reference pads to the longest text), labels 0/1."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(seq // 4, seq + 1, batch).astype(np.int32)
     lengths[0] = seq
@@ -128,7 +128,7 @@ def lm_batch(config: GPTConfig, batch: int, seq: int, seed: int) -> dict[str, np
 
 
 def reference_model(config: GPTConfig, params: Params, device: str) -> torch.nn.Module:
-    """The seed's GPTModel holding `params` (a classifier gets the seed's Linear head with bias)."""
+    """The reference's GPTModel holding `params` (a classifier gets the reference's Linear head with bias)."""
     from reference_gpt import GPTModel, config_dict
 
     model = GPTModel(config_dict(config))
@@ -184,9 +184,9 @@ def torch_runner(
     name: str, config: GPTConfig, params: Params, batch: dict, task: str, trainable: str, device: str,
     autocast: torch.dtype | None = None,
 ) -> Runner:
-    """The seed's torch step: requires_grad on the trainable parts, AdamW over model.parameters()."""
+    """The reference's torch step: requires_grad on the trainable parts, AdamW over model.parameters()."""
     model = reference_model(config, params, device)
-    if trainable == "last-block":  # the seed's classification recipe
+    if trainable == "last-block":  # the reference's classification recipe
         for p in model.parameters():
             p.requires_grad = False
         for module in (model.trf_blocks[-1], model.final_norm, model.out_head):
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (a quicker run)")
     parser.add_argument("--steps", type=int, default=5, help="timed classification steps per framework (after 1 warm-up)")
     parser.add_argument("--lm-steps", type=int, default=3, help="timed instruction steps per framework (after 1 warm-up)")
-    parser.add_argument("--cls-seq", type=int, default=120, help="classification tokens per row (the seed's: 120)")
+    parser.add_argument("--cls-seq", type=int, default=120, help="classification tokens per row (the reference's: 120)")
     parser.add_argument("--lm-seq", type=int, default=128, help="instruction-tuning tokens per row")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None,

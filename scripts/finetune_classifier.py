@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Reproduce the seed's SMS spam classifier: GPT-2 small, last block + final norm + head,
+"""Reproduce the reference's SMS spam classifier: GPT-2 small, last block + final norm + head,
 AdamW 5e-5 / weight decay 0.1, 5 epochs, batch 8, eval every 50 steps on 5 batches, seed 123.
 
     python scripts/finetune_classifier.py --out runs/spam [--data SMSSpamCollection] [--model gpt2/124M]
 
-Every `jaxft finetune-classifier` flag works here too; this script only fixes the seed's recipe
+Every `jaxft finetune-classifier` flag works here too; this script only fixes the reference's recipe
 as the defaults (they are the CLI's defaults as well).
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reproduce the seed's instruction fine-tuning: pretrained GPT-2 medium (355M), every
+"""Reproduce the reference's instruction fine-tuning: pretrained GPT-2 medium (355M), every
 parameter trained, AdamW 5e-5 / weight decay 0.1, 2 epochs, batch 8, eval every 5 steps on
 5 batches, seed 123, Alpaca prompts; then a response for each of the 110 test entries
 (greedy, up to 256 new tokens, eos stop) and the model saved (also as the reference's
@@ -7,7 +7,7 @@ gpt2-medium355M-sft.pth).
 
     python scripts/finetune_instruct.py --out runs/instruct [--data instruction-data.json] [--models-dir gpt2]
 
-Every `jaxft finetune-instruct` flag works here too; this script only fixes the seed's recipe
+Every `jaxft finetune-instruct` flag works here too; this script only fixes the reference's recipe
 (the CLI's defaults) and asks for the .pth export. Outputs in --out: metrics.json,
 loss-plot.pdf/.png, instruction-data-with-response.json, model/, gpt2-medium355M-sft.pth.
 """

@@ -1,9 +1,9 @@
-"""The PyTorch reference GPT-2, written for the tests to mirror the seed's architecture.
+"""The PyTorch reference GPT-2, written for the tests to mirror the reference's architecture.
 
 Module and parameter names are the reference's (`tok_emb`, `pos_emb`, `trf_blocks.N.att.
 W_query|W_key|W_value|out_proj`, `ff.layers.0|2`, `norm1|norm2|final_norm.scale|shift`,
-`out_head`), so its `state_dict()` is exactly what the seed saves to `.pth`. Also the
-seed's uncached generation loops (`generate_text_simple`, `generate`).
+`out_head`), so its `state_dict()` is exactly what the reference saves to `.pth`. Also the
+the reference's uncached generation loops (`generate_text_simple`, `generate`).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class GPTModel(nn.Module):
 
 
 def generate_text_simple(model, idx, max_new_tokens, context_size):
-    """The seed's greedy loop: one full forward pass per new token, no cache."""
+    """The reference's greedy loop: one full forward pass per new token, no cache."""
     for _ in range(max_new_tokens):
         with torch.no_grad():
             logits = model(idx[:, -context_size:])[:, -1, :]
@@ -123,7 +123,7 @@ def generate_text_simple(model, idx, max_new_tokens, context_size):
 
 
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
-    """The seed's sampling loop (temperature, top-k, eos stop at batch size 1)."""
+    """The reference's sampling loop (temperature, top-k, eos stop at batch size 1)."""
     for _ in range(max_new_tokens):
         with torch.no_grad():
             logits = model(idx[:, -context_size:])[:, -1, :]

@@ -111,10 +111,10 @@ def test_padding_rows_do_not_change_eval_metrics():
 
 
 def test_twenty_steps_match_the_torch_reference():
-    """Same weights, head, batches: jaxft vs a torch loop written like the seed's."""
+    """Same weights, head, batches: jaxft vs a torch loop written like the reference's."""
     ref = random_reference_model(TINY, seed=3)
     torch.manual_seed(7)
-    ref.out_head = torch.nn.Linear(TINY.emb_dim, 2)  # the seed's new head
+    ref.out_head = torch.nn.Linear(TINY.emb_dim, 2)  # the reference's new head
     for p in ref.parameters():
         p.requires_grad = False
     for module in (ref.out_head, ref.trf_blocks[-1], ref.final_norm):

@@ -161,7 +161,7 @@ def text_model(tmp_path_factory):
 
 
 def _greedy_ids(config: GPTConfig, params, prompt: list[int], max_new_tokens: int, eos: int = 50256) -> list[int]:
-    """The seed's greedy loop (with its eos stop) over jaxft.logits, uncached. Trailing filler
+    """The reference's greedy loop (with its eos stop) over jaxft.logits, uncached. Trailing filler
     does not change earlier positions (causal mask), so every step runs at one shape."""
     buffer = np.zeros((1, len(prompt) + max_new_tokens), dtype=np.int64)
     buffer[0, : len(prompt)] = prompt

@@ -1,4 +1,4 @@
-"""Cached, compiled generation: parity with the seed's uncached torch loops, batching,
+"""Cached, compiled generation: parity with the reference's uncached torch loops, batching,
 per-row eos stop, sampling, truncation, and no recompilation within a shape bucket."""
 
 from __future__ import annotations

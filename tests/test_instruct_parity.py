@@ -1,4 +1,4 @@
-"""Instruction tuning against a torch loop written like the seed's train_model_simple:
+"""Instruction tuning against a torch loop written like the reference's train_model_simple:
 same weights, same batches, per-step losses within 1e-4; bucketed batches lose nothing."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ STEPS, BATCH = 10, 4
 
 def _examples(rs: np.random.RandomState, n: int, inner_pad: bool, longest: int | None) -> list[list[int]]:
     """Ragged token lists (lengths 3..30, or the first one `longest` long); with `inner_pad`
-    some hold the pad id inside (the seed's collate then masks every later pad target, the
+    some hold the pad id inside (the reference's collate then masks every later pad target, the
     row's own end-of-text included)."""
     items = []
     for i in range(n):
@@ -37,7 +37,7 @@ def _examples(rs: np.random.RandomState, n: int, inner_pad: bool, longest: int |
 
 
 def _batches(seed: int = 0, steps: int = STEPS, mask_prompt: bool = False, inner_pad: bool = True, longest: int | None = None):
-    """(tight, bucketed) pairs of (inputs, targets) built by the seed-semantics collate."""
+    """(tight, bucketed) pairs of (inputs, targets) built by the reference-semantics collate."""
     rs = np.random.RandomState(seed)
     pairs = []
     for _ in range(steps):
@@ -62,10 +62,10 @@ def test_ten_steps_match_the_seed_torch_loop():
     state = train.init_state(params, mask, opt)
     train_step, _ = train.make_steps(config, opt, "lm")
 
-    # The seed: AdamW over model.parameters(), calc_loss_batch's flattened cross-entropy
+    # The reference: AdamW over model.parameters(), calc_loss_batch's flattened cross-entropy
     # (its default ignore_index=-100 skips the masked targets), zero_grad/backward/step.
     torch_opt = torch.optim.AdamW(ref.parameters(), lr=5e-5, weight_decay=0.1)
-    ref.train()  # drop_rate 0: same as eval, as in the seed
+    ref.train()  # drop_rate 0: same as eval, as in the reference
 
     pairs = _batches()
     jax_losses, torch_losses = [], []
@@ -114,13 +114,13 @@ def test_bucketed_batches_give_the_tight_loss_and_tokens_seen():
         b = float(eval_step(params, _lm_batch(bucketed))["loss"])
         assert abs(a - b) <= 1e-5 * abs(a), (seed, a, b)
         if not inner_pad:  # (an example holding the pad id hides its own end from tight_shape)
-            # Tokens seen as the seed counts them: input_batch.numel() of the tight batch.
+            # Tokens seen as the reference counts them: input_batch.numel() of the tight batch.
             assert np.prod(instruct.tight_shape(bucketed[1])) == tight[0].size
     assert train.compile_count(eval_step) == 2
 
 
 def test_untied_head_starts_as_a_copy_of_wte():
-    """The seed's GPTModel copies wte into a separate out_head (they then train apart; the
+    """The reference's GPTModel copies wte into a separate out_head (they then train apart; the
     end-to-end run in test_instruct_train checks that)."""
     tied = CONFIG.replace(tie_embeddings=True)
     params = init_params(tied, jax.random.PRNGKey(1))

@@ -74,7 +74,7 @@ def test_random_init_model_halves_its_validation_loss(run):
     assert m["final_train_loss"] <= m["initial_train_loss"] / 2
     assert m["split_sizes"] == {"train": 935, "validation": 55, "test": 110}
     assert m["steps"] == MAX_STEPS and m["eval_steps"] == [0, 10, 20]
-    # Tokens seen as the seed counts them (input_batch.numel() of tightly padded batches of 8).
+    # Tokens seen as the reference counts them (input_batch.numel() of tightly padded batches of 8).
     assert 8 * 50 <= m["eval_tokens_seen"][0] <= 8 * 100 and m["tokens_seen"] > m["eval_tokens_seen"][-1]
 
 

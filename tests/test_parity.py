@@ -1,6 +1,6 @@
 """Parity with PyTorch, fp32 on CPU: jaxft's logits, gradients and greedy tokens match
 transformers' GPT2LMHeadModel (an independent implementation) and the reference GPTModel
-(tests/reference_gpt.py, the seed's architecture and names), through every weights path.
+(tests/reference_gpt.py, the reference's architecture and names), through every weights path.
 
 Measured differences are printed (run with `pytest -s` to see them).
 """
@@ -129,7 +129,7 @@ def test_hf_export_loads_into_transformers(tied, tmp_path):
 
 
 def classifier_reference_model(config: GPTConfig, num_classes: int = 2, seed: int = 0) -> GPTModel:
-    """The seed's classifier: the reference GPTModel with out_head = Linear(d, classes) (bias)."""
+    """The reference's classifier: the reference GPTModel with out_head = Linear(d, classes) (bias)."""
     model = random_reference_model(config, seed)
     torch.manual_seed(seed + 1)
     model.out_head = torch.nn.Linear(config.emb_dim, num_classes)
@@ -255,7 +255,7 @@ def test_cross_entropy_gradients_match_torch():
 
 
 def _greedy_uncached(config: GPTConfig, params, ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
-    """The seed's loop over jaxft.logits: one full forward pass per token. The causal mask
+    """The reference's loop over jaxft.logits: one full forward pass per token. The causal mask
     makes trailing filler irrelevant, so every step runs at one shape (one compilation)."""
     batch, length = ids.shape
     buffer = np.zeros((batch, length + max_new_tokens), dtype=np.int64)

@@ -126,7 +126,7 @@ def test_torch_reference_tied_params_export_as_a_copy(tmp_path):
 
 
 def test_nested_training_checkpoint(tmp_path):
-    """The seed saves {"model_state_dict": ..., "optimizer_state_dict": ...}; `module.` prefixes too."""
+    """The reference saves {"model_state_dict": ..., "optimizer_state_dict": ...}; `module.` prefixes too."""
     model = random_reference_model(TINY, seed=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
     model(torch.zeros((1, 4), dtype=torch.long)).sum().backward()

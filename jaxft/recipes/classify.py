@@ -1,4 +1,4 @@
-"""Classification fine-tuning (the seed's SMS spam recipe, any labelled text data).
+"""Classification fine-tuning (the reference's SMS spam recipe, any labelled text data).
 
 A pretrained GPT-2 gets a new `Dense(emb -> num_classes)` head; by default only the head,
 the final LayerNorm and the last block train (AdamW 5e-5, weight decay 0.1, 5 epochs,
@@ -102,7 +102,7 @@ def with_classifier_head(config: GPTConfig, params: Params, num_classes: int, ke
 def encode_for_classification(tokenizer: Any, text: str, max_length: int | None, context_length: int) -> tuple[list[int], int]:
     """Token ids truncated to min(max_length, context) and padded to max_length; and the real length.
 
-    (The seed truncates with the wrong dimension of the position table; this uses the
+    (The reference truncates with the wrong dimension of the position table; this uses the
     model's context length.)
     """
     ids = encode_text(tokenizer, text)  # the training texts' rule: user text is never a special token

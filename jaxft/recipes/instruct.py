@@ -1,7 +1,7 @@
-"""Instruction fine-tuning (the seed's Alpaca recipe) and responses from a fine-tuned model.
+"""Instruction fine-tuning (the reference's Alpaca recipe) and responses from a fine-tuned model.
 
 GPT-2 medium, every parameter trained with AdamW 5e-5 / weight decay 0.1 for 2 epochs on
-batches of 8, on the masked next-token loss (targets -100 ignored, the seed's collate). Batches
+batches of 8, on the masked next-token loss (targets -100 ignored, the reference's collate). Batches
 are padded up to 32-token buckets so the jitted step compiles a handful of times per run; the
 loss equals the tightly padded one. Afterwards every test entry gets a response from the
 KV-cached generator, saved as `instruction-data-with-response.json` for the judge.
@@ -36,7 +36,7 @@ Entry = dict[str, Any]
 
 RESPONSES_FILE = "instruction-data-with-response.json"
 METRICS_FILE = train.METRICS_FILE
-SAMPLE_NEW_TOKENS = 50  # the seed's generate_and_print_sample after each epoch
+SAMPLE_NEW_TOKENS = 50  # the reference's generate_and_print_sample after each epoch
 
 
 def _trainer_defaults() -> TrainerSettings:
@@ -80,9 +80,9 @@ class InstructRecipe:
 def untie_head(config: GPTConfig, params: Params) -> tuple[GPTConfig, Params]:
     """Give the model its own LM head, initialised as a copy of `wte` (transposed).
 
-    The seed's GPTModel has a separate `out_head` into which the OpenAI loader copies the
+    The reference's GPTModel has a separate `out_head` into which the OpenAI loader copies the
     token embedding; fine-tuning then updates the two independently. Keeping jaxft's head tied
-    would train a different model than the seed's.
+    would train a different model than the reference's.
     """
     if not config.tie_embeddings or config.num_classes is not None:
         return config, params
@@ -91,7 +91,7 @@ def untie_head(config: GPTConfig, params: Params) -> tuple[GPTConfig, Params]:
 
 
 def sft_file_name(model_name: str, config: GPTConfig | None = None) -> str:
-    """The seed's file name: "gpt2-medium (355M)" -> "gpt2-medium355M-sft.pth"; "model-sft.pth"
+    """The reference's file name: "gpt2-medium (355M)" -> "gpt2-medium355M-sft.pth"; "model-sft.pth"
     for a custom size."""
     if is_size_name(model_name):
         base = canonical_name(model_name)
@@ -132,7 +132,7 @@ def generate_responses(
     progress: bool = True,
     source: str | Path = "<data>",
 ) -> list[str]:
-    """The seed's response for every entry: greedy until eos or `max_new_tokens`, the text
+    """The reference's response for every entry: greedy until eos or `max_new_tokens`, the text
     after the prompt with the style's response marker removed. Batched, KV-cached."""
     texts, prompts = encode_prompts(entries, tokenizer, style, config.context_length, source)
     new_tokens = gen.generate_batched(
@@ -145,7 +145,7 @@ def generate_responses(
 
 
 def sample_text(config: GPTConfig, params: Params, tokenizer: Any, prompt_text: str, max_new_tokens: int = SAMPLE_NEW_TOKENS) -> str:
-    """The seed's generate_and_print_sample: prompt + greedy tokens (no eos stop), on one line."""
+    """The reference's generate_and_print_sample: prompt + greedy tokens (no eos stop), on one line."""
     prompt = encode_text(tokenizer, prompt_text)
     new = gen.generate(config, params, [prompt], max_new_tokens=min(max_new_tokens, config.context_length - 1), eos_id=None)[0]
     return tokenizer.decode(prompt + new).replace("\n", " ")

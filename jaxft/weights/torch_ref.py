@@ -1,4 +1,4 @@
-"""The PyTorch reference `GPTModel` state dict (the seed's `.pth` files), in and out.
+"""The PyTorch reference `GPTModel` state dict (the reference's `.pth` files), in and out.
 
 Reference layout: `nn.Linear` weights are [out, in] and q, k, v are three matrices
 (`W_query`, `W_key`, `W_value`); jaxft fuses them into `c_attn/kernel` [d, 3d] (q | k | v).
