@@ -252,7 +252,12 @@ def checkpoint_urls(size: str, base_urls: Sequence[str] | None = None) -> list[t
 
 def _known_hashes() -> dict[str, str]:
     # The vocabulary files are the same for every size, and their hashes are published.
-    from jaxft.tokenizer import ENCODER_JSON, ENCODER_JSON_SHA256, VOCAB_BPE, VOCAB_BPE_SHA256
+    from jaxft.tokenizer import (
+        ENCODER_JSON,
+        ENCODER_JSON_SHA256,
+        VOCAB_BPE,
+        VOCAB_BPE_SHA256,
+    )
 
     return {ENCODER_JSON: ENCODER_JSON_SHA256, VOCAB_BPE: VOCAB_BPE_SHA256}
 

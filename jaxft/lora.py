@@ -8,15 +8,12 @@ kernels, which every checkpoint format can hold.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from .config import GPTConfig
-from .model import lora_a_init
+from .model import Params, lora_a_init
 
-Params = dict[str, Any]
 TARGETS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 
 

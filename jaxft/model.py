@@ -235,6 +235,12 @@ def _init(config: GPTConfig, key: jax.Array, tokens: jax.Array) -> Params:
     return GPT2(config).init(key, tokens)["params"]
 
 
+@functools.lru_cache(maxsize=16)
+def param_shapes(config: GPTConfig) -> Params:
+    """The parameter tree of `GPT2(config)` as shapes and dtypes, computed without allocating it."""
+    return jax.eval_shape(lambda key: GPT2(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"], jax.random.PRNGKey(0))
+
+
 def init_cache(config: GPTConfig, batch: int, max_len: int | None = None, dtype: Any = jnp.float32) -> KVCache:
     """A zeroed key/value cache for `batch` sequences of up to `max_len` tokens."""
     max_len = config.context_length if max_len is None else max_len

@@ -10,14 +10,12 @@ stay bitwise unchanged: the semantics of `torch.optim.AdamW` over parameters wit
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import jax
 import optax
 
 from .config import GPTConfig
-
-Params = dict[str, Any]
+from .model import Params
 
 TRAINABLE_CHOICES = ("head", "last-block", "last-N-blocks", "all", "lora")
 _LAST_N = re.compile(r"^last-(\d+)-blocks?$")
@@ -118,7 +116,3 @@ def adamw(
     if accumulation_steps > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=accumulation_steps)
     return opt
-
-
-def count(tree: Params) -> int:
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

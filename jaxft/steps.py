@@ -19,9 +19,9 @@ import optax
 
 from . import losses, model
 from .config import GPTConfig
+from .model import Params
 from .optim import merge, split
 
-Params = dict[str, Any]
 Batch = dict[str, Any]
 
 

@@ -26,9 +26,18 @@ import jax
 
 from . import optim, weights
 from .config import GPTConfig
+from .model import param_count
 from .plots import plot_values
+from .steps import (
+    Batch,
+    Params,
+    TrainState,
+    compile_count,
+    evaluate,
+    init_state,
+    make_steps,
+)
 from .weights.native import atomic_write_bytes
-from .steps import Batch, Params, TrainState, compile_count, evaluate, init_state, make_steps
 
 __all__ = ["TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
 
@@ -148,7 +157,7 @@ class Task:
 
     def describe(self, config: GPTConfig, params: Params, trainable: Params) -> str:
         """The line logged before training."""
-        return f"model {config.name}: {optim.count(params):,} parameters, {optim.count(trainable):,} trainable"
+        return f"model {config.name}: {param_count(params):,} parameters, {param_count(trainable):,} trainable"
 
     def initial(self, run: Run) -> dict[str, Any]:
         """Evaluate before training (the reference's lines); returns metrics to record."""

@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cls_config, params = classifier_params(config, args.seed)
     mask = optim.trainable_mask(cls_config, params, "last-block")
-    n_train = optim.count(optim.split(params, mask)[0])
+    n_train = param_count(optim.split(params, mask)[0])
     label = f"classification, batch {args.batch_size}x{args.cls_seq}, last block+norm+head ({n_train / 1e6:.1f}M of {param_count(params) / 1e6:.0f}M trainable)"
     batch = classification_batch(cls_config, args.batch_size, args.cls_seq, args.seed)
     _, new_rows = bench_pair(label, cls_config, params, batch, "classification", "last-block", args.steps)

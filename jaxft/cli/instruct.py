@@ -11,7 +11,13 @@ import numpy as np
 
 from .. import weights
 from ..data import instruct as data
-from ..recipes.instruct import METRICS_FILE, InstructRecipe, data_file, generate_responses, run
+from ..recipes.instruct import (
+    METRICS_FILE,
+    InstructRecipe,
+    data_file,
+    generate_responses,
+    run,
+)
 from ..tokenizer import get_tokenizer
 from ..train import write_json
 from ..weights import native

@@ -20,19 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import losses, model, train, weights
-from ..weights import native
+from .. import losses, model, sources, train, weights
 from ..config import GPTConfig
-from .. import sources
 from ..data import batching, labeled, spam
 from ..data.batching import PADDINGS
 from ..lora import add_lora
+from ..model import Params
 from ..plots import plot_values
 from ..tokenizer import PAD_ID, encode_text, get_tokenizer
 from ..train import TrainerSettings, setting
+from ..weights import native
 from .common import resolve_model
-
-Params = dict[str, Any]
 
 
 def _parse_name(value: str) -> str:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import jax
 
 from .. import sources, weights
 from ..config import GPTConfig, from_hparams, get_config, is_size_name
-from ..model import init_params
-
-Params = dict[str, Any]
+from ..model import Params, init_params
 
 
 def resolve_model(

@@ -27,11 +27,11 @@ from ..config import GPTConfig, canonical_name, is_size_name
 from ..data import instruct as data
 from ..data.batching import num_batches
 from ..lora import add_lora
+from ..model import Params
 from ..tokenizer import EOT_ID, encode_text, get_tokenizer
 from ..train import TrainerSettings, setting
 from .common import resolve_model
 
-Params = dict[str, Any]
 Entry = dict[str, Any]
 
 RESPONSES_FILE = "instruction-data-with-response.json"

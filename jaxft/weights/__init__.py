@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 
 from ..config import GPTConfig, from_hparams, get_config, is_size_name
+from ..model import Params
 from . import hf, native, torch_ref
 from .common import WeightsError, read_safetensors, safetensors_keys
 
 FORMATS = ("openai-tf", "hf", "torch-reference", "jaxft")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
-Params = dict[str, Any]
 
 __all__ = ["FORMATS", "WeightsError", "detect_format", "export", "load", "resolve_config"]
 

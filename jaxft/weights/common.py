@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Mapping, Callable, Iterable
 
 import numpy as np
 
 from ..config import GPTConfig
-
-Params = dict[str, Any]
+from ..model import Params, param_shapes
 
 
 class WeightsError(ValueError):
     """A checkpoint that cannot be loaded as asked: names the file and the tensor."""
 
 
-def flatten(params: Params, prefix: str = "") -> dict[str, Any]:
-    """{"h_0": {"attn": {...}}} -> {"h_0/attn/...": leaf}."""
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"h_0": {"attn": {...}}} -> {"h_0/attn/...": leaf} (dicts and flax FrozenDicts alike)."""
     flat: dict[str, Any] = {}
     for key, value in params.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             flat.update(flatten(value, path + "/"))
         else:
             flat[path] = value
@@ -41,41 +40,8 @@ def unflatten(flat: dict[str, Any]) -> Params:
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of `jaxft.model.GPT2(config)`, flat, with its shape."""
-    d, v, ctx = config.emb_dim, config.vocab_size, config.context_length
-    shapes: dict[str, tuple[int, ...]] = {"wte/embedding": (v, d), "wpe/embedding": (ctx, d)}
-    for i in range(config.n_layers):
-        h = f"h_{i}"
-        shapes.update(
-            {
-                f"{h}/ln_1/scale": (d,),
-                f"{h}/ln_1/bias": (d,),
-                f"{h}/attn/c_attn/kernel": (d, 3 * d),
-                f"{h}/attn/c_proj/kernel": (d, d),
-                f"{h}/attn/c_proj/bias": (d,),
-                f"{h}/ln_2/scale": (d,),
-                f"{h}/ln_2/bias": (d,),
-                f"{h}/mlp/c_fc/kernel": (d, 4 * d),
-                f"{h}/mlp/c_fc/bias": (4 * d,),
-                f"{h}/mlp/c_proj/kernel": (4 * d, d),
-                f"{h}/mlp/c_proj/bias": (d,),
-            }
-        )
-        if config.qkv_bias:
-            shapes[f"{h}/attn/c_attn/bias"] = (3 * d,)
-        if config.lora_rank:
-            r = config.lora_rank
-            for name, (n_in, n_out) in (("attn/c_attn", (d, 3 * d)), ("attn/c_proj", (d, d)), ("mlp/c_fc", (d, 4 * d)), ("mlp/c_proj", (4 * d, d))):
-                shapes[f"{h}/{name}/lora_a"] = (n_in, r)
-                shapes[f"{h}/{name}/lora_b"] = (r, n_out)
-    shapes["ln_f/scale"] = (d,)
-    shapes["ln_f/bias"] = (d,)
-    if config.num_classes is not None:
-        shapes["cls_head/kernel"] = (d, config.num_classes)
-        shapes["cls_head/bias"] = (config.num_classes,)
-    elif not config.tie_embeddings:
-        shapes["lm_head/kernel"] = (d, v)
-    return shapes
+    """Every parameter of `jaxft.model.GPT2(config)`, flat, with its shape (from the model itself)."""
+    return {name: tuple(leaf.shape) for name, leaf in flatten(param_shapes(config)).items()}
 
 
 def check_keys(source: str, found: Iterable[str], expected: Iterable[str], what: str = "tensor") -> None:

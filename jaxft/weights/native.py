@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..config import GPTConfig
+from ..model import Params
 from .common import WeightsError, check_params, flatten, read_safetensors, unflatten
 
 FORMAT_TAG = "jaxft"
@@ -23,7 +24,6 @@ VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 
-Params = dict[str, Any]
 
 
 def is_native_dir(path: Path) -> bool:
@@ -58,7 +58,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save_file  # imported here: `import jaxft` works without it
+    from safetensors.numpy import (
+        save_file,  # imported here: `import jaxft` works without it
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

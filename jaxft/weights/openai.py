@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,9 @@ import ml_dtypes
 import numpy as np
 
 from ..config import GPTConfig, from_hparams
-from .common import WeightsError, check_params, to_float32, unflatten
+from ..model import Params
+from .common import WeightsError, check_params, flatten, to_float32, unflatten
 from .tf_bundle import list_bundle, read_bundle, resolve_prefix, write_bundle
-
-Params = dict[str, Any]
 
 HPARAMS_FILE = "hparams.json"
 PREFIX_NAME = "model.ckpt"
@@ -118,16 +116,6 @@ def load_openai_checkpoint(ckpt_dir: str | os.PathLike, *, verify: bool = True) 
     return config, unflatten(flat)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):  # dicts and flax FrozenDicts alike
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def save_openai_checkpoint(
     config: GPTConfig,
     params: Params,
@@ -167,7 +155,7 @@ def save_openai_checkpoint(
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: vocabulary file not found")
 
-    flat = _flatten(params)
+    flat = flatten(params)
     if not config.qkv_bias:
         d = config.emb_dim
         flat = {**flat, **{f"h_{i}/attn/c_attn/bias": np.zeros(3 * d, np.float32) for i in range(config.n_layers)}}

@@ -14,9 +14,16 @@ from typing import Any
 import numpy as np
 
 from ..config import GPTConfig
-from .common import WeightsError, check_keys, check_params, check_shapes, flatten, to_float32, unflatten
-
-Params = dict[str, Any]
+from ..model import Params
+from .common import (
+    WeightsError,
+    check_keys,
+    check_params,
+    check_shapes,
+    flatten,
+    to_float32,
+    unflatten,
+)
 
 _BLOCK_LINEAR = {  # reference module -> jaxft flat key (without the h_i/ prefix)
     "att.out_proj": "attn/c_proj",
