@@ -31,6 +31,15 @@ COMMIT_FILE = "commit_success.txt"  # orbax's completeness marker, present in ev
 _STATE, _META = "state", "meta"
 
 
+def complete_steps(directory: str | Path) -> list[int]:
+    """The steps of the complete checkpoints in `directory`, oldest first, read from the
+    directory listing alone (no orbax import: cheap enough for checking a run directory)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / COMMIT_FILE).is_file())
+
+
 def _name(entry: Any) -> str:
     for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
         if hasattr(entry, attr):
@@ -142,7 +151,8 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         """The complete checkpoints' steps, oldest first."""
         self._manager.reload()  # another process (or an earlier run) may have written some
-        return sorted(s for s in self._manager.all_steps() if (self.directory / str(s) / COMMIT_FILE).is_file())
+        complete = set(complete_steps(self.directory))
+        return sorted(s for s in self._manager.all_steps() if s in complete)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None when there is none."""
