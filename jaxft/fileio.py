@@ -70,9 +70,22 @@ def _names_other_file(exc: OSError, ours: tuple[Path, Path]) -> bool:
 def default_mode(directory: bool = False) -> int:
     """The mode an ordinary new file (or directory) gets under the current umask;
     mkstemp/mkdtemp would leave it private to its owner."""
-    umask = os.umask(0)  # the only portable way to read the umask
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    # Linux reports it; setting and resetting it (the portable way) would briefly give
+    # files that other threads (a background checkpoint save) create a umask of 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
     os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
+    return umask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,18 +124,18 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data reaches the disk before the rename makes it visible
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         if _names_other_file(exc, (tmp, path)):
             raise
         raise _write_error(path, exc) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
 
 
@@ -225,7 +238,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Remove a temporary file or directory, quietly: the error being reported matters more."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)

@@ -241,7 +241,7 @@ class RunDir:
         _unlock(self._lock_fd)
         self._lock_fd = None
 
-    def __enter__(self) -> "RunDir":
+    def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -122,7 +122,7 @@ def test_keeps_the_newest_and_overwrites_an_abandoned_future(tmp_path):
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.zeros((), jnp.int32)}
     with Checkpointer(tmp_path, keep=2) as ckpt:
         for s in (1, 2, 3, 4):
-            ckpt.save(s, jax.tree_util.tree_map(lambda x: x + s, tree), {"step": s})
+            ckpt.save(s, jax.tree_util.tree_map(lambda x, s=s: x + s, tree), {"step": s})
         ckpt.wait()
         assert ckpt.all_steps() == [3, 4]
         assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["3", "4"]
