@@ -27,6 +27,11 @@ import numpy as np
 from .fileio import to_strict_json
 
 PyTree = Any
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint holds a differently shaped state (another model or --trainable); one line."""
+
 COMMIT_FILE = "commit_success.txt"  # orbax's completeness marker, present in every finished step
 _STATE, _META = "state", "meta"
 
@@ -128,7 +133,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # leftovers of a save that a crash interrupted
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}  # known before any save
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         """Save `state` (a pytree of arrays; None leaves allowed) and `meta` (JSON-able;
@@ -162,7 +168,8 @@ class Checkpointer:
     def restore(self, step: int | None, like: PyTree) -> tuple[PyTree, dict[str, Any]]:
         """(state, meta) of checkpoint `step` (None: the latest), restored into the
         structure, dtypes and shardings of `like` (arrays or jax.ShapeDtypeStruct leaves;
-        None leaves stay None). Raises FileNotFoundError when there is no such checkpoint."""
+        None leaves stay None). Raises FileNotFoundError when there is no such checkpoint,
+        CheckpointMismatch when its arrays' names, shapes or dtypes differ from `like`'s."""
         self.wait()
         if step is None:
             step = self.latest_step()
@@ -171,13 +178,48 @@ class Checkpointer:
         elif step not in self.all_steps():
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint for step {step}")
         names, like_leaves, treedef = _named_leaves(like)
-        target = _nest(names, [_abstract(leaf) for leaf in like_leaves])
+        abstract = [_abstract(leaf) for leaf in like_leaves]
+        self._check_matches(step, names, abstract)
+        target = _nest(names, abstract)
         args = self._ocp.args.Composite(
             **{_STATE: self._ocp.args.StandardRestore(target), _META: self._ocp.args.JsonRestore()}
         )
         restored = self._manager.restore(int(step), args=args)
         leaves = [_from_storage(x, l) for x, l in zip(_unnest(restored[_STATE], names), like_leaves)]
         return jax.tree_util.tree_unflatten(treedef, leaves), dict(restored[_META] or {})
+
+    def _check_matches(self, step: int, names: list[tuple[str, ...]], abstract: list[jax.ShapeDtypeStruct]) -> None:
+        """One line naming what differs when `like` is not the saved state's shape: orbax
+        would otherwise cast a dtype silently (no longer bitwise) or fail at length."""
+        stored: dict[tuple[str, ...], Any] = {}
+
+        def walk(node: Any, prefix: tuple[str, ...]) -> None:
+            if isinstance(node, dict):
+                for key, child in node.items():
+                    walk(child, (*prefix, str(key)))
+            else:
+                stored[prefix] = node
+
+        walk(self._manager.item_metadata(step)[_STATE].tree, ())
+        expected = {name or ("value",): leaf for name, leaf in zip(names, abstract)}
+
+        def describe(x: Any) -> str:
+            return f"{np.dtype(x.dtype).name}{list(x.shape)}"
+
+        problems = []
+        for name in sorted(set(stored) | set(expected)):
+            label = ".".join(name)
+            if name not in expected:
+                problems.append(f"{label}: in the checkpoint, not in the state")
+            elif name not in stored:
+                problems.append(f"{label}: not in the checkpoint")
+            elif tuple(stored[name].shape) != tuple(expected[name].shape) or np.dtype(stored[name].dtype) != np.dtype(expected[name].dtype):
+                problems.append(f"{label}: stored {describe(stored[name])}, expected {describe(expected[name])}")
+        if problems:
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise CheckpointMismatch(
+                f"{self.directory / str(step)}: does not match the state to restore: {'; '.join(problems[:3])}{more}"
+            )
 
     def wait(self) -> None:
         """Block until a background save has finished (its checkpoint is then complete)."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxft import optim, train
-from jaxft.checkpoint import Checkpointer
+from jaxft.checkpoint import CheckpointMismatch, Checkpointer
 from jaxft.config import GPTConfig
 from jaxft.model import init_params
 
@@ -161,7 +161,7 @@ CRASHER = textwrap.dedent(
     from pathlib import Path
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from jaxft.checkpoint import Checkpointer
+    from jaxft.checkpoint import CheckpointMismatch, Checkpointer
 
     directory, ready = Path(sys.argv[1]), Path(sys.argv[2])
     ckpt = Checkpointer(directory, async_save=False)
@@ -197,3 +197,18 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint(tmp_path):
         assert ckpt.latest_step() == 1
         restored, meta = ckpt.restore(None, like={"w": jnp.ones(1000)})
     assert meta == {"step": 1} and not np.asarray(restored["w"]).any()
+
+
+def test_a_differently_shaped_state_is_one_clear_line(tmp_path):
+    tree = {"a": jnp.ones(3), "b": {"c": jnp.zeros((2, 2), jnp.int32)}}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, tree, {})
+        cases = {
+            "b.c: stored int32[2, 2], expected float32[2, 2]": {"a": jnp.ones(3), "b": {"c": jnp.zeros((2, 2))}},
+            "a: stored float32[3], expected float32[4]": {"a": jnp.ones(4), "b": tree["b"]},
+            "b.c: in the checkpoint, not in the state; d: not in the checkpoint": {"a": jnp.ones(3), "d": jnp.ones(1)},
+        }
+        for problem, like in cases.items():
+            with pytest.raises(CheckpointMismatch) as excinfo:
+                ckpt.restore(1, like=like)
+            assert str(excinfo.value) == f"{tmp_path / '1'}: does not match the state to restore: {problem}"
