@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .fileio import atomic_file
+
 
 def plot_values(
     num_epochs: float,
@@ -44,6 +46,7 @@ def plot_values(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{label}-plot.pdf", out_dir / f"{label}-plot.png"]
     for path in paths:
-        fig.savefig(path, dpi=150 if path.suffix == ".png" else None)
+        with atomic_file(path) as tmp:  # a crash never leaves a truncated plot
+            fig.savefig(tmp, format=path.suffix[1:], dpi=150 if path.suffix == ".png" else None)
     plt.close(fig)
     return paths

@@ -15,7 +15,6 @@ place for shardings), `Task.train_batches` the only source of training data.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from .steps import (
     init_state,
     make_steps,
 )
-from .weights.native import atomic_write_bytes
+from .fileio import atomic_dir, write_json
 
 __all__ = ["TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
 
@@ -216,8 +215,11 @@ def _train_epochs(run: Run, train_step: Callable, task: Task) -> None:
 
 
 def save_model_dir(config: GPTConfig, params: Params, path: Path, metadata: dict[str, Any]) -> Path:
-    """The jaxft model directory (config and parameters together, in one atomic swap)."""
-    return weights.export(config, params, path, "jaxft", metadata=metadata)
+    """The jaxft model directory: config and parameters appear together in one rename, so no
+    reader ever pairs new weights with an old config."""
+    with atomic_dir(path) as tmp:
+        weights.export(config, params, tmp, "jaxft", metadata=metadata)
+    return path
 
 
 def fit(
@@ -301,7 +303,3 @@ def run_info() -> dict[str, Any]:
         "device": devices[0].device_kind if devices else "unknown",
         "python": platform.python_version(),
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -19,7 +19,7 @@ from ..recipes.instruct import (
     run,
 )
 from ..tokenizer import get_tokenizer
-from ..train import write_json
+from ..fileio import write_json
 from ..weights import native
 from .common import add_settings_arguments, settings_from_args
 

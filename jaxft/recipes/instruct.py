@@ -29,6 +29,7 @@ from ..data.batching import num_batches
 from ..lora import add_lora
 from ..model import Params
 from ..tokenizer import EOT_ID, encode_text, get_tokenizer
+from ..fileio import write_json
 from ..train import TrainerSettings, setting
 from .common import resolve_model
 
@@ -277,7 +278,7 @@ class InstructionTask(train.Task):
             )
             response_seconds = time.perf_counter() - t0
             with_responses = [{**entry, "model_response": text} for entry, text in zip(self.splits.test, responses)]
-            train.write_json(out_dir / RESPONSES_FILE, with_responses)
+            write_json(out_dir / RESPONSES_FILE, with_responses)
             outputs["responses"] = str(out_dir / RESPONSES_FILE)
             run.log(f"wrote {len(with_responses)} responses to {out_dir / RESPONSES_FILE} ({response_seconds:.1f} s)")
         history = run.history

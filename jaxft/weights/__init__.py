@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..config import GPTConfig, from_hparams, get_config, is_size_name
+from ..fileio import atomic_write_bytes, atomic_write_text
 from ..model import Params
 from . import hf, native, torch_ref
 from .common import WeightsError, read_safetensors, safetensors_keys
@@ -175,7 +176,7 @@ def export(config: GPTConfig, params: Params, path: str | Path, format: str, met
         import json
 
         native.save_safetensors(path / "model.safetensors", hf.params_to_state_dict(config, params), {"format": "pt"})
-        native.atomic_write_bytes(path / "config.json", (json.dumps(hf.hf_config_json(config), indent=2) + "\n").encode())
+        atomic_write_text(path / "config.json", json.dumps(hf.hf_config_json(config), indent=2) + "\n")
         return path
     if format == "torch-reference":
         state_dict = torch_ref.params_to_state_dict(config, params)
@@ -204,7 +205,7 @@ def _torch_save(path: Path, state_dict: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     # np.array copies: arrays that came from JAX are read-only, which torch.from_numpy warns about.
     torch.save({k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in state_dict.items()}, buffer)
-    native.atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _to_numpy(params: Params) -> Params:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import GPTConfig
+from ..fileio import atomic_file, atomic_write_text
 from ..model import Params
 from .common import WeightsError, check_params, flatten, read_safetensors, unflatten
 
@@ -36,42 +37,19 @@ def is_native_dir(path: Path) -> bool:
         return False
 
 
-def _default_mode() -> int:
-    """The mode an ordinary new file gets (mkstemp would leave it private to its owner)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     from safetensors.numpy import (
         save_file,  # imported here: `import jaxft` works without it
     )
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        except Exception as exc:  # safetensors reports I/O failures as its own error: "... (os error 28) ..."
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            if code is None or isinstance(exc, OSError):
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
 
 
 def save(config: GPTConfig, params: Params, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -80,7 +58,7 @@ def save(config: GPTConfig, params: Params, path: str | Path, metadata: dict[str
     check_params("params", config, flat)
     save_safetensors(path / PARAMS_FILE, flat)
     doc = {"format": FORMAT_TAG, "version": VERSION, "config": config.to_dict(), "metadata": metadata or {}}
-    atomic_write_bytes(path / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_text(path / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
     return path
 
 

@@ -32,6 +32,18 @@ try:  # ships with jax and tensorflow; needed only for bfloat16 tensors
 except ImportError:  # pragma: no cover
     ml_dtypes = None
 
+try:
+    from ..fileio import atomic_file, atomic_write_bytes
+except ImportError:  # loaded by path without its package (scripts/make_tf_fixtures.py, no jax)
+    import importlib.util
+    import sys
+
+    _spec = importlib.util.spec_from_file_location("jaxft_fileio", Path(__file__).resolve().parents[1] / "fileio.py")
+    _fileio = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _fileio
+    _spec.loader.exec_module(_fileio)  # stdlib only
+    atomic_file, atomic_write_bytes = _fileio.atomic_file, _fileio.atomic_write_bytes
+
 __all__ = [
     "BundleError",
     "TensorEntry",
@@ -682,13 +694,7 @@ def write_checkpoint_file(directory: str | os.PathLike, prefix_name: str) -> Non
     """The `checkpoint` text file (CheckpointState) naming `prefix_name`, relative to `directory`."""
     quoted = prefix_name.replace("\\", "\\\\").replace('"', '\\"')
     text = f'model_checkpoint_path: "{quoted}"\nall_model_checkpoint_paths: "{quoted}"\n'
-    _atomic_write(Path(directory) / "checkpoint", text.encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(directory) / "checkpoint", text.encode())
 
 
 def write_bundle(
@@ -714,14 +720,12 @@ def write_bundle(
             raise ValueError(f"{prefix}: tensor {name!r} has dtype {array.dtype}, which the TF bundle writer does not support")
         # (not np.ascontiguousarray: it turns scalars into shape [1])
         arrays[name] = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     data_path = _data_path(prefix, 0, 1)
-    tmp_data = data_path.with_name(data_path.name + ".tmp")
     # TensorFlow orders the table (and the data file) by the tensor names' bytes.
     keys = sorted(arrays, key=lambda n: n.encode("utf-8"))
     entries = [(b"", _HEADER)]
     offset = 0
-    with open(tmp_data, "wb") as f:
+    with atomic_file(data_path) as tmp_data, open(tmp_data, "wb") as f:
         for name in keys:
             array = arrays[name]
             raw = array.reshape(-1).view(np.uint8)
@@ -729,8 +733,7 @@ def write_bundle(
             tf_dtype = _NUMPY_TO_TF[array.dtype.newbyteorder("=")]
             entries.append((name.encode("utf-8"), _encode_entry(tf_dtype, array.shape, offset, raw.size, crc32c(raw))))
             offset += raw.size
-    os.replace(tmp_data, data_path)
-    _atomic_write(_index_path(prefix), _build_table(entries, block_size))
+    atomic_write_bytes(_index_path(prefix), _build_table(entries, block_size))
     if checkpoint_file:
         write_checkpoint_file(prefix.parent, prefix.name)
 

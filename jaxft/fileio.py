@@ -1,0 +1,246 @@
+"""Atomic writes of a file and of a directory: the one definition used for weights,
+outputs, plots, responses and run records.
+
+A reader (or a run resumed after a crash) sees either the previous file or directory or the
+complete new one, never a half-written one: everything is written to a temporary sibling,
+flushed to disk, and renamed into place. Every OSError while writing (a full disk, no
+permission, a read-only filesystem, a path component that is a file) becomes one
+`WriteError` line naming the file; the previous file stays intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class WriteError(OSError):
+    """Writing `path` failed; str() is one line: "<path>: cannot write: <reason>"."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, err: int | None = None) -> None:
+        super().__init__(err, reason, str(path))
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: cannot write: {self.reason}"
+
+
+def _reason(path: Path, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        # mkdir/open below a regular file: name the component that is in the way.
+        for parent in [path, *path.parents]:
+            if parent.exists() and not parent.is_dir() and parent != path:
+                return f"{parent} is not a directory"
+    return reason
+
+
+def _write_error(path: Path, exc: OSError, tmp_root: Path | None = None, final_root: Path | None = None) -> WriteError:
+    """`exc` as a WriteError naming `path`; a path under a temporary directory is reported
+    under the directory it will become (the user never sees our temporary names)."""
+    if isinstance(exc, WriteError):
+        if tmp_root is not None and final_root is not None and exc.path.is_relative_to(tmp_root):
+            return WriteError(final_root / exc.path.relative_to(tmp_root), exc.reason, exc.errno)
+        return exc
+    if tmp_root is not None and final_root is not None and exc.filename:
+        named = Path(os.fsdecode(exc.filename))
+        if named.is_relative_to(tmp_root):
+            return WriteError(final_root / named.relative_to(tmp_root), exc.strerror or str(exc), exc.errno)
+    return WriteError(path, _reason(path, exc), exc.errno)
+
+
+def _names_other_file(exc: OSError, ours: tuple[Path, Path]) -> bool:
+    """Whether `exc` concerns a file other than ours (or inside them): the caller reading
+    its input, say. Such an error is no write error and passes through unchanged."""
+    if isinstance(exc, WriteError) or exc.filename is None:
+        return False
+    named = Path(os.fsdecode(exc.filename))
+    return not any(named == p or named.is_relative_to(p) for p in ours)
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode an ordinary new file (or directory) gets under the current umask;
+    mkstemp/mkdtemp would leave it private to its owner."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    # Linux reports it; setting and resetting it (the portable way) would briefly give
+    # files that other threads (a background checkpoint save) create a umask of 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (best effort: some filesystems cannot open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for the caller to write (by name: for writers
+    such as safetensors' save_file); on success it is fsynced and renamed onto `path`.
+    On any error nothing changes at `path` and the temporary file is removed."""
+    path = Path(path)
+    _make_parent(path)
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data reaches the disk before the rename makes it visible
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        _remove(tmp)
+        if _names_other_file(exc, (tmp, path)):
+            raise
+        raise _write_error(path, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf; also NumPy/JAX scalars and arrays)
+    replaced by None, NumPy/JAX scalars and arrays turned into Python numbers and lists,
+    and tuples into lists. Other types are returned as they are."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: to_strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_strict_json(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "__array__") and hasattr(value, "dtype"):  # np.generic, np.ndarray, jax.Array
+        import numpy as np
+
+        return to_strict_json(np.asarray(value).tolist())
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` atomically as strict JSON (indent 2, trailing newline).
+
+    NaN and ±inf, which JSON cannot represent, are written as null: a caller storing a
+    value that may be non-finite records why it can be null (e.g. "loss": null with
+    "loss_note": "no validation batches"), since null alone does not say.
+    """
+    text = json.dumps(to_strict_json(data), indent=2, allow_nan=False) + "\n"
+    atomic_write_text(path, text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it replaces `path` in one
+    rename, so no reader ever pairs new files with old ones (new weights, old config).
+
+    An existing `path` is renamed aside first, then removed. On any error `path` is left as
+    it was and the temporary directory is removed. The directory gets an ordinary output
+    directory's mode (the umask's)."""
+    path = Path(path)
+    _make_parent(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        os.chmod(tmp, default_mode(directory=True))
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+            os.rename(path, old)  # `path` is aside now (a fresh name: nothing there to replace)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the previous one back
+                raise
+            _fsync_dir(path.parent)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+    except OSError as exc:
+        _remove(tmp)
+        if _names_other_file(exc, (tmp, path)):
+            raise
+        raise _write_error(path, exc, tmp, path) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            file = Path(dirpath) / name
+            if file.is_symlink():
+                continue
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file or directory, quietly: the error being reported matters more."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
