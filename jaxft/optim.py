@@ -140,10 +140,11 @@ def masked(optimizer: optax.GradientTransformation, mask: Params) -> optax.Gradi
     `optax.apply_updates` they are bitwise unchanged. This is the split-tree path
     (`split`/`merge` + `train.init_state`) over one whole tree: `init(params)` and
     `update(grads, state, params)` take full trees, and gradients of frozen leaves are
-    ignored (under `jax.jit` XLA drops their unused computation). Wrap the inner optimizer,
-    accumulation included (`masked(adamw(accumulation_steps=4), mask)`): `optax.MultiSteps`
-    then accumulates the trainable gradients only, where `MultiSteps(masked(...))` would
-    also keep an accumulator for every frozen leaf.
+    ignored (under `jax.jit` XLA drops their computation: a compiled step costs what the
+    split one does). Wrap the inner optimizer, accumulation included
+    (`masked(adamw(accumulation_steps=4), mask)`): `optax.MultiSteps` then accumulates the
+    trainable gradients only, where `MultiSteps(masked(...))` would also keep an
+    accumulator for every frozen leaf.
     """
     leaves = jax.tree_util.tree_leaves(mask)
     if not all(isinstance(m, (bool, np.bool_)) for m in leaves):
