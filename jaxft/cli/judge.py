@@ -1,4 +1,5 @@
-"""`jaxft judge`: score instruction responses with an LLM judge (see `jaxft.judge`)."""
+"""`jaxft judge`: score instruction responses with an LLM judge (see `jaxft.judge` and
+`jaxft.judge_client`)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..judge import (
-    APIS,
-    DEFAULT_HOST,
-    DEFAULT_MODEL,
-    DEFAULT_OPTIONS,
     DEFAULT_TEMPLATE,
     TEMPLATE_FIELDS,
-    JudgeClient,
-    JudgeError,
     check_template,
     format_summary,
     load_responses,
     run_judge,
     summarize,
+)
+from ..judge_client import (
+    APIS,
+    DEFAULT_HOST,
+    DEFAULT_MODEL,
+    DEFAULT_OPTIONS,
+    JudgeClient,
+    JudgeError,
 )
 from .common import CLIError
 
@@ -64,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--option", metavar="KEY=VALUE", type=_option, action="append", default=[],
                    help="judge option (JSON value) over the defaults seed=123 temperature=0 num_ctx=2048")
     p.add_argument("--template", metavar="FILE", help="prompt template file; placeholders "
-                   + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS) + " (default: the seed's prompt)")
+                   + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS) + " (default: the reference's prompt)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--retries", type=int, default=4, help="retries per request (default 4)")
     p.add_argument("--backoff", type=float, default=1.0,
