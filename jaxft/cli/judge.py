@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from ..judge_client import (
     JudgeClient,
     JudgeError,
 )
-from .common import CLIError
+from .common import EXIT_FAILED, EXIT_OK, CLIError
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -53,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "judge",
         help="score instruction responses with an LLM judge (Ollama or OpenAI-compatible)",
         description="Score every response with an LLM judge, resumably; also report exact match "
-                    "and ROUGE-L between 'output' and the response.",
+                    "and ROUGE-L between 'output' and the response. Exit status 1 when no response "
+                    "could be scored (every answer unparsable, or no entries).",
     )
     p.add_argument("responses", metavar="RESPONSES.json",
                    help="JSON list of {instruction, input, output, model_response}")
@@ -93,12 +95,12 @@ def _run_command(args: argparse.Namespace, sleep: Callable[[float], None] = time
         except ValueError as exc:
             raise ValueError(f"{args.template}: {exc}") from None
     records = None
+    out = Path(args.out) if args.out else default_out(args.responses, args.model)
     if not args.metrics_only:
         client = JudgeClient(host=args.host, model=args.model, api=args.api,
                              options={**DEFAULT_OPTIONS, **dict(args.option)}, timeout=args.timeout,
                              retries=args.retries, backoff=args.backoff, api_key=args.api_key,
                              sleep=sleep)
-        out = Path(args.out) if args.out else default_out(args.responses, args.model)
         try:
             records = run_judge(entries, client, out, response_key=args.response_key, template=template,
                                 rescore_changed=args.rescore_changed, progress=not args.no_progress)
@@ -111,4 +113,19 @@ def _run_command(args: argparse.Namespace, sleep: Callable[[float], None] = time
         print(format_summary(summary))
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return 0
+    if records is not None and summary["judge"]["num_scores"] == 0:
+        # A run that produced no score at all is a failed run, not an average of nothing.
+        print(f"jaxft judge: error: {nothing_scored(summary['judge'], args.responses, out)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def nothing_scored(judge_summary: dict[str, Any], responses: str | os.PathLike, out: Path) -> str:
+    """Why a judge run has no score at all (its summary's "judge" part has num_scores 0)."""
+    unparsed = len(judge_summary["unparsed"])
+    if unparsed:
+        plural = "answer" if unparsed == 1 else "answers"
+        return f"no response could be scored ({unparsed} {plural} unparsable); see {out}"
+    if judge_summary["missing"]:
+        return f"no response could be scored ({len(judge_summary['missing'])} not scored yet); see {out}"
+    return f"no response could be scored: {responses} holds no entries"
