@@ -15,10 +15,12 @@ temperature, then top-k and top-p (nucleus) filtering apply, and a token is draw
 explicit PRNG key. Each row draws from `fold_in(fold_in(key, row_id), step)`, so a prompt's
 sample depends on the key, its index in the input list and the prompt alone, not on batching.
 
-Context length: the reference's loop feeds the last `context_length` tokens at every step (a
-sliding window). Here the prompt is cut once, up front, to its last
-`context_length - max_new_tokens` tokens, so prompt and new tokens always fit in the
-cache. The output equals the reference's whenever `len(prompt) + max_new_tokens <= context_length`.
+Context length: the reference's loop feeds the last `context_length` tokens at every step
+(a sliding window). Here the prompt is cut once, up front, to its last
+`max_prompt_tokens(config, max_new_tokens)` = `context_length - max_new_tokens` tokens, so
+prompt and new tokens always fit in the cache (callers that show text to a user should say
+when a prompt is longer; `jaxft generate` does). The output equals the reference's whenever
+`len(prompt) + max_new_tokens <= context_length`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from .config import GPTConfig
 from .model import Block, Params, _layer_norm
@@ -206,15 +209,22 @@ def _generate_padded(
     return out, lengths
 
 
-def _check_prompts(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    if config.num_classes is not None:
-        raise ValueError("generation needs a language-model config (this one has a classification head)")
+def max_prompt_tokens(config: GPTConfig, max_new_tokens: int) -> int:
+    """How many tokens of a prompt `generate` keeps (its last ones): the context length less
+    the new-token budget. ValueError when `max_new_tokens` leaves no room for a prompt."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if max_new_tokens >= config.context_length:
         raise ValueError(
             f"max_new_tokens ({max_new_tokens}) must be smaller than the context length ({config.context_length})"
         )
+    return config.context_length - int(max_new_tokens)
+
+
+def _check_prompts(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    if config.num_classes is not None:
+        raise ValueError("generation needs a language-model config (this one has a classification head)")
+    max_prompt_tokens(config, max_new_tokens)
     checked = []
     for i, prompt in enumerate(prompts):
         ids = [int(t) for t in np.asarray(prompt, dtype=np.int64).reshape(-1)]
@@ -247,7 +257,8 @@ def generate(
     prompts: token-id lists of any lengths. Greedy when `temperature == 0`; otherwise
     temperature / top-k / top-p sampling with the PRNG `key` (required). Each row stops at
     `eos_id` (None: never) or after `max_new_tokens`. Prompts longer than
-    `context_length - max_new_tokens` keep only their last tokens (see the module docstring).
+    `max_prompt_tokens(config, max_new_tokens)` keep only their last tokens (see the module
+    docstring).
     """
     prompts = _check_prompts(config, prompts, max_new_tokens)
     if not prompts:
@@ -262,7 +273,7 @@ def generate(
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
-    keep = config.context_length - max_new_tokens
+    keep = max_prompt_tokens(config, max_new_tokens)
     prompts = [p[-keep:] for p in prompts]
     longest = max(len(p) for p in prompts)
     prompt_slots = _round_up(longest, BUCKET)
@@ -318,8 +329,6 @@ def generate_batched(
     Prompts are sorted by length so each batch holds similar lengths (little padding);
     sampling gives the same tokens as one `generate` call over the whole list.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -5,6 +5,9 @@ trainable tree and vice versa). Gradients are taken with respect to the trainabl
 only, so frozen weights cost no gradient or optimizer memory, get no weight decay, and
 stay bitwise unchanged: the semantics of `torch.optim.AdamW` over parameters with
 `requires_grad=False` elsewhere.
+
+`masked` gives the same semantics over one full parameter tree, for code that keeps params
+whole (gradients of every leaf, an optimizer that skips the frozen ones).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .config import GPTConfig
@@ -116,3 +121,40 @@ def adamw(
     if accumulation_steps > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=accumulation_steps)
     return opt
+
+
+_TRAIN, _FREEZE = "train", "freeze"
+
+
+def _negative_zero_updates() -> optax.GradientTransformation:
+    """Updates of -0.0: `p + (-0.0)` is `p` bit for bit, even for p = -0.0 (p + 0.0 is +0.0)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def masked(optimizer: optax.GradientTransformation, mask: Params) -> optax.GradientTransformation:
+    """`optimizer` over the leaves where `mask` is True; every other leaf frozen.
+
+    `mask` is a tree of bools with the structure of the parameters (see `trainable_mask`).
+    Built with `optax.multi_transform`: the trainable leaves go to `optimizer`, which sees
+    only them (its state, e.g. Adam's moments, holds nothing for frozen leaves, and its
+    weight decay never reaches them); the frozen leaves get updates of -0.0, so after
+    `optax.apply_updates` they are bitwise unchanged. This is the split-tree path
+    (`split`/`merge` + `train.init_state`) over one whole tree: `init(params)` and
+    `update(grads, state, params)` take full trees, and gradients of frozen leaves are
+    ignored (under `jax.jit` XLA drops their computation: a compiled step costs what the
+    split one does). Wrap the inner optimizer, accumulation included
+    (`masked(adamw(accumulation_steps=4), mask)`): `optax.MultiSteps` then accumulates the
+    trainable gradients only, where `MultiSteps(masked(...))` would also keep an
+    accumulator for every frozen leaf.
+    """
+    leaves = jax.tree_util.tree_leaves(mask)
+    if not all(isinstance(m, (bool, np.bool_)) for m in leaves):
+        raise ValueError("mask: every leaf must be a Python or NumPy bool (True = the parameter trains)")
+    labels = jax.tree_util.tree_map(lambda m: _TRAIN if m else _FREEZE, mask)
+    return optax.multi_transform({_TRAIN: optimizer, _FREEZE: _negative_zero_updates()}, labels)
+

@@ -15,6 +15,7 @@ from test_weights import TINY, assert_same_params, random_params
 import jaxft
 import jaxft.cli
 import jaxft.cli.app
+import jaxft.generate
 from jaxft import GPTConfig
 
 # vocab 50257 so that real text tokenizes; small everywhere else.
@@ -190,6 +191,27 @@ def test_generate_sampling_is_seeded(cli, text_model):
     assert cli(*args, "--seed", 1) == first
     outputs = {cli(*args, "--seed", seed)[1] for seed in (2, 3, 4)}
     assert len(outputs | {first[1]}) > 1  # the seed matters
+
+
+def test_generate_says_when_it_crops_the_prompt(cli, text_model, tokenizer):
+    path, params = text_model
+    long_prompt = " ".join([PROMPT] * 20)  # far more tokens than the context length (64)
+    ids = tokenizer.encode(long_prompt)
+    keep = TEXT_MODEL.context_length - 12
+    assert len(ids) > keep
+    code, out, err = cli("generate", "--model", path, "--prompt", long_prompt, "--max-new-tokens", 12)
+    assert code == 0, err
+    assert err == (
+        f"note: the prompt is {len(ids)} tokens; the model sees its last {keep} (context length 64 - 12 "
+        f"new tokens), dropped the first {len(ids) - keep}\n"
+    )
+    # The continuation is that of the kept tokens; the whole prompt is still printed.
+    new_ids = jaxft.generate.generate(TEXT_MODEL, params, [ids[-keep:]], max_new_tokens=12)[0]
+    assert out == tokenizer.decode(ids + new_ids) + "\n"
+
+    # A prompt that fits exactly: no note.
+    code, _, err = cli("generate", "--model", path, "--prompt", tokenizer.decode(ids[:keep]), "--max-new-tokens", 12)
+    assert code == 0 and err == ""
 
 
 def test_generate_finds_the_vocabulary_beside_the_checkpoint(cli, text_model, shared_data, monkeypatch, tmp_path):

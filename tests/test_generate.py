@@ -153,7 +153,10 @@ def test_long_prompt_keeps_its_last_tokens(reference):
     _, params = reference
     prompt = _prompts([80], seed=11)[0]  # longer than the context (64)
     out = gen.generate(CONFIG, params, [prompt], max_new_tokens=10, eos_id=None)
+    assert gen.max_prompt_tokens(CONFIG, 10) == 54
     assert out == gen.generate(CONFIG, params, [prompt[-54:]], max_new_tokens=10, eos_id=None)
+    with pytest.raises(ValueError, match="smaller than the context length"):
+        gen.max_prompt_tokens(CONFIG, 64)
 
 
 def test_within_a_bucket_nothing_recompiles(reference):

@@ -370,6 +370,54 @@ def test_non_integer_answers(fake, responses_path, entries, expected, tmp_path, 
     assert len(fake.chat_requests) == requests
 
 
+def test_nothing_scored_exits_1_with_one_line(fake, responses_path, tmp_path, capsys):
+    fake.answer = lambda prompt: "A fine response, well done."  # never a number
+    out = tmp_path / "scores.jsonl"
+    argv = [str(responses_path), "--host", fake.url, "--out", str(out), "--no-progress"]
+    assert run_cli(*argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"jaxft judge: error: no response could be scored (110 answers unparsable); see {out}\n"
+    )
+    assert "Number of scores: 0 of 110" in captured.out  # the summary still shows the answers
+    assert "Could not convert 110 answer(s):" in captured.out
+    assert len(read_jsonl(out)) == 110  # stored: a rerun asks nothing and fails the same way
+
+    requests = len(fake.chat_requests)
+    assert run_cli(*argv, "--json", "-") == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["judge"]["num_scores"] == 0
+    assert captured.err.count("\n") == 1 and "110 answers unparsable" in captured.err
+    assert len(fake.chat_requests) == requests
+
+
+def test_nothing_scored_through_jaxft_main(monkeypatch, fake, entries, tmp_path, capsys):
+    from jaxft import cli
+
+    monkeypatch.setattr(cli.app, "COMMAND_MODULES", ("jaxft.cli.judge",))
+    responses = tmp_path / "responses.json"
+    responses.write_text(json.dumps(entries[:2]))
+    fake.answer = lambda prompt: "150"  # out of range: unparsed
+    out = tmp_path / "s.jsonl"
+    assert cli.main(["judge", str(responses), "--host", fake.url, "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"jaxft judge: error: no response could be scored (2 answers unparsable); see {out}\n"
+
+    # One score is enough: not an error.
+    fake.answer = lambda prompt: "150" if "bullet" in prompt else "90"
+    assert cli.main(["judge", str(responses), "--host", fake.url, "--out", str(tmp_path / "t.jsonl"),
+                     "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_no_entries_is_nothing_scored(tmp_path, capsys):
+    responses = tmp_path / "empty.json"
+    responses.write_text("[]")
+    assert run_cli(str(responses), "--host", unused_url(), "--out", str(tmp_path / "s.jsonl")) == 1
+    assert capsys.readouterr().err == f"jaxft judge: error: no response could be scored: {responses} holds no entries\n"
+    assert run_cli(str(responses), "--metrics-only") == 0  # no judge run: nothing to fail
+
+
 # -- resume safety ------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""`jaxft judge`: score instruction responses with an LLM judge (see `jaxft.judge`)."""
+"""`jaxft judge`: score instruction responses with an LLM judge (see `jaxft.judge` and
+`jaxft.judge_client`)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,29 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from ..judge import (
-    APIS,
-    DEFAULT_HOST,
-    DEFAULT_MODEL,
-    DEFAULT_OPTIONS,
     DEFAULT_TEMPLATE,
     TEMPLATE_FIELDS,
-    JudgeClient,
-    JudgeError,
     check_template,
     format_summary,
     load_responses,
     run_judge,
     summarize,
 )
-from .common import CLIError
+from ..judge_client import (
+    APIS,
+    DEFAULT_HOST,
+    DEFAULT_MODEL,
+    DEFAULT_OPTIONS,
+    JudgeClient,
+    JudgeError,
+)
+from .common import EXIT_FAILED, EXIT_OK, CLIError
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -50,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "judge",
         help="score instruction responses with an LLM judge (Ollama or OpenAI-compatible)",
         description="Score every response with an LLM judge, resumably; also report exact match "
-                    "and ROUGE-L between 'output' and the response.",
+                    "and ROUGE-L between 'output' and the response. Exit status 1 when no response "
+                    "could be scored (every answer unparsable, or no entries).",
     )
     p.add_argument("responses", metavar="RESPONSES.json",
                    help="JSON list of {instruction, input, output, model_response}")
@@ -64,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--option", metavar="KEY=VALUE", type=_option, action="append", default=[],
                    help="judge option (JSON value) over the defaults seed=123 temperature=0 num_ctx=2048")
     p.add_argument("--template", metavar="FILE", help="prompt template file; placeholders "
-                   + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS) + " (default: the seed's prompt)")
+                   + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS) + " (default: the reference's prompt)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--retries", type=int, default=4, help="retries per request (default 4)")
     p.add_argument("--backoff", type=float, default=1.0,
@@ -90,12 +95,12 @@ def _run_command(args: argparse.Namespace, sleep: Callable[[float], None] = time
         except ValueError as exc:
             raise ValueError(f"{args.template}: {exc}") from None
     records = None
+    out = Path(args.out) if args.out else default_out(args.responses, args.model)
     if not args.metrics_only:
         client = JudgeClient(host=args.host, model=args.model, api=args.api,
                              options={**DEFAULT_OPTIONS, **dict(args.option)}, timeout=args.timeout,
                              retries=args.retries, backoff=args.backoff, api_key=args.api_key,
                              sleep=sleep)
-        out = Path(args.out) if args.out else default_out(args.responses, args.model)
         try:
             records = run_judge(entries, client, out, response_key=args.response_key, template=template,
                                 rescore_changed=args.rescore_changed, progress=not args.no_progress)
@@ -108,4 +113,19 @@ def _run_command(args: argparse.Namespace, sleep: Callable[[float], None] = time
         print(format_summary(summary))
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return 0
+    if records is not None and summary["judge"]["num_scores"] == 0:
+        # A run that produced no score at all is a failed run, not an average of nothing.
+        print(f"jaxft judge: error: {nothing_scored(summary['judge'], args.responses, out)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def nothing_scored(judge_summary: dict[str, Any], responses: str | os.PathLike, out: Path) -> str:
+    """Why a judge run has no score at all (its summary's "judge" part has num_scores 0)."""
+    unparsed = len(judge_summary["unparsed"])
+    if unparsed:
+        plural = "answer" if unparsed == 1 else "answers"
+        return f"no response could be scored ({unparsed} {plural} unparsable); see {out}"
+    if judge_summary["missing"]:
+        return f"no response could be scored ({len(judge_summary['missing'])} not scored yet); see {out}"
+    return f"no response could be scored: {responses} holds no entries"

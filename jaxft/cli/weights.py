@@ -4,12 +4,15 @@ writable one) and `jaxft generate`."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from .. import sources
+from .. import generate as generation
 from ..config import GPTConfig
 from ..download import DownloadError
 from ..model import param_count
@@ -116,10 +119,6 @@ def _tokenizer(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import jax
-
-    from .. import generate as generation
-
     config, params = load(args.model, resolve_config(args.config))
     if config.num_classes is not None:
         raise CLIError(
@@ -135,6 +134,13 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.model}: the model's vocabulary has {config.vocab_size} tokens, too few for the GPT-2 "
             f"tokenizer (the prompt has token id {max(prompt)})"
+        )
+    keep = generation.max_prompt_tokens(config, args.max_new_tokens)
+    if len(prompt) > keep:
+        print(
+            f"note: the prompt is {len(prompt)} tokens; the model sees its last {keep} (context length "
+            f"{config.context_length} - {args.max_new_tokens} new tokens), dropped the first {len(prompt) - keep}",
+            file=sys.stderr,
         )
     sample = args.temperature > 0
     new_ids = generation.generate(
