@@ -246,3 +246,8 @@ def test_single_process_helpers():
         distributed.initialize("localhost", 2, 1)
     with pytest.raises(ValueError, match="process id 2 is outside 0..1"):
         distributed.initialize("127.0.0.1:1", 2, 2)
+    # This process has used JAX already: too late to join a cluster, said in one line.
+    with pytest.raises(distributed.DistributedError) as error:
+        distributed.initialize(f"127.0.0.1:{_free_port()}", 2, 0, timeout_s=5)
+    assert str(error.value).startswith("cannot start the distributed runtime: jax.distributed.initialize() must be")
+    assert "\n" not in str(error.value)
