@@ -24,6 +24,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jaxft.config import OPENAI_SIZE_DIRS, canonical_name, from_hparams, get_config
+from jaxft.tokenizer import (
+    ENCODER_JSON,
+    ENCODER_JSON_SHA256,
+    VOCAB_BPE,
+    VOCAB_BPE_SHA256,
+)
 
 # Roots of the OpenAI checkpoint directories; a file's URL is `{root}/{124M|...}/{file}`.
 PRIMARY_ROOT = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -252,13 +258,6 @@ def checkpoint_urls(size: str, base_urls: Sequence[str] | None = None) -> list[t
 
 def _known_hashes() -> dict[str, str]:
     # The vocabulary files are the same for every size, and their hashes are published.
-    from jaxft.tokenizer import (
-        ENCODER_JSON,
-        ENCODER_JSON_SHA256,
-        VOCAB_BPE,
-        VOCAB_BPE_SHA256,
-    )
-
     return {ENCODER_JSON: ENCODER_JSON_SHA256, VOCAB_BPE: VOCAB_BPE_SHA256}
 
 

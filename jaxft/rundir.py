@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .checkpoint import complete_steps
 from .fileio import WriteError, to_strict_json, write_json
 
@@ -67,8 +68,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     if out["jaxft"] == "not installed":  # run from a source tree
-        from . import __version__
-
         out["jaxft"] = __version__
     out["python"] = platform.python_version()
     return out

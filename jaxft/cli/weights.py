@@ -11,8 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from .. import sources
 from .. import generate as generation
+from .. import sources
 from ..config import GPTConfig
 from ..download import DownloadError
 from ..model import param_count
@@ -24,7 +24,8 @@ from ..tokenizer import (
     from_files,
     get_tokenizer,
 )
-from ..weights import FORMATS, detect_format, export, load, resolve_config
+from ..weights import FORMATS, detect_format, export, load, native, resolve_config
+from ..weights.openai import save_openai_checkpoint
 from .common import CLIError
 
 CONFIG_HELP = (
@@ -91,12 +92,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
     metadata = None
     if source_format == "jaxft" and args.to == "jaxft":
-        from ..weights import native
-
         metadata = native.load_metadata(src if src.is_dir() else src.parent)
     if args.to == "openai-tf":
-        from ..weights.openai import save_openai_checkpoint
-
         config, params = _retie_for_openai(config, params)
         written = save_openai_checkpoint(config, params, dst, vocab_dir=_vocab_dir_of(src))
     else:

@@ -16,9 +16,11 @@ import numpy as np
 
 from ..config import GPTConfig, from_hparams, get_config, is_size_name
 from ..fileio import atomic_write_bytes, atomic_write_text
+from ..lora import merge_lora
 from ..model import Params
 from . import hf, native, torch_ref
 from .common import WeightsError, read_safetensors, safetensors_keys
+from .openai import load_openai_checkpoint, save_openai_checkpoint
 
 FORMATS = ("openai-tf", "hf", "torch-reference", "jaxft")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -137,8 +139,6 @@ def load(path: str | Path, config: GPTConfig | str | Path | None = None) -> tupl
         found, params = native.load(directory)
         return _check_same_shape(directory, found, given), params
     if fmt == "openai-tf":
-        from .openai import load_openai_checkpoint
-
         directory = path if path.is_dir() else path.parent
         found, params = load_openai_checkpoint(directory)
         return _check_same_shape(directory, found, given), params
@@ -166,8 +166,6 @@ def export(config: GPTConfig, params: Params, path: str | Path, format: str, met
     """Write `params` to `path` in `format` (one of FORMATS). Returns the path written."""
     path = Path(path)
     if config.lora_rank and format != "jaxft":  # other formats hold plain kernels: fold the adapters in
-        from ..lora import merge_lora
-
         config, params = merge_lora(config, params)
     params = _to_numpy(params)
     if format == "jaxft":
@@ -188,8 +186,6 @@ def export(config: GPTConfig, params: Params, path: str | Path, format: str, met
             raise ValueError(f"{path}: a torch-reference export needs a .pth, .pt or .safetensors file name")
         return path
     if format == "openai-tf":
-        from .openai import save_openai_checkpoint
-
         save_openai_checkpoint(config, params, path)
         return path
     raise ValueError(f"unknown weights format {format!r}; choose one of: {', '.join(FORMATS)}")
