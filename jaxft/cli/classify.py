@@ -12,7 +12,7 @@ import numpy as np
 from ..data import spam
 from ..recipes.classify import Classifier, ClassifierRecipe, load_frames, run
 from ..tokenizer import get_tokenizer
-from .common import add_settings_arguments, settings_from_args
+from .common import add_recipe_command, settings_from_args
 
 GROUPS = {"data": "data (default: the SMS Spam Collection)", "model": "model", "training": "training", "output": "output"}
 
@@ -45,15 +45,10 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "finetune-classifier",
-        help="fine-tune GPT-2 as a text classifier (the reference's SMS spam recipe by default)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = add_recipe_command(
+        subparsers, "finetune-classifier", "fine-tune GPT-2 as a text classifier (the reference's SMS spam recipe by default)",
+        ClassifierRecipe(), GROUPS, "output directory: metrics.json, plots, model/",
     )
-    add_settings_arguments(p, ClassifierRecipe(), GROUPS)
-    data = next(g for g in p._action_groups if g.title == GROUPS["data"])
-    data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
-    p.add_argument("--out", required=True, help="output directory: metrics.json, plots, model/")
     p.set_defaults(func=_finetune)
 
     c = subparsers.add_parser("classify", help="classify text with a fine-tuned classifier")

@@ -93,3 +93,14 @@ def settings_from_args(cls: type, args: argparse.Namespace) -> Any:
         else:
             values[f.name] = getattr(args, f.name)
     return cls(**values)
+
+
+def add_recipe_command(subparsers: Any, name: str, help_text: str, defaults: Any, groups: dict[str, str], out_help: str) -> argparse.ArgumentParser:
+    """A fine-tuning command: one flag per setting of `defaults` (a recipe's settings), plus
+    the vocabulary directory and the output directory every recipe takes."""
+    parser = subparsers.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_settings_arguments(parser, defaults, groups)
+    data = next(g for g in parser._action_groups if g.title == groups["data"])
+    data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
+    parser.add_argument("--out", required=True, help=out_help)
+    return parser

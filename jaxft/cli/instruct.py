@@ -21,7 +21,7 @@ from ..recipes.instruct import (
 from ..tokenizer import get_tokenizer
 from ..fileio import write_json
 from ..weights import native
-from .common import add_settings_arguments, settings_from_args
+from .common import add_recipe_command, settings_from_args
 
 GROUPS = {
     "data": "data (default: the reference's instruction-data.json)",
@@ -65,15 +65,11 @@ def _respond(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     styles = sorted(data.PROMPT_STYLES)
-    p = subparsers.add_parser(
-        "finetune-instruct",
-        help="instruction fine-tune GPT-2 and generate the test split's responses (the reference's Alpaca recipe by default)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = add_recipe_command(
+        subparsers, "finetune-instruct",
+        "instruction fine-tune GPT-2 and generate the test split's responses (the reference's Alpaca recipe by default)",
+        InstructRecipe(), GROUPS, "output directory: metrics.json, loss plots, responses, model/",
     )
-    add_settings_arguments(p, InstructRecipe(), GROUPS)
-    d = next(g for g in p._action_groups if g.title == GROUPS["data"])
-    d.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
-    p.add_argument("--out", required=True, help="output directory: metrics.json, loss plots, responses, model/")
     p.set_defaults(func=_finetune)
 
     r = subparsers.add_parser(
