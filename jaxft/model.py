@@ -257,8 +257,10 @@ def apply(
     dtype: Any = jnp.float32,
     remat: bool = False,
     **kwargs: Any,
-):
-    """Run the model. Dropout is active only when `dropout_key` is given."""
+) -> Any:
+    """Run the model: fp32 logits [B, T, vocab or classes] (the final hidden state with
+    `return_hidden=True`; with a cache, (logits, new cache)). Dropout is active only when
+    `dropout_key` is given; `dtype` is the compute dtype (parameters stay fp32)."""
     model = GPT2(config, dtype=dtype, remat=remat)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     return model.apply({"params": params}, tokens, deterministic=dropout_key is None, rngs=rngs, **kwargs)
@@ -284,4 +286,5 @@ def logits(config: GPTConfig, params: Params, token_ids: Any) -> jax.Array:
 
 
 def param_count(params: Params) -> int:
+    """How many numbers a parameter tree holds (None leaves, e.g. frozen ones, count nothing)."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

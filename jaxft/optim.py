@@ -98,6 +98,7 @@ def split(params: Params, mask: Params) -> tuple[Params, Params]:
 
 
 def merge(trainable: Params, frozen: Params) -> Params:
+    """The whole parameter tree again: each leaf from whichever of the two trees holds it."""
     return jax.tree_util.tree_map(
         lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
     )

@@ -38,6 +38,9 @@ class TrainState(NamedTuple):
 
 
 def init_state(params: Params, mask: Params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """The split-tree training state: `params` copied and split by `mask` (True = trains) into
+    trainable and frozen trees, the optimizer's state over the trainable tree only, step 0, and
+    the dropout PRNG key of `seed`. The steps of `make_steps` donate and return it."""
     params = jax.tree_util.tree_map(jnp.array, params)  # a copy: steps donate the state
     trainable, frozen = split(params, mask)
     return TrainState(trainable, frozen, optimizer.init(trainable), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed))
@@ -48,7 +51,9 @@ def _forward(config: GPTConfig, params: Params, tokens: jax.Array, dropout_key, 
     return model.apply(config, params, tokens, dropout_key=key, dtype=dtype, remat=remat)
 
 
-def classification_metrics(config: GPTConfig, pooling: str, params: Params, batch: Batch, dropout_key=None, dtype=jnp.float32, remat=False):
+def classification_metrics(
+    config: GPTConfig, pooling: str, params: Params, batch: Batch, dropout_key: jax.Array | None = None, dtype: Any = jnp.float32, remat: bool = False
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(weighted mean loss, {loss, correct, count}) for a classification batch."""
     logits = _forward(config, params, batch["tokens"], dropout_key, dtype, remat)
     pooled = losses.pool(logits, batch.get("lengths"), pooling)
@@ -59,7 +64,9 @@ def classification_metrics(config: GPTConfig, pooling: str, params: Params, batc
     return loss, {"loss": loss, "correct": correct, "count": weights.sum()}
 
 
-def lm_metrics(config: GPTConfig, params: Params, batch: Batch, dropout_key=None, dtype=jnp.float32, remat=False):
+def lm_metrics(
+    config: GPTConfig, params: Params, batch: Batch, dropout_key: jax.Array | None = None, dtype: Any = jnp.float32, remat: bool = False
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean next-token loss over non-ignored targets, {loss, tokens})."""
     logits = _forward(config, params, batch["inputs"], dropout_key, dtype, remat)
     total, count = losses.masked_lm_loss_terms(logits, batch["targets"])
