@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxft import optim, train
+from jaxft import optim, steps, train
 from jaxft.config import GPTConfig
 from jaxft.model import init_params, param_count
 
@@ -61,7 +61,7 @@ def _run_masked(params, mask, optimizer, batches):
 
     @jax.jit
     def step(params, opt_state, batch):
-        grads = jax.grad(lambda p: train.classification_metrics(CONFIG, "last", p, batch)[0])(params)
+        grads = jax.grad(lambda p: steps.classification_metrics(CONFIG, "last", p, batch)[0])(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -160,7 +160,7 @@ def test_masked_with_every_leaf_trainable_is_the_plain_optimizer():
 
     @jax.jit
     def plain_step(params, opt_state, batch):
-        grads = jax.grad(lambda p: train.classification_metrics(CONFIG, "last", p, batch)[0])(params)
+        grads = jax.grad(lambda p: steps.classification_metrics(CONFIG, "last", p, batch)[0])(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxft import optim, train
+from jaxft import optim, steps, train
 from jaxft.config import GPTConfig
 from jaxft.model import init_params
 
@@ -113,8 +113,8 @@ def _lm_batch(seed: int) -> dict[str, np.ndarray]:
 
 TASKS = {
     "classification": (SMALL.replace(num_classes=2), _classification_batch,
-                       lambda c, p, b, key, remat: train.classification_metrics(c, "last", p, b, key, jnp.float32, remat)),
-    "lm": (SMALL, _lm_batch, lambda c, p, b, key, remat: train.lm_metrics(c, p, b, key, jnp.float32, remat)),
+                       lambda c, p, b, key, remat: steps.classification_metrics(c, "last", p, b, key, jnp.float32, remat)),
+    "lm": (SMALL, _lm_batch, lambda c, p, b, key, remat: steps.lm_metrics(c, p, b, key, jnp.float32, remat)),
 }
 
 
