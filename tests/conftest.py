@@ -14,6 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
 GPT2_VOCAB = SHARED_DATA / "gpt2_vocab"
 
+# CLI runs in the tests keep JAX's compilation cache out of the user's home.
+os.environ.setdefault("XDG_CACHE_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"jaxft-test-cache-{os.getuid()}"))
+
 # Subprocesses (CLI tests) and library code find the genuine vocabulary offline.
 if GPT2_VOCAB.is_dir():
     os.environ.setdefault("JAXFT_GPT2_VOCAB", str(GPT2_VOCAB))

@@ -13,7 +13,7 @@ import sys
 
 from ..download import DownloadError
 from ..tokenizer import TokenizerNotFoundError
-from .common import EXIT_SIGINT, EXIT_USAGE, CLIError
+from .common import EXIT_SIGINT, EXIT_USAGE, CLIError, use_compile_cache
 
 COMMAND_MODULES = (
     "jaxft.cli.weights",  # download, convert, generate
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_compile_cache(getattr(args, "compile_cache", None))
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError) as exc:

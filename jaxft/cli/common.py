@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
+from pathlib import Path
 from typing import Any
+
+import jax
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work itself failed (non-finite loss, a write error)
@@ -103,4 +107,23 @@ def add_recipe_command(subparsers: Any, name: str, help_text: str, defaults: Any
     data = next(g for g in parser._action_groups if g.title == groups["data"])
     data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
     parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument(
+        "--compile-cache", default=str(default_compile_cache()), metavar="DIR",
+        help="JAX's persistent compilation cache, so a rerun does not recompile ('off' to disable)",
+    )
     return parser
+
+
+def default_compile_cache() -> Path:
+    """The user's cache directory for compiled programs ($XDG_CACHE_HOME or ~/.cache)/jaxft/jax."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxft" / "jax"
+
+
+def use_compile_cache(directory: str | None) -> None:
+    """Point JAX's persistent compilation cache at `directory` ('off' or None: leave it off).
+    Every compiled step is cached, however quick its compile, so a rerun starts at once."""
+    if directory is None or directory == "off":
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
