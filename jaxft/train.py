@@ -245,7 +245,8 @@ def fit(
     )
     state = init_state(params, mask, optimizer, seed=settings.seed)
     del params  # the state holds its own copy
-    train_step, eval_step = make_steps(config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat)
+    options = task.step_options(config, state.params, mask, log) if hasattr(task, "step_options") else {}  # e.g. a cached frozen trunk
+    train_step, eval_step = make_steps(config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, **options)
     run = Run(config, settings, eval_step, log, state)
     log(task.describe(config, state.params, state.trainable))
 
