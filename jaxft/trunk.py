@@ -235,7 +235,8 @@ def plan(
     if start == config.n_layers:
         reason = "every block frozen, dropout off: training runs the final norm and the head only"
     else:
-        reason = f"blocks 0..{start - 1} frozen, dropout off: training runs blocks {start}..{config.n_layers - 1}, the final norm and the head"
+        runs = f"block {start}" if start == config.n_layers - 1 else f"blocks {start}..{config.n_layers - 1}"
+        reason = f"blocks 0..{start - 1} frozen, dropout off: training runs {runs}, the final norm and the head"
     return CachePlan(True, reason, start, nbytes)
 
 
