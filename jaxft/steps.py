@@ -1,7 +1,8 @@
 """jit-compiled train and eval steps for both losses, and evaluation over batches.
 
 A batch is a dict of NumPy/JAX arrays with static shapes:
-  classification: tokens [B, T], labels [B], lengths [B] (real tokens), weights [B] (0 = padding row)
+  classification: tokens [B, T], labels [B], lengths [B] (real tokens), weights [B] (0 = padding row);
+    with `start_block` (a cached frozen trunk, see jaxft.trunk) hidden [B, T, D] in place of tokens
   language model: inputs [B, T], targets [B, T] (-100 = ignored)
 Eval batches are padded to the full batch size (weight 0 / all targets -100), so a whole
 run compiles each step once per shape.
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import losses, model
+from . import losses, model, trunk
 from .config import GPTConfig
 from .model import Params
 from .optim import merge, split
@@ -52,10 +53,22 @@ def _forward(config: GPTConfig, params: Params, tokens: jax.Array, dropout_key, 
 
 
 def classification_metrics(
-    config: GPTConfig, pooling: str, params: Params, batch: Batch, dropout_key: jax.Array | None = None, dtype: Any = jnp.float32, remat: bool = False
+    config: GPTConfig,
+    pooling: str,
+    params: Params,
+    batch: Batch,
+    dropout_key: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+    start_block: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(weighted mean loss, {loss, correct, count}) for a classification batch."""
-    logits = _forward(config, params, batch["tokens"], dropout_key, dtype, remat)
+    """(weighted mean loss, {loss, correct, count}) for a classification batch. With
+    `start_block`, the batch carries the cached residual stream `hidden` [B, T, D] after block
+    start_block-1 instead of `tokens`, and only the rest of the model runs (no dropout)."""
+    if start_block is None:
+        logits = _forward(config, params, batch["tokens"], dropout_key, dtype, remat)
+    else:
+        logits = trunk.suffix_apply(config, params, batch["hidden"], start_block, dtype=dtype, remat=remat)
     pooled = losses.pool(logits, batch.get("lengths"), pooling)
     weights = batch["weights"].astype(jnp.float32)
     per_example = optax.softmax_cross_entropy_with_integer_labels(pooled, batch["labels"])
@@ -82,15 +95,22 @@ def make_steps(
     pooling: str = "last",
     dtype: Any = jnp.float32,
     remat: bool = False,
+    start_block: int | None = None,
 ) -> tuple[Callable, Callable]:
     """jit-compiled (train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> metrics).
 
     task: "classification" or "lm". Gradients flow to the trainable tree only.
+    start_block (classification only): batches carry a cached frozen trunk's output `hidden`
+    instead of `tokens` (see jaxft.trunk); blocks before start_block must be frozen.
     """
+    if start_block is not None and task != "classification":
+        raise ValueError("start_block (a cached frozen trunk) is for classification only")
+    if start_block is not None and config.drop_rate > 0:
+        raise ValueError(f"start_block: a cached trunk needs dropout off (drop rate {config.drop_rate})")
     if task == "classification":
         if pooling not in losses.POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
-        metrics_fn = functools.partial(classification_metrics, config, pooling)
+        metrics_fn = functools.partial(classification_metrics, config, pooling, start_block=start_block)
     elif task == "lm":
         metrics_fn = functools.partial(lm_metrics, config)
     else:

@@ -154,6 +154,11 @@ class Task:
         """How many examples (or tokens) a training batch counts for the history."""
         raise NotImplementedError
 
+    def step_options(self, config: GPTConfig, params: Params, mask: Params, log: Callable[[str], None]) -> dict[str, Any]:
+        """Extra options for `make_steps` (e.g. `start_block` with a cached frozen trunk);
+        called once, before training, with the initial parameters and the trainable mask."""
+        return {}
+
     def describe(self, config: GPTConfig, params: Params, trainable: Params) -> str:
         """The line logged before training."""
         return f"model {config.name}: {param_count(params):,} parameters, {param_count(trainable):,} trainable"
@@ -245,7 +250,8 @@ def fit(
     )
     state = init_state(params, mask, optimizer, seed=settings.seed)
     del params  # the state holds its own copy
-    train_step, eval_step = make_steps(config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat)
+    options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
+    train_step, eval_step = make_steps(config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, **options)
     run = Run(config, settings, eval_step, log, state)
     log(task.describe(config, state.params, state.trainable))
 

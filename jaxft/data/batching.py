@@ -119,15 +119,19 @@ def classification_batches(
     padding: "longest" keeps the arrays' width (the longest training text: one shape for the
     whole run, the reference's); "batch" cuts each batch to its longest text; "bucket" to that
     rounded up to a multiple of 16 (few shapes, little padding).
+
+    `arrays` may carry "hidden" [N, T, D] (a cached frozen trunk, jaxft.trunk) in place of
+    "tokens": it is batched, cut and padded (with zeros) the same way.
     """
     if padding not in PADDINGS:
         raise ValueError(f"unknown padding {padding!r}; choose one of: {', '.join(PADDINGS)}")
-    width_all = arrays["tokens"].shape[1]
-    arrays = {**arrays, "weights": np.ones(len(arrays["tokens"]), np.float32)}
-    fill = {"tokens": pad_id, "labels": 0, "lengths": 1, "weights": 0.0}
+    key = "hidden" if "hidden" in arrays else "tokens"
+    width_all = arrays[key].shape[1]
+    arrays = {**arrays, "weights": np.ones(len(arrays[key]), np.float32)}
+    fill = {"tokens": pad_id, "hidden": 0.0, "labels": 0, "lengths": 1, "weights": 0.0}
     for batch in batches(arrays, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, epoch=epoch):
         if padding != "longest":
             multiple = BUCKET_MULTIPLE if padding == "bucket" else 1
             width = min(-(-int(batch["lengths"].max()) // multiple) * multiple, width_all)
-            batch = {**batch, "tokens": batch["tokens"][:, :width]}
+            batch = {**batch, key: batch[key][:, :width]}
         yield pad_rows(batch, batch_size, fill)

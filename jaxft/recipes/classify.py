@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import losses, model, sources, train, weights
+from .. import losses, model, sources, train, trunk, weights
 from ..config import GPTConfig
 from ..data import batching, labeled, spam
 from ..data.batching import PADDINGS
@@ -57,6 +58,12 @@ class ClassifierRecipe:
     pooling: str = setting("last", "which position's logits classify: last (the reference), last-non-pad, first or mean", group="model", choices=losses.POOLINGS)
     padding: str = setting("longest", "pad to the longest training text, the longest in each batch, or 16-token buckets", group="data", choices=PADDINGS)
     max_length: int | None = setting(None, "pad/truncate to this many tokens (default: the longest training text)", group="data")
+    trunk_cache: bool | None = setting(
+        None,
+        "compute the frozen prefix of the model once per example and train only the suffix: on/off "
+        "(default on where exact: dropout 0 and leading blocks frozen, i.e. head, last-block, last-N-blocks)",
+    )
+    trunk_cache_max_gb: float = setting(8.0, "host-memory bound of the trunk cache (GB); above it the run trains uncached")
 
     def validate(self) -> None:
         self.trainer.validate()
@@ -73,6 +80,8 @@ class ClassifierRecipe:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max-length must be >= 1, got {self.max_length}")
+        if not self.trunk_cache_max_gb >= 0:
+            raise ValueError(f"trunk-cache-max-gb must be >= 0, got {self.trunk_cache_max_gb}")
 
 
 # --------------------------------------------------------------------------- model surgery
@@ -216,8 +225,15 @@ def encode_splits(
     return ClassificationData(train_split, val_split, test_split, list(class_names), train_split.length)
 
 
+SPLITS = ("train", "validation", "test")
+
+
 class ClassificationTask(train.Task):
-    """Batches of encoded texts, loss on one pooled position, accuracy after every epoch."""
+    """Batches of encoded texts, loss on one pooled position, accuracy after every epoch.
+
+    With a frozen trunk (see jaxft.trunk and `step_options`), the batches carry the cached
+    output of the frozen blocks (`hidden`) instead of token ids, in the same order and padding.
+    """
 
     loss = "classification"
     seen_label = "Examples seen"
@@ -227,18 +243,53 @@ class ClassificationTask(train.Task):
         self.pooling = recipe.pooling
         self.train_accs: list[float] = []
         self.val_accs: list[float] = []
+        self.hidden: dict[str, np.ndarray] | None = None  # split -> cached trunk output [N, T, D]
+        self.trunk_cache: dict[str, Any] = trunk.CachePlan(False, "not planned (no step_options call)", 0, 0).record()
 
-    def _batches(self, split: spam.EncodedSplit, *, shuffle: bool, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    def step_options(self, config: GPTConfig, params: Params, mask: Params, log: Callable[[str], None] = print) -> dict[str, Any]:
+        """Called by `train.fit` before it compiles the steps: when exact and within the memory
+        bound, compute the frozen trunk's output for every example of every split once, and
+        return `make_steps`' `start_block`; else {} (the uncached path)."""
+        splits = [getattr(self.data, name) for name in SPLITS]
+        enabled = self.recipe.trunk_cache is not False
+        rows, seq = sum(len(s) for s in splits), max(s.length for s in splits)
+        plan = trunk.plan(config, mask, enabled=enabled, rows=rows, seq=seq, max_bytes=self.recipe.trunk_cache_max_gb * 1e9)
+        if not plan.used:
+            self.trunk_cache = plan.record()
+            if enabled:
+                log(f"Trunk cache not used: {plan.reason}")
+            return {}
+        start = time.perf_counter()
+        self.hidden = {
+            # In batches of the training batch size: the same shapes as the uncached steps, so
+            # (with "longest" padding) the same float rounding, bit for bit on CPU.
+            name: trunk.trunk_features(
+                config, params, split.tokens, plan.start_block, batch_size=self.recipe.trainer.batch_size, desc=f"trunk features ({name})"
+            )
+            for name, split in zip(SPLITS, splits)
+        }
+        seconds = time.perf_counter() - start
+        nbytes = sum(h.nbytes for h in self.hidden.values())
+        self.trunk_cache = {**plan.record(seconds), "bytes": nbytes}
+        log(f"Trunk cache: {plan.reason}; {rows} examples x {seq} positions, {trunk.gigabytes(nbytes)} host memory, {seconds:.1f} s")
+        return {"start_block": plan.start_block}
+
+    def _batches(self, name: str, *, shuffle: bool, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        arrays = getattr(self.data, name).arrays()
+        if self.hidden is not None:
+            arrays = {"hidden": self.hidden[name], "labels": arrays["labels"], "lengths": arrays["lengths"]}
         return batching.classification_batches(
-            split.arrays(), self.recipe.trainer.batch_size, shuffle=shuffle, drop_last=shuffle,
+            arrays, self.recipe.trainer.batch_size, shuffle=shuffle, drop_last=shuffle,
             seed=self.recipe.trainer.seed, epoch=epoch, padding=self.recipe.padding, pad_id=PAD_ID,
         )
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        return self._batches(self.data.train, shuffle=True, epoch=epoch)
+        return self._batches("train", shuffle=True, epoch=epoch)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-        return self._batches(getattr(self.data, split), shuffle=False)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        return self._batches(split, shuffle=False)
 
     def steps_per_epoch(self) -> int:
         return batching.num_batches(len(self.data.train), self.recipe.trainer.batch_size, drop_last=True)
@@ -295,6 +346,7 @@ class ClassificationTask(train.Task):
             "class_names": data.class_names,
             "split_sizes": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
             "padded_length": data.max_length,
+            "trunk_cache": self.trunk_cache,
         }
         return metrics, {"plots": [str(p) for p in plots]}
 

@@ -1,0 +1,249 @@
+"""Frozen-trunk caching: run a model's frozen prefix once per example, train only the suffix.
+
+When the trainable parameters leave the embeddings and the first k blocks frozen (trainable
+"head", "last-block", "last-N-blocks"; not "all", not LoRA, whose adapters train in every
+block) and dropout is off, the hidden state after block k-1 is a fixed function of the
+tokens. `trunk_features` computes it once per example; `suffix_apply` runs blocks k.., the
+final LayerNorm and the head on it. Both use model.py's own modules (`Block`, `_layer_norm`,
+`_dense`, `nn.Embed` under the same names), so together they are `model.apply` split in two:
+
+    suffix_apply(cfg, params, trunk_features(cfg, params, tokens, k), k) == model.apply(cfg, params, tokens)
+
+(to float rounding: equal within 1e-6, see tests/test_trunk.py). The cache is the residual
+stream after block k-1, so with every block frozen the final LayerNorm and the head still run
+in the suffix, trainable or not. The attention is causal with no key mask, so position t of
+the cache depends only on tokens <= t: a batch may cut the cached rows to its longest text
+("batch"/"bucket" padding) exactly as it cuts token rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from .config import GPTConfig
+from .model import Block, Params, _dense, _layer_norm
+
+TOKENS_PER_CHUNK = 8192  # rows per feature batch: about this many tokens (at least one row)
+_INIT_STD = 0.02
+
+
+def _causal_mask(seq: int) -> jax.Array:
+    """model.GPT2's mask without a key/value cache: [1, 1, T, T], True where a query sees a key."""
+    query_slots = 0 + jnp.arange(seq)
+    return (query_slots[:, None] >= jnp.arange(seq)[None, :])[None, None]
+
+
+class _Prefix(nn.Module):
+    """Embeddings and blocks h_0..h_{n_blocks-1} of GPT2 (same names, same ops), no dropout."""
+
+    config: GPTConfig
+    n_blocks: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.config
+        batch, seq = tokens.shape
+        positions = jnp.broadcast_to(0 + jnp.arange(seq), (batch, seq))
+        wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
+        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
+        x = wte(tokens) + wpe(positions)
+        mask = _causal_mask(seq)
+        for i in range(self.n_blocks):
+            x, _ = Block(cfg, self.dtype, name=f"h_{i}")(x, mask, None, None, True)
+        return x
+
+
+class _Suffix(nn.Module):
+    """Blocks h_{start_block}.., ln_f and the head of GPT2 (same names, same ops), no dropout."""
+
+    config: GPTConfig
+    start_block: int
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        cfg = self.config
+        x = hidden
+        mask = _causal_mask(x.shape[1])
+        block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
+        for i in range(self.start_block, cfg.n_layers):
+            x, _ = block_cls(cfg, self.dtype, name=f"h_{i}")(x, mask, None, None, True)
+        x = _layer_norm(cfg, "ln_f")(x)
+        if cfg.num_classes is not None:
+            out = _dense(cfg.num_classes, "cls_head", self.dtype)(x.astype(self.dtype))
+        elif cfg.tie_embeddings:
+            wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, name="wte")
+            out = wte.attend(x.astype(self.dtype))
+        else:
+            out = _dense(cfg.vocab_size, "lm_head", self.dtype, use_bias=False)(x.astype(self.dtype))
+        return out.astype(jnp.float32)
+
+
+def _subtree(params: Params, names: list[str]) -> Params:
+    return {name: params[name] for name in names if name in params}
+
+
+def prefix_params(config: GPTConfig, params: Params, n_blocks: int) -> Params:
+    """The parameters the prefix reads: wte, wpe, h_0..h_{n_blocks-1}."""
+    return _subtree(params, ["wte", "wpe"] + [f"h_{i}" for i in range(n_blocks)])
+
+
+def suffix_params(config: GPTConfig, params: Params, start_block: int) -> Params:
+    """The parameters the suffix reads: h_{start_block}.., ln_f, the head (and wte when tied)."""
+    names = [f"h_{i}" for i in range(start_block, config.n_layers)] + ["ln_f", "cls_head", "lm_head"]
+    if config.num_classes is None and config.tie_embeddings:
+        names.append("wte")
+    return _subtree(params, names)
+
+
+def prefix_apply(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks: int, *, dtype: Any = jnp.float32) -> jax.Array:
+    """The residual stream after blocks 0..n_blocks-1: fp32 [B, T, D]."""
+    return _Prefix(config, n_blocks, dtype).apply({"params": prefix_params(config, params, n_blocks)}, tokens)
+
+
+def suffix_apply(
+    config: GPTConfig, params: Params, hidden: jax.Array, start_block: int, *, dtype: Any = jnp.float32, remat: bool = False
+) -> jax.Array:
+    """fp32 logits [B, T, classes or vocab] from the residual stream `hidden` [B, T, D] after
+    block start_block-1 (the embeddings for start_block 0): the rest of `model.apply`."""
+    if not 0 <= start_block <= config.n_layers:
+        raise ValueError(f"start_block {start_block} outside 0..{config.n_layers}")
+    module = _Suffix(config, start_block, dtype, remat)
+    return module.apply({"params": suffix_params(config, params, start_block)}, hidden)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _prefix_jit(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks: int, dtype: Any) -> jax.Array:
+    return prefix_apply(config, params, tokens, n_blocks, dtype=dtype)
+
+
+def trunk_features(
+    config: GPTConfig,
+    params: Params,
+    tokens: np.ndarray,
+    n_blocks: int,
+    *,
+    batch_size: int | None = None,
+    dtype: Any = jnp.float32,
+    progress: bool | None = None,
+    desc: str = "trunk features",
+) -> np.ndarray:
+    """The frozen prefix's output for every row of `tokens` [N, T]: fp32 NumPy [N, T, D] in host
+    memory. Jitted, in batches of `batch_size` rows (default: about TOKENS_PER_CHUNK tokens);
+    the last batch is padded so there is one compilation. A tqdm bar when there are more than
+    a few batches (`progress` forces it on or off)."""
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [N, T], got shape {tokens.shape}")
+    n, seq = tokens.shape
+    if batch_size is None:
+        batch_size = max(1, min(n, TOKENS_PER_CHUNK // max(seq, 1)))
+    sub = jax.device_put(prefix_params(config, params, n_blocks))
+    out = np.empty((n, seq, config.emb_dim), np.float32)
+    starts = range(0, n, batch_size)
+    bar = None
+    if progress or (progress is None and len(starts) > 20):
+        bar = tqdm(total=n, desc=desc, unit="ex", leave=False)
+    pending: tuple[int, int, jax.Array] | None = None  # overlap: copy batch b-1 while b runs
+    for start in starts:
+        stop = min(start + batch_size, n)
+        chunk = tokens[start:stop]
+        if stop - start < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - (stop - start), seq), np.int32)])
+        result = _prefix_jit(config, sub, chunk, n_blocks, dtype)
+        if pending is not None:
+            a, b, prev = pending
+            out[a:b] = np.asarray(prev)[: b - a]
+            if bar is not None:
+                bar.update(b - a)
+        pending = (start, stop, result)
+    if pending is not None:
+        a, b, prev = pending
+        out[a:b] = np.asarray(prev)[: b - a]
+        if bar is not None:
+            bar.update(b - a)
+            bar.close()
+    return out
+
+
+# --------------------------------------------------------------------------- when to cache
+
+
+def frozen_prefix_blocks(config: GPTConfig, mask: Params) -> int:
+    """How many leading blocks are entirely frozen, given a trainable mask (see
+    `optim.trainable_mask`); 0 when the embeddings train. LoRA adapters train in every block,
+    so a LoRA model has no frozen prefix."""
+
+    def frozen(name: str) -> bool:
+        return name not in mask or not any(bool(m) for m in jax.tree_util.tree_leaves(mask[name]))
+
+    if not (frozen("wte") and frozen("wpe")):
+        return 0
+    n = 0
+    while n < config.n_layers and frozen(f"h_{n}"):
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Whether a run caches its frozen trunk, and why (or why not)."""
+
+    used: bool
+    reason: str
+    start_block: int  # the suffix starts here (0 when not used)
+    bytes: int  # the cache's host memory (estimated before computing it)
+
+    def record(self, seconds: float = 0.0) -> dict[str, Any]:
+        return {"used": self.used, "reason": self.reason, "seconds": seconds, "bytes": self.bytes, "start_block": self.start_block}
+
+
+def plan(
+    config: GPTConfig,
+    mask: Params,
+    *,
+    enabled: bool,
+    rows: int,
+    seq: int,
+    max_bytes: float,
+) -> CachePlan:
+    """Cache when enabled, dropout is off, some leading blocks are frozen, and `rows` examples of
+    `seq` positions fit in `max_bytes` (rows * seq * emb_dim * 4 bytes of fp32)."""
+    nbytes = estimate_bytes(config, rows, seq)
+    start = frozen_prefix_blocks(config, mask)
+    if not enabled:
+        return CachePlan(False, "turned off (--trunk-cache off)", 0, 0)
+    if config.drop_rate > 0:
+        return CachePlan(False, f"dropout {config.drop_rate} makes the frozen prefix's output random", 0, 0)
+    if start == 0:
+        why = "LoRA adapters train in every block" if config.lora_rank else "the first block (or the embeddings) trains"
+        return CachePlan(False, f"no frozen prefix: {why}", 0, 0)
+    if nbytes > max_bytes:
+        return CachePlan(
+            False, f"the cache would take {nbytes / 1e9:.2f} GB, over the {max_bytes / 1e9:g} GB bound (--trunk-cache-max-gb)", 0, 0
+        )
+    if start == config.n_layers:
+        reason = "every block frozen, dropout off: training runs the final norm and the head only"
+    else:
+        runs = f"block {start}" if start == config.n_layers - 1 else f"blocks {start}..{config.n_layers - 1}"
+        reason = f"blocks 0..{start - 1} frozen, dropout off: training runs {runs}, the final norm and the head"
+    return CachePlan(True, reason, start, nbytes)
+
+
+def estimate_bytes(config: GPTConfig, rows: int, seq: int) -> int:
+    """Host bytes of a cache of `rows` examples of `seq` positions (fp32)."""
+    return int(rows) * int(seq) * config.emb_dim * 4
+
+
+def gigabytes(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
