@@ -15,6 +15,10 @@ place for shardings), `Task.train_batches` the only source of training data.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -36,9 +40,10 @@ from .steps import (
     init_state,
     make_steps,
 )
-from .fileio import atomic_dir, write_json
+from .fileio import atomic_dir, to_strict_json, write_json
+from .interrupts import catch_signals, exit_code, signal_name
 
-__all__ = ["TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
+__all__ = ["TrainingStopped", "Interrupted", "NonFiniteLoss", "TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
 
 METRICS_FILE = "metrics.json"
 TRAINABLE_HELP = "head | last-block | last-N-blocks (e.g. last-2-blocks) | all | lora"
@@ -75,6 +80,8 @@ class TrainerSettings:
     max_steps: int | None = setting(None, "stop training after this many steps (quick runs)")
     remat: bool = setting(False, "recompute each block's activations in the backward pass (less memory)")
     seed: int = setting(123, "seed of the data order, head initialisation and dropout")
+    checkpoint_every: int | None = setting(None, "write a checkpoint every this many optimizer steps (default: at every epoch end)", group="output")
+    keep: int = setting(2, "how many of the newest checkpoints to keep", group="output")
     export_pth: bool = setting(False, "also write the reference's state dict (.pth)", group="output")
 
     def validate(self) -> None:
@@ -84,8 +91,14 @@ class TrainerSettings:
         for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight-decay must be finite and >= 0, got {self.weight_decay}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max-steps must be >= 1, got {self.max_steps}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
@@ -180,38 +193,217 @@ class Task:
         """Task-specific outputs written after the model: (metrics, output paths)."""
         return {}, {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the task accumulated during training (JSON-able), stored in checkpoints."""
+        return {}
 
-def _train_epochs(run: Run, train_step: Callable, task: Task) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (on resume)."""
+
+    def data_hash(self) -> str | None:
+        """A digest of the training data (a resumed run must train on the same data)."""
+        return None
+
+
+def hash_arrays(*arrays: Any) -> str:
+    """sha256 over arrays' dtypes, shapes and bytes (for `Task.data_hash`)."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        a = np.ascontiguousarray(np.asarray(array))
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+class TrainingStopped(Exception):
+    """Training stopped before its end; `exit_code` is the command's exit status and
+    str() is one line."""
+
+    exit_code = 1
+
+
+class Interrupted(TrainingStopped):
+    """SIGINT / SIGTERM: the run finished its step and wrote a checkpoint (when it has a
+    checkpoint directory)."""
+
+    def __init__(self, step: int, signum: int, checkpointed: bool) -> None:
+        self.step, self.signum, self.checkpointed = step, signum, checkpointed
+        self.exit_code = exit_code(signum)
+        what = "checkpoint written" if checkpointed else "no checkpoint (no checkpoint directory)"
+        super().__init__(f"interrupted at step {step} ({signal_name(signum)}); {what}")
+
+
+class NonFiniteLoss(TrainingStopped):
+    """A training step's loss was NaN or infinite."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, loss: float, last_checkpoint: int | None) -> None:
+        self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+        good = f"last good checkpoint at step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint"
+        super().__init__(f"non-finite training loss ({loss}) at step {step}; {good}")
+
+
+def _normalised(value: Any) -> Any:
+    return json.loads(json.dumps(to_strict_json(value), allow_nan=False))
+
+
+def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
+    """The dotted name of the first setting that differs (None: equal)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            name = f"{path}.{key}" if path else str(key)
+            if key not in saved or key not in current:
+                return name
+            diff = _first_difference(saved[key], current[key], name)
+            if diff is not None:
+                return diff
+        return None
+    return None if saved == current else (path or "settings")
+
+
+@dataclass
+class Position:
+    """Where training is: `epoch`, `batch` (batches of that epoch done; its epoch_end not
+    yet run) and the initial evaluation's metrics."""
+
+    epoch: int = 0
+    batch: int = 0
+    initial: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpoints:
+    """`fit`'s use of jaxft.checkpoint.Checkpointer: the state's arrays and the run's record."""
+
+    def __init__(self, directory: Path, settings: TrainerSettings, record: dict[str, Any], task: Task) -> None:
+        from .checkpoint import Checkpointer
+
+        self.checkpointer = Checkpointer(directory, keep=settings.keep, async_save=True)
+        self.record = _normalised(record)
+        self.data_hash = task.data_hash()
+        self.last: int | None = None  # the newest checkpoint's step
+
+    @staticmethod
+    def arrays(state: TrainState) -> dict[str, Any]:
+        return {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+
+    def save(self, run: Run, task: Task, position: Position) -> None:
+        step = run.history.total_steps
+        meta = {
+            "epoch": position.epoch,
+            "batch": position.batch,
+            "global_step": step,
+            "history": dataclasses.asdict(run.history),
+            "initial": position.initial,
+            "task": task.state_dict(),
+            "settings": self.record,
+            "data_hash": self.data_hash,
+        }
+        self.checkpointer.save(step, self.arrays(run.state), meta)
+        self.last = step
+
+    def restore(self, run: Run, task: Task) -> Position | None:
+        """Continue from the latest complete checkpoint (None: there is none); refuses one
+        of other settings or data."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return None
+        arrays, meta = self.checkpointer.restore(step, self.arrays(run.state))
+        where = self.checkpointer.directory / str(step)
+        diff = _first_difference(meta.get("settings"), self.record)
+        if diff is not None:
+            raise ValueError(f"cannot resume from {where}: setting {diff} differs from the checkpoint's")
+        if meta.get("data_hash") != self.data_hash:
+            raise ValueError(f"cannot resume from {where}: the training data differs from the checkpoint's (another data hash)")
+        run.state = run.state._replace(**arrays)
+        run.history = History(**meta["history"])
+        task.load_state_dict(meta.get("task") or {})
+        self.last = step
+        return Position(int(meta["epoch"]), int(meta["batch"]), dict(meta.get("initial") or {}))
+
+    def wait(self) -> None:
+        self.checkpointer.wait()
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position | None = None,
+                  checkpoints: Checkpoints | None = None) -> None:
     """The reference's train_classifier_simple / train_model_simple loop.
 
     Evaluates every `eval_freq` steps on `eval_iter` training and validation batches (the
     first time at step 0, after one update, as the reference does), logs the reference's line,
     and calls `task.epoch_end` after each epoch. Stops early after `max_steps` steps.
+
+    From `position` (a resumed run: the batches of its epoch already done are skipped; the
+    batches are a function of (seed, epoch)). With `checkpoints`, saves every
+    `checkpoint_every` steps (default: at each epoch end); SIGINT/SIGTERM stop the run after
+    the current step with a checkpoint (`Interrupted`); a non-finite loss stops it at once
+    (`NonFiniteLoss`).
     """
     settings, history = run.settings, run.history
+    position = position if position is not None else Position()
     global_step = history.total_steps - 1
     start = time.perf_counter()
-    for epoch in range(settings.epochs):
-        for batch in task.train_batches(epoch):
-            run.state, _ = train_step(run.state, batch)
-            history.total_seen += task.seen(batch)
-            global_step += 1
-            if global_step % settings.eval_freq == 0:
-                train_loss = run.evaluate(task.train_batches(epoch), settings.eval_iter)["loss"]
-                val_loss = run.evaluate(task.eval_batches("validation"), settings.eval_iter)["loss"]
-                history.train_losses.append(train_loss)
-                history.val_losses.append(val_loss)
-                history.steps.append(global_step)
-                history.seen.append(history.total_seen)
-                run.log(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-            if settings.max_steps is not None and global_step + 1 >= settings.max_steps:
-                break
-        history.epoch_seen.append(history.total_seen)
-        history.total_steps = global_step + 1
-        task.epoch_end(run, epoch)
-        if settings.max_steps is not None and history.total_steps >= settings.max_steps:
-            break
-    history.seconds += time.perf_counter() - start
+
+    def done() -> bool:
+        return settings.max_steps is not None and global_step + 1 >= settings.max_steps
+
+    def save() -> None:
+        if checkpoints is not None and checkpoints.last != history.total_steps:
+            checkpoints.save(run, task, position)
+
+    try:
+        with catch_signals() as stop:
+            for epoch in range(position.epoch, settings.epochs):
+                if position.epoch != epoch:
+                    position.epoch, position.batch = epoch, 0
+                if done() and position.batch == 0:  # resumed after the last epoch_end
+                    break
+                if not done():  # else a resumed run stopped at max_steps mid-epoch: only epoch_end is left
+                    for batch in itertools.islice(task.train_batches(epoch), position.batch, None):
+                        run.state, metrics = train_step(run.state, batch)
+                        loss = float(metrics["loss"])  # one scalar to the host per step
+                        global_step += 1
+                        if not math.isfinite(loss):
+                            raise NonFiniteLoss(global_step + 1, loss, checkpoints.last if checkpoints else None)
+                        history.total_seen += task.seen(batch)
+                        history.total_steps = global_step + 1
+                        position.batch += 1
+                        if global_step % settings.eval_freq == 0:
+                            train_loss = run.evaluate(task.train_batches(epoch), settings.eval_iter)["loss"]
+                            val_loss = run.evaluate(task.eval_batches("validation"), settings.eval_iter)["loss"]
+                            history.train_losses.append(train_loss)
+                            history.val_losses.append(val_loss)
+                            history.steps.append(global_step)
+                            history.seen.append(history.total_seen)
+                            run.log(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                        if settings.checkpoint_every is not None and history.total_steps % settings.checkpoint_every == 0:
+                            save()
+                        if stop.requested is not None:
+                            save()
+                            history.seconds += time.perf_counter() - start
+                            start = time.perf_counter()
+                            if checkpoints is not None:
+                                checkpoints.wait()
+                            raise Interrupted(history.total_steps, stop.requested, checkpoints is not None)
+                        if done():
+                            break
+                history.epoch_seen.append(history.total_seen)
+                history.total_steps = global_step + 1
+                task.epoch_end(run, epoch)
+                position.epoch, position.batch = epoch + 1, 0
+                if settings.checkpoint_every is None:
+                    history.seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save()
+                if done():
+                    break
+    finally:
+        history.seconds += time.perf_counter() - start
 
 
 def save_model_dir(config: GPTConfig, params: Params, path: Path, metadata: dict[str, Any]) -> Path:
@@ -232,11 +424,17 @@ def fit(
     record: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     started: float | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train `params` on `task` with `settings`, evaluate, and write the run's outputs to
     `out_dir`: loss plot, `model/`, the reference `.pth` when asked, and `metrics.json`
     (returned), which stores `record` (the recipe's full settings) under "recipe".
-    `config`/`params` are the model after the recipe's surgery (head, LoRA)."""
+    `config`/`params` are the model after the recipe's surgery (head, LoRA).
+
+    With `checkpoint_dir`, training writes checkpoints there (see `_train_epochs`); with
+    `resume` too, it continues from the latest one, which must have been written with equal
+    settings (`record`) and training data."""
     started = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
     mask = optim.trainable_mask(config, params, settings.trainable, settings.final_norm)
@@ -249,8 +447,21 @@ def fit(
     run = Run(config, settings, eval_step, log, state)
     log(task.describe(config, state.params, state.trainable))
 
-    initial = task.initial(run)
-    _train_epochs(run, train_step, task)
+    record = record if record is not None else dataclasses.asdict(settings)
+    checkpoints = Checkpoints(Path(checkpoint_dir), settings, record, task) if checkpoint_dir is not None else None
+    try:
+        position = checkpoints.restore(run, task) if checkpoints is not None and resume else None
+        if position is None:
+            position = Position(initial=task.initial(run))
+            if checkpoints is not None:
+                checkpoints.save(run, task, position)  # step 0: a resume never needs the initial evaluation again
+        else:
+            log(f"resuming from step {run.history.total_steps} (epoch {position.epoch + 1}, batch {position.batch})")
+        initial = position.initial
+        _train_epochs(run, train_step, task, position, checkpoints)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
     history = run.history
     log(f"Training completed in {history.seconds / 60:.2f} minutes.")
 
@@ -285,7 +496,7 @@ def fit(
         "train_step_compilations": compile_count(train_step),
         "eval_step_compilations": compile_count(eval_step),
         "model_config": config.to_dict(),
-        "recipe": record if record is not None else dataclasses.asdict(settings),
+        "recipe": record,
         "outputs": outputs,
         "run": run_info(),
     }

@@ -12,7 +12,7 @@ import numpy as np
 from ..data import spam
 from ..recipes.classify import Classifier, ClassifierRecipe, load_frames, run
 from ..tokenizer import get_tokenizer
-from .common import add_settings_arguments, settings_from_args
+from .common import add_run_arguments, add_settings_arguments, claimed_run, settings_from_args
 
 GROUPS = {"data": "data (default: the SMS Spam Collection)", "model": "model", "training": "training", "output": "output"}
 
@@ -22,11 +22,12 @@ def _finetune(args: argparse.Namespace) -> int:
     recipe.validate()
     tokenizer = get_tokenizer(args.vocab_dir)
     start = time.perf_counter()
-    frames, class_names, split_here = load_frames(recipe)
-    if split_here:
-        spam.write_splits(Path(args.out) / "data", *frames)  # the reference's train/validation/test.csv
-    print(f"splits: train {len(frames[0])}, validation {len(frames[1])}, test {len(frames[2])}; classes {class_names}")
-    metrics = run(recipe, args.out, frames, class_names, tokenizer)
+    with claimed_run(args, recipe) as rundir:
+        frames, class_names, split_here = load_frames(recipe)
+        if split_here:
+            spam.write_splits(Path(args.out) / "data", *frames)  # the reference's train/validation/test.csv
+        print(f"splits: train {len(frames[0])}, validation {len(frames[1])}, test {len(frames[2])}; classes {class_names}")
+        metrics = run(recipe, args.out, frames, class_names, tokenizer, checkpoint_dir=rundir.checkpoints, resume=args.resume)
     print(f"wrote {Path(args.out) / 'metrics.json'} ({(time.perf_counter() - start) / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["test_loss"]) else 1
 
@@ -53,7 +54,8 @@ def register(subparsers: Any) -> None:
     add_settings_arguments(p, ClassifierRecipe(), GROUPS)
     data = next(g for g in p._action_groups if g.title == GROUPS["data"])
     data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
-    p.add_argument("--out", required=True, help="output directory: metrics.json, plots, model/")
+    p.add_argument("--out", required=True, help="output directory: metrics.json, plots, model/, run.json, checkpoints/")
+    add_run_arguments(p)
     p.set_defaults(func=_finetune)
 
     c = subparsers.add_parser("classify", help="classify text with a fine-tuned classifier")

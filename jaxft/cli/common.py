@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import shlex
 import typing
-from typing import Any
+from typing import Any, Iterator
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work itself failed (non-finite loss, a write error)
@@ -93,3 +95,55 @@ def settings_from_args(cls: type, args: argparse.Namespace) -> Any:
         else:
             values[f.name] = getattr(args, f.name)
     return cls(**values)
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--resume and --overwrite: how to use an --out that already holds a run (not settings)."""
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out (only a directory holding a jaxft run is cleared)")
+
+
+def flat_settings(recipe: Any) -> dict[str, Any]:
+    """A settings dataclass's leaf settings by name (what run.json records and compares)."""
+    return _leaf_defaults(recipe)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes this run."""
+    argv = [a for a in getattr(args, "argv", None) or [] if a not in ("--resume", "--overwrite")]
+    return "jaxft " + shlex.join([*argv, "--resume"])
+
+
+@contextlib.contextmanager
+def claimed_run(args: argparse.Namespace, recipe: Any) -> Iterator[Any]:
+    """Claim --out for this command (jaxft.rundir) before any work, and record how the run
+    ended in run.json: completed, failed (with the reason) or interrupted. An interruption
+    is re-raised with the command that resumes it."""
+    from ..rundir import claim
+    from ..train import Interrupted, TrainingStopped
+
+    run = claim(args.out, command=args.command, settings=flat_settings(recipe), resume=args.resume, overwrite=args.overwrite,
+                argv=getattr(args, "argv", None))
+    try:
+        yield run
+    except Interrupted as exc:
+        run.mark("interrupted", str(exc))
+        if exc.checkpointed:
+            exc.args = (f"{exc}; resume with: {resume_command(args)}",)
+        raise
+    except TrainingStopped as exc:
+        run.mark("failed", str(exc))
+        raise
+    except KeyboardInterrupt:
+        run.mark("interrupted", "KeyboardInterrupt")
+        raise
+    except BaseException as exc:
+        run.mark("failed", " ".join(str(exc).split()) or type(exc).__name__)
+        raise
+    else:
+        run.mark("completed")
+    finally:
+        run.release()

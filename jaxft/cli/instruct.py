@@ -21,7 +21,7 @@ from ..recipes.instruct import (
 from ..tokenizer import get_tokenizer
 from ..fileio import write_json
 from ..weights import native
-from .common import add_settings_arguments, settings_from_args
+from .common import add_run_arguments, add_settings_arguments, claimed_run, settings_from_args
 
 GROUPS = {
     "data": "data (default: the reference's instruction-data.json)",
@@ -36,7 +36,8 @@ def _finetune(args: argparse.Namespace) -> int:
     recipe = settings_from_args(InstructRecipe, args)
     recipe.validate()
     tokenizer = get_tokenizer(args.vocab_dir)
-    metrics = run(recipe, args.out, data_file(recipe), tokenizer)
+    with claimed_run(args, recipe) as rundir:
+        metrics = run(recipe, args.out, data_file(recipe), tokenizer, checkpoint_dir=rundir.checkpoints, resume=args.resume)
     print(f"wrote {Path(args.out) / METRICS_FILE} ({metrics['total_seconds'] / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["final_validation_loss"]) else 1
 
@@ -73,7 +74,8 @@ def register(subparsers: Any) -> None:
     add_settings_arguments(p, InstructRecipe(), GROUPS)
     d = next(g for g in p._action_groups if g.title == GROUPS["data"])
     d.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
-    p.add_argument("--out", required=True, help="output directory: metrics.json, loss plots, responses, model/")
+    p.add_argument("--out", required=True, help="output directory: metrics.json, loss plots, responses, model/, run.json, checkpoints/")
+    add_run_arguments(p)
     p.set_defaults(func=_finetune)
 
     r = subparsers.add_parser(
