@@ -30,11 +30,12 @@ PER_PROCESS = {"train_step_compilations", "eval_step_compilations", "generate_co
 RUNNER = "import sys; from jaxft.cli import main; sys.exit(main(sys.argv[1:]))"
 
 COMMANDS = {
-    # each step evaluates (--eval-freq 1) so that training lasts long enough to be killed mid-way
-    "finetune-classifier": ["--epochs", "2", "--max-steps", "24", "--eval-freq", "1", "--eval-iter", "8",
+    # each step evaluates (--eval-freq 1) so that training lasts long enough to be killed mid-way;
+    # both cross an epoch boundary (classifier: 8 steps per epoch; instruct: 12)
+    "finetune-classifier": ["--epochs", "2", "--batch-size", "128", "--max-length", "16", "--eval-freq", "1", "--eval-iter", "2",
                             "--trainable", "all", "--drop-rate", "0.1", "--lr", "1e-3"],
-    "finetune-instruct": ["--epochs", "1", "--max-steps", "18", "--eval-freq", "1", "--eval-iter", "4",
-                          "--batch-size", "4", "--no-responses", "--lr", "1e-3"],
+    "finetune-instruct": ["--epochs", "2", "--max-steps", "16", "--limit", "60", "--batch-size", "4", "--eval-freq", "1",
+                          "--eval-iter", "2", "--allowed-max-length", "64", "--bucket-multiple", "64", "--no-responses", "--lr", "1e-3"],
 }
 
 
@@ -151,30 +152,24 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(hparams, uninterrupted, 
     _assert_same_run(uninterrupted[command], out)
 
 
-def test_resume_with_other_settings_is_refused(hparams, tmp_path):
+def test_other_settings_and_used_directories_refused_overwrite_starts_over(hparams, uninterrupted, tmp_path):
     command = "finetune-classifier"
+    done = uninterrupted[command]
+    before = (done / "metrics.json").read_bytes()
+    result = _run(_argv(command, hparams, done, "--checkpoint-every", "3"))  # a completed run's directory
+    assert result.returncode == 2 and "--overwrite" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (done / "metrics.json").read_bytes() == before
+
     out = tmp_path / "run"
     argv = _argv(command, hparams, out, "--checkpoint-every", "3")
     _kill_after_checkpoint(argv, out, at_least=3)
     result = _run([*argv, "--lr", "2e-3", "--resume"])
-    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "lr differs" in lines[0], result.stderr
-
-
-def test_used_directory_refused_unless_overwrite(hparams, uninterrupted, tmp_path):
-    command = "finetune-classifier"
-    out = uninterrupted[command]
-    before = (out / "metrics.json").read_bytes()
-    result = _run(_argv(command, hparams, out, "--checkpoint-every", "3"))
-    assert result.returncode == 2 and "--overwrite" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert (out / "metrics.json").read_bytes() == before
-    copy = tmp_path / "run"
-    result = _run(_argv(command, hparams, copy, "--checkpoint-every", "3", "--max-steps", "2"))
+    assert result.returncode == 2 and len(lines) == 1 and "lr differs" in lines[0], result.stderr
+    result = _run([*argv, "--overwrite"])
     assert result.returncode == 0, result.stderr[-3000:]
-    result = _run(_argv(command, hparams, copy, "--checkpoint-every", "3", "--overwrite"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_run(out, copy)
+    assert len(json.loads((out / "run.json").read_text())["attempts"]) == 1  # a new run
+    _assert_same_run(done, out)
 
 
 @pytest.mark.parametrize("flags, message", [(["--lr", "inf"], "lr must be finite"), (["--weight-decay", "-5"], "weight-decay must be")])
