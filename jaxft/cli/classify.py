@@ -22,12 +22,15 @@ def _finetune(args: argparse.Namespace) -> int:
     recipe.validate()
     tokenizer = get_tokenizer(args.vocab_dir)
     start = time.perf_counter()
-    with claimed_run(args, recipe) as rundir:
-        frames, class_names, split_here = load_frames(recipe)
+    frames, class_names, split_here = load_frames(recipe)
+    print(f"splits: train {len(frames[0])}, validation {len(frames[1])}, test {len(frames[2])}; classes {class_names}")
+
+    def write_splits() -> None:  # once the directory is ours
         if split_here:
             spam.write_splits(Path(args.out) / "data", *frames)  # the reference's train/validation/test.csv
-        print(f"splits: train {len(frames[0])}, validation {len(frames[1])}, test {len(frames[2])}; classes {class_names}")
-        metrics = run(recipe, args.out, frames, class_names, tokenizer, checkpoint_dir=rundir.checkpoints, resume=args.resume)
+
+    with claimed_run(args, recipe, then=write_splits) as rundir:
+        metrics = run(recipe, args.out, frames, class_names, tokenizer, claim=rundir.claim, resume=args.resume)
     print(f"wrote {Path(args.out) / 'metrics.json'} ({(time.perf_counter() - start) / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["test_loss"]) else 1
 

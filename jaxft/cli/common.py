@@ -117,33 +117,57 @@ def resume_command(args: argparse.Namespace) -> str:
     return "jaxft " + shlex.join([*argv, "--resume"])
 
 
+class LazyRun:
+    """Claims --out (jaxft.rundir) when `claim()` is called: after the data and settings
+    checks, before any training, so that a mistake leaves no directory behind."""
+
+    def __init__(self, args: argparse.Namespace, recipe: Any, then: Any = None) -> None:
+        self.args, self.recipe, self.then = args, recipe, then
+        self.run: Any = None
+
+    def claim(self) -> Any:
+        """Take the directory; returns its checkpoint directory (for train.fit)."""
+        from ..rundir import claim
+
+        args = self.args
+        self.run = claim(args.out, command=args.command, settings=flat_settings(self.recipe), resume=args.resume,
+                         overwrite=args.overwrite, argv=getattr(args, "argv", None))
+        if self.then is not None:
+            self.then()
+        return self.run.checkpoints
+
+
 @contextlib.contextmanager
-def claimed_run(args: argparse.Namespace, recipe: Any) -> Iterator[Any]:
-    """Claim --out for this command (jaxft.rundir) before any work, and record how the run
-    ended in run.json: completed, failed (with the reason) or interrupted. An interruption
-    is re-raised with the command that resumes it."""
-    from ..rundir import claim
+def claimed_run(args: argparse.Namespace, recipe: Any, then: Any = None) -> Iterator[LazyRun]:
+    """Yields a LazyRun whose `claim` the recipe calls just before training; once claimed,
+    how the run ends is recorded in run.json: completed, failed (with the reason) or
+    interrupted. An interruption is re-raised with the command that resumes it."""
     from ..train import Interrupted, TrainingStopped
 
-    run = claim(args.out, command=args.command, settings=flat_settings(recipe), resume=args.resume, overwrite=args.overwrite,
-                argv=getattr(args, "argv", None))
+    lazy = LazyRun(args, recipe, then)
     try:
-        yield run
+        yield lazy
     except Interrupted as exc:
-        run.mark("interrupted", str(exc))
-        if exc.checkpointed:
-            exc.args = (f"{exc}; resume with: {resume_command(args)}",)
+        if lazy.run is not None:
+            lazy.run.mark("interrupted", str(exc))
+            if exc.checkpointed:
+                exc.args = (f"{exc}; resume with: {resume_command(args)}",)
         raise
     except TrainingStopped as exc:
-        run.mark("failed", str(exc))
+        if lazy.run is not None:
+            lazy.run.mark("failed", str(exc))
         raise
     except KeyboardInterrupt:
-        run.mark("interrupted", "KeyboardInterrupt")
+        if lazy.run is not None:
+            lazy.run.mark("interrupted", "KeyboardInterrupt")
         raise
     except BaseException as exc:
-        run.mark("failed", " ".join(str(exc).split()) or type(exc).__name__)
+        if lazy.run is not None:
+            lazy.run.mark("failed", " ".join(str(exc).split()) or type(exc).__name__)
         raise
     else:
-        run.mark("completed")
+        if lazy.run is not None:
+            lazy.run.mark("completed")
     finally:
-        run.release()
+        if lazy.run is not None:
+            lazy.run.release()

@@ -320,10 +320,12 @@ def run(
     log: Callable[[str], None] = print,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    claim: Callable[[], Path] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on (train, validation, test) frames (`Label` ids, `Text`), evaluate, plot and
     save. Returns the metrics (also written to out_dir/metrics.json). `recipe` must be valid.
-    `checkpoint_dir`/`resume`: see `train.fit`."""
+    `checkpoint_dir`/`resume`: see `train.fit`; `claim()`, called once the checks have passed, returns
+    the checkpoint directory (the CLI takes --out then)."""
     settings = recipe.trainer
     n_train = len(frames[0])
     if settings.batch_size > n_train:
@@ -335,5 +337,7 @@ def run(
     config, params = with_classifier_head(config, params, len(data.class_names), key_head)
     if settings.lora_rank:
         config, params = add_lora(config, params, settings.lora_rank, settings.lora_alpha, key_lora)
+    if claim is not None:  # the checks passed: take the run directory just before training
+        checkpoint_dir = claim()
     return train.fit(settings, config, params, ClassificationTask(recipe, data), out_dir, record=dataclasses.asdict(recipe), log=log,
                      checkpoint_dir=checkpoint_dir, resume=resume)

@@ -317,6 +317,7 @@ def run(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    claim: Callable[[], Path] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on `entries` (a validated list, a JSON file, or None: the recipe's data file), evaluate, plot, generate the
     test split's responses and save everything in `out_dir`. Returns the metrics (also
@@ -351,5 +352,7 @@ def run(
     # Tokenise the whole file at once so that errors name the entry's index in the file.
     tokens = data.tokenize_entries(entries, tokenizer, recipe.style, max_length=config.context_length, source=source)
     task = InstructionTask(recipe, config, tokens, splits, tokenizer, source, progress)
+    if claim is not None:  # the checks passed: take the run directory just before training
+        checkpoint_dir = claim()
     return train.fit(settings, config, params, task, out_dir, record=dataclasses.asdict(recipe), log=log, started=start,
                      checkpoint_dir=checkpoint_dir, resume=resume)
