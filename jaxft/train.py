@@ -35,9 +35,11 @@ from .steps import (
     Batch,
     Params,
     TrainState,
+    classification_metrics,
     compile_count,
     evaluate,
     init_state,
+    lm_metrics,
     make_steps,
 )
 from .fileio import atomic_dir, to_strict_json, write_json
