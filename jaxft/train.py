@@ -15,6 +15,8 @@ place for shardings), `Task.train_batches` the only source of training data.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -37,66 +39,13 @@ from .steps import (
     make_steps,
 )
 from .fileio import atomic_dir, write_json
+from .interrupts import catch_signals
+from .resume import Checkpoints, Interrupted, NonFiniteLoss, Position, TrainingStopped
+from .settings import TrainerSettings
 
-__all__ = ["TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
+__all__ = ["TrainingStopped", "Interrupted", "NonFiniteLoss", "TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
 
 METRICS_FILE = "metrics.json"
-TRAINABLE_HELP = "head | last-block | last-N-blocks (e.g. last-2-blocks) | all | lora"
-
-
-def setting(default: Any, help: str, group: str = "training", **extra: Any) -> Any:
-    """A settings field; the CLI makes it a flag with this help text, in this help group,
-    with any extra argparse options (e.g. choices)."""
-    return field(default=default, metadata={"help": help, "group": group, **extra})
-
-
-@dataclass(frozen=True)
-class TrainerSettings:
-    """The settings every fine-tuning recipe shares (composed into each recipe's settings as
-    `trainer`, like Levanter's `trainer:`). Defaults are the classification recipe's; each
-    recipe states its own defaults."""
-
-    model: str = setting("gpt2-small (124M)", "size name, checkpoint path, or OpenAI-style hparams.json", group="model")
-    init: str = setting("pretrained", "start from pretrained weights or GPT-2's random initialisation", choices=("pretrained", "random"), group="model")
-    models_dir: str = setting("gpt2", "where OpenAI checkpoints are (or get downloaded)", group="model")
-    trainable: str = setting("last-block", TRAINABLE_HELP, group="model")
-    final_norm: bool | None = setting(None, "train the final LayerNorm (on/off; default on unless --trainable head or lora)", group="model")
-    lora_rank: int = setting(0, "add LoRA adapters of this rank (use with --trainable lora)", group="model")
-    lora_alpha: float = setting(16.0, "LoRA scaling numerator (updates scale by alpha / rank)", group="model")
-    drop_rate: float = setting(0.0, "dropout rate while training", group="model")
-    epochs: int = setting(5, "passes over the training split")
-    batch_size: int = setting(8, "examples per optimizer step")
-    lr: float = setting(5e-5, "AdamW learning rate")
-    weight_decay: float = setting(0.1, "AdamW decoupled weight decay")
-    grad_clip_norm: float | None = setting(None, "clip gradients to this global norm (default: no clipping)")
-    accumulation_steps: int = setting(1, "accumulate gradients over this many batches per update")
-    eval_freq: int = setting(50, "evaluate every this many steps")
-    eval_iter: int = setting(5, "batches per periodic evaluation")
-    max_steps: int | None = setting(None, "stop training after this many steps (quick runs)")
-    remat: bool = setting(False, "recompute each block's activations in the backward pass (less memory)")
-    seed: int = setting(123, "seed of the data order, head initialisation and dropout")
-    export_pth: bool = setting(False, "also write the reference's state dict (.pth)", group="output")
-
-    def validate(self) -> None:
-        """One-line errors for settings that cannot work, before anything runs."""
-        if self.init not in ("pretrained", "random"):
-            raise ValueError(f"init must be 'pretrained' or 'random', got {self.init!r}")
-        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max-steps must be >= 1, got {self.max_steps}")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ValueError(f"grad-clip-norm must be > 0, got {self.grad_clip_norm}")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora-rank must be >= 0, got {self.lora_rank}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop-rate must be in [0, 1), got {self.drop_rate}")
-        optim.check_trainable(self.trainable)
-
-
 @dataclass
 class History:
     """Training curves: losses at each periodic evaluation, with the step and the examples
@@ -185,38 +134,92 @@ class Task:
         """Task-specific outputs written after the model: (metrics, output paths)."""
         return {}, {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the task accumulated during training (JSON-able), stored in checkpoints."""
+        return {}
 
-def _train_epochs(run: Run, train_step: Callable, task: Task) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (on resume)."""
+
+    def data_hash(self) -> str | None:
+        """A digest of the training data (a resumed run must train on the same data)."""
+        return None
+
+
+def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position | None = None,
+                  checkpoints: Checkpoints | None = None) -> None:
     """The reference's train_classifier_simple / train_model_simple loop.
 
     Evaluates every `eval_freq` steps on `eval_iter` training and validation batches (the
     first time at step 0, after one update, as the reference does), logs the reference's line,
     and calls `task.epoch_end` after each epoch. Stops early after `max_steps` steps.
+
+    From `position` (a resumed run: the batches of its epoch already done are skipped; the
+    batches are a function of (seed, epoch)). With `checkpoints`, saves every
+    `checkpoint_every` steps (default: at each epoch end); SIGINT/SIGTERM stop the run after
+    the current step with a checkpoint (`Interrupted`); a non-finite loss stops it at once
+    (`NonFiniteLoss`).
     """
     settings, history = run.settings, run.history
+    position = position if position is not None else Position()
     global_step = history.total_steps - 1
     start = time.perf_counter()
-    for epoch in range(settings.epochs):
-        for batch in task.train_batches(epoch):
-            run.state, _ = train_step(run.state, batch)
-            history.total_seen += task.seen(batch)
-            global_step += 1
-            if global_step % settings.eval_freq == 0:
-                train_loss = run.evaluate(task.train_batches(epoch), settings.eval_iter)["loss"]
-                val_loss = run.evaluate(task.eval_batches("validation"), settings.eval_iter)["loss"]
-                history.train_losses.append(train_loss)
-                history.val_losses.append(val_loss)
-                history.steps.append(global_step)
-                history.seen.append(history.total_seen)
-                run.log(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-            if settings.max_steps is not None and global_step + 1 >= settings.max_steps:
-                break
-        history.epoch_seen.append(history.total_seen)
-        history.total_steps = global_step + 1
-        task.epoch_end(run, epoch)
-        if settings.max_steps is not None and history.total_steps >= settings.max_steps:
-            break
-    history.seconds += time.perf_counter() - start
+
+    def done() -> bool:
+        return settings.max_steps is not None and global_step + 1 >= settings.max_steps
+
+    def save() -> None:
+        if checkpoints is not None and checkpoints.last != history.total_steps:
+            checkpoints.save(run, task, position)
+
+    try:
+        with catch_signals() as stop:
+            for epoch in range(position.epoch, settings.epochs):
+                if position.epoch != epoch:
+                    position.epoch, position.batch = epoch, 0
+                if done() and position.batch == 0:  # resumed after the last epoch_end
+                    break
+                if not done():  # else a resumed run stopped at max_steps mid-epoch: only epoch_end is left
+                    for batch in itertools.islice(task.train_batches(epoch), position.batch, None):
+                        run.state, metrics = train_step(run.state, batch)
+                        loss = float(metrics["loss"])  # one scalar to the host per step
+                        global_step += 1
+                        if not math.isfinite(loss):
+                            raise NonFiniteLoss(global_step + 1, loss, checkpoints.last if checkpoints else None)
+                        history.total_seen += task.seen(batch)
+                        history.total_steps = global_step + 1
+                        position.batch += 1
+                        if global_step % settings.eval_freq == 0:
+                            train_loss = run.evaluate(task.train_batches(epoch), settings.eval_iter)["loss"]
+                            val_loss = run.evaluate(task.eval_batches("validation"), settings.eval_iter)["loss"]
+                            history.train_losses.append(train_loss)
+                            history.val_losses.append(val_loss)
+                            history.steps.append(global_step)
+                            history.seen.append(history.total_seen)
+                            run.log(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                        if settings.checkpoint_every is not None and history.total_steps % settings.checkpoint_every == 0:
+                            save()
+                        if stop.requested is not None:
+                            save()
+                            history.seconds += time.perf_counter() - start
+                            start = time.perf_counter()
+                            if checkpoints is not None:
+                                checkpoints.wait()
+                            raise Interrupted(history.total_steps, stop.requested, checkpoints is not None)
+                        if done():
+                            break
+                history.epoch_seen.append(history.total_seen)
+                history.total_steps = global_step + 1
+                task.epoch_end(run, epoch)
+                position.epoch, position.batch = epoch + 1, 0
+                if settings.checkpoint_every is None:
+                    history.seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save()
+                if done():
+                    break
+    finally:
+        history.seconds += time.perf_counter() - start
 
 
 def save_model_dir(config: GPTConfig, params: Params, path: Path, metadata: dict[str, Any]) -> Path:
@@ -237,11 +240,17 @@ def fit(
     record: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     started: float | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train `params` on `task` with `settings`, evaluate, and write the run's outputs to
     `out_dir`: loss plot, `model/`, the reference `.pth` when asked, and `metrics.json`
     (returned), which stores `record` (the recipe's full settings) under "recipe".
-    `config`/`params` are the model after the recipe's surgery (head, LoRA)."""
+    `config`/`params` are the model after the recipe's surgery (head, LoRA).
+
+    With `checkpoint_dir`, training writes checkpoints there (see `_train_epochs`); with
+    `resume` too, it continues from the latest one, which must have been written with equal
+    settings (`record`) and training data."""
     started = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
     mask = optim.trainable_mask(config, params, settings.trainable, settings.final_norm)
@@ -255,8 +264,21 @@ def fit(
     run = Run(config, settings, eval_step, log, state)
     log(task.describe(config, state.params, state.trainable))
 
-    initial = task.initial(run)
-    _train_epochs(run, train_step, task)
+    record = record if record is not None else dataclasses.asdict(settings)
+    checkpoints = Checkpoints(Path(checkpoint_dir), settings, record, task) if checkpoint_dir is not None else None
+    try:
+        position = checkpoints.restore(run, task) if checkpoints is not None and resume else None
+        if position is None:
+            position = Position(initial=task.initial(run))
+            if checkpoints is not None:
+                checkpoints.save(run, task, position)  # step 0: a resume never needs the initial evaluation again
+        else:
+            log(f"resuming from step {run.history.total_steps} (epoch {position.epoch + 1}, batch {position.batch})")
+        initial = position.initial
+        _train_epochs(run, train_step, task, position, checkpoints)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
     history = run.history
     log(f"Training completed in {history.seconds / 60:.2f} minutes.")
 
@@ -291,7 +313,7 @@ def fit(
         "train_step_compilations": compile_count(train_step),
         "eval_step_compilations": compile_count(eval_step),
         "model_config": config.to_dict(),
-        "recipe": record if record is not None else dataclasses.asdict(settings),
+        "recipe": record,
         "outputs": outputs,
         "run": run_info(),
     }

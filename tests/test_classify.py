@@ -16,7 +16,7 @@ from jaxft import losses, optim, steps, train
 from jaxft.config import GPTConfig
 from jaxft.data import batching
 from jaxft.tokenizer import PAD_ID
-from jaxft.train import TrainerSettings
+from jaxft.settings import TrainerSettings
 from jaxft.model import init_params, param_count
 from jaxft.recipes import classify
 from jaxft.weights import torch_ref

@@ -16,7 +16,7 @@ from jaxft.data.spam import EncodedSplit
 from jaxft.model import init_params
 from jaxft.recipes import classify
 from jaxft.tokenizer import PAD_ID
-from jaxft.train import TrainerSettings
+from jaxft.settings import TrainerSettings
 from jaxft.weights.common import flatten
 
 TINY = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_layers=3, n_heads=4)  # PAD_ID is a token

@@ -12,6 +12,8 @@ import importlib
 import sys
 
 from ..download import DownloadError
+from ..rundir import RunDirError
+from ..resume import TrainingStopped
 from ..tokenizer import TokenizerNotFoundError
 from .common import EXIT_SIGINT, EXIT_USAGE, CLIError, use_compile_cache
 
@@ -32,10 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for messages that repeat the command line
     use_compile_cache(getattr(args, "compile_cache", None))
     try:
         return int(args.func(args) or 0)
+    except TrainingStopped as exc:
+        # an interruption (130/143, with the command that resumes) or a non-finite loss (1)
+        print(f"jaxft {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RunDirError as exc:
+        print(f"jaxft {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError) as exc:
         # User mistakes and unreachable servers/files: one line, no traceback.
         message = " ".join(str(exc).split("\n"))

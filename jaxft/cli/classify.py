@@ -12,7 +12,7 @@ import numpy as np
 from ..data import spam
 from ..recipes.classify import Classifier, ClassifierRecipe, load_frames, run
 from ..tokenizer import get_tokenizer
-from .common import add_recipe_command, settings_from_args
+from .common import add_recipe_command, claimed_run, settings_from_args
 
 GROUPS = {"data": "data (default: the SMS Spam Collection)", "model": "model", "training": "training", "output": "output"}
 
@@ -23,10 +23,14 @@ def _finetune(args: argparse.Namespace) -> int:
     tokenizer = get_tokenizer(args.vocab_dir)
     start = time.perf_counter()
     frames, class_names, split_here = load_frames(recipe)
-    if split_here:
-        spam.write_splits(Path(args.out) / "data", *frames)  # the reference's train/validation/test.csv
     print(f"splits: train {len(frames[0])}, validation {len(frames[1])}, test {len(frames[2])}; classes {class_names}")
-    metrics = run(recipe, args.out, frames, class_names, tokenizer)
+
+    def write_splits() -> None:  # once the directory is ours
+        if split_here:
+            spam.write_splits(Path(args.out) / "data", *frames)  # the reference's train/validation/test.csv
+
+    with claimed_run(args, recipe, then=write_splits) as rundir:
+        metrics = run(recipe, args.out, frames, class_names, tokenizer, claim=rundir.claim, resume=args.resume)
     print(f"wrote {Path(args.out) / 'metrics.json'} ({(time.perf_counter() - start) / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["test_loss"]) else 1
 
@@ -47,7 +51,7 @@ def _classify(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = add_recipe_command(
         subparsers, "finetune-classifier", "fine-tune GPT-2 as a text classifier (the reference's SMS spam recipe by default)",
-        ClassifierRecipe(), GROUPS, "output directory: metrics.json, plots, model/",
+        ClassifierRecipe(), GROUPS, "output directory: metrics.json, plots, model/, run.json, checkpoints/",
     )
     p.set_defaults(func=_finetune)
 

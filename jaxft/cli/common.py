@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import shlex
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
+
+from ..rundir import claim
+from ..resume import Interrupted, TrainingStopped
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work itself failed (non-finite loss, a write error)
@@ -107,6 +112,7 @@ def add_recipe_command(subparsers: Any, name: str, help_text: str, defaults: Any
     data = next(g for g in parser._action_groups if g.title == groups["data"])
     data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
     parser.add_argument("--out", required=True, help=out_help)
+    add_run_arguments(parser)
     parser.add_argument(
         "--compile-cache", default=str(default_compile_cache()), metavar="DIR",
         help="JAX's persistent compilation cache, so a rerun does not recompile ('off' to disable)",
@@ -127,3 +133,75 @@ def use_compile_cache(directory: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--resume and --overwrite: how to use an --out that already holds a run (not settings)."""
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out (only a directory holding a jaxft run is cleared)")
+
+
+def flat_settings(recipe: Any) -> dict[str, Any]:
+    """A settings dataclass's leaf settings by name (what run.json records and compares)."""
+    return _leaf_defaults(recipe)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes this run."""
+    argv = [a for a in getattr(args, "argv", None) or [] if a not in ("--resume", "--overwrite")]
+    return "jaxft " + shlex.join([*argv, "--resume"])
+
+
+class LazyRun:
+    """Claims --out (jaxft.rundir) when `claim()` is called: after the data and settings
+    checks, before any training, so that a mistake leaves no directory behind."""
+
+    def __init__(self, args: argparse.Namespace, recipe: Any, then: Any = None) -> None:
+        self.args, self.recipe, self.then = args, recipe, then
+        self.run: Any = None
+
+    def claim(self) -> Any:
+        """Take the directory; returns its checkpoint directory (for train.fit)."""
+        args = self.args
+        self.run = claim(args.out, command=args.command, settings=flat_settings(self.recipe), resume=args.resume,
+                         overwrite=args.overwrite, argv=getattr(args, "argv", None))
+        if self.then is not None:
+            self.then()
+        return self.run.checkpoints
+
+
+@contextlib.contextmanager
+def claimed_run(args: argparse.Namespace, recipe: Any, then: Any = None) -> Iterator[LazyRun]:
+    """Yields a LazyRun whose `claim` the recipe calls just before training; once claimed,
+    how the run ends is recorded in run.json: completed, failed (with the reason) or
+    interrupted. An interruption is re-raised with the command that resumes it."""
+    lazy = LazyRun(args, recipe, then)
+    try:
+        yield lazy
+    except Interrupted as exc:
+        if lazy.run is not None:
+            lazy.run.mark("interrupted", str(exc))
+            if exc.checkpointed:
+                exc.args = (f"{exc}; resume with: {resume_command(args)}",)
+        raise
+    except TrainingStopped as exc:
+        if lazy.run is not None:
+            lazy.run.mark("failed", str(exc))
+        raise
+    except KeyboardInterrupt:
+        if lazy.run is not None:
+            lazy.run.mark("interrupted", "KeyboardInterrupt")
+        raise
+    except BaseException as exc:
+        if lazy.run is not None:
+            lazy.run.mark("failed", " ".join(str(exc).split()) or type(exc).__name__)
+        raise
+    else:
+        if lazy.run is not None:
+            lazy.run.mark("completed")
+    finally:
+        if lazy.run is not None:
+            lazy.run.release()

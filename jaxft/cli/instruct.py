@@ -21,7 +21,7 @@ from ..recipes.instruct import (
 from ..tokenizer import get_tokenizer
 from ..fileio import write_json
 from ..weights import native
-from .common import add_recipe_command, settings_from_args
+from .common import add_recipe_command, claimed_run, settings_from_args
 
 GROUPS = {
     "data": "data (default: the reference's instruction-data.json)",
@@ -36,7 +36,8 @@ def _finetune(args: argparse.Namespace) -> int:
     recipe = settings_from_args(InstructRecipe, args)
     recipe.validate()
     tokenizer = get_tokenizer(args.vocab_dir)
-    metrics = run(recipe, args.out, data_file(recipe), tokenizer)
+    with claimed_run(args, recipe) as rundir:
+        metrics = run(recipe, args.out, data_file(recipe), tokenizer, claim=rundir.claim, resume=args.resume)
     print(f"wrote {Path(args.out) / METRICS_FILE} ({metrics['total_seconds'] / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["final_validation_loss"]) else 1
 
@@ -68,7 +69,7 @@ def register(subparsers: Any) -> None:
     p = add_recipe_command(
         subparsers, "finetune-instruct",
         "instruction fine-tune GPT-2 and generate the test split's responses (the reference's Alpaca recipe by default)",
-        InstructRecipe(), GROUPS, "output directory: metrics.json, loss plots, responses, model/",
+        InstructRecipe(), GROUPS, "output directory: metrics.json, loss plots, responses, model/, run.json, checkpoints/",
     )
     p.set_defaults(func=_finetune)
 

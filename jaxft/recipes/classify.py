@@ -29,7 +29,8 @@ from ..lora import add_lora
 from ..model import Params
 from ..plots import plot_values
 from ..tokenizer import PAD_ID, encode_text, get_tokenizer
-from ..train import TrainerSettings, setting
+from ..resume import hash_arrays
+from ..settings import TrainerSettings, setting
 from ..weights import native
 from .common import resolve_model
 
@@ -335,6 +336,17 @@ class ClassificationTask(train.Task):
     def pth_name(self, config: GPTConfig) -> str:
         return "review_classifier.pth"  # the reference's file name
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_accs": list(self.train_accs), "val_accs": list(self.val_accs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_accs = list(state.get("train_accs", []))
+        self.val_accs = list(state.get("val_accs", []))
+
+    def data_hash(self) -> str:
+        arrays = self.data.train.arrays()
+        return hash_arrays(*(arrays[k] for k in sorted(arrays)))
+
     def outputs(self, run: train.Run, out_dir: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
         epochs_run = run.history.total_steps / self.steps_per_epoch()
         plots = plot_values(epochs_run, run.history.total_seen, self.train_accs, self.val_accs, out_dir, "accuracy")
@@ -359,9 +371,14 @@ def run(
     tokenizer: Any,
     *,
     log: Callable[[str], None] = print,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    claim: Callable[[], Path] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on (train, validation, test) frames (`Label` ids, `Text`), evaluate, plot and
-    save. Returns the metrics (also written to out_dir/metrics.json). `recipe` must be valid."""
+    save. Returns the metrics (also written to out_dir/metrics.json). `recipe` must be valid.
+    `checkpoint_dir`/`resume`: see `train.fit`; `claim()`, called once the checks have passed, returns
+    the checkpoint directory (the CLI takes --out then)."""
     settings = recipe.trainer
     n_train = len(frames[0])
     if settings.batch_size > n_train:
@@ -373,4 +390,7 @@ def run(
     config, params = with_classifier_head(config, params, len(data.class_names), key_head)
     if settings.lora_rank:
         config, params = add_lora(config, params, settings.lora_rank, settings.lora_alpha, key_lora)
-    return train.fit(settings, config, params, ClassificationTask(recipe, data), out_dir, record=dataclasses.asdict(recipe), log=log)
+    if claim is not None:  # the checks passed: take the run directory just before training
+        checkpoint_dir = claim()
+    return train.fit(settings, config, params, ClassificationTask(recipe, data), out_dir, record=dataclasses.asdict(recipe), log=log,
+                     checkpoint_dir=checkpoint_dir, resume=resume)

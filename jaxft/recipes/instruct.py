@@ -30,7 +30,8 @@ from ..lora import add_lora
 from ..model import Params
 from ..tokenizer import EOT_ID, encode_text, get_tokenizer
 from ..fileio import write_json
-from ..train import TrainerSettings, setting
+from ..resume import hash_arrays
+from ..settings import TrainerSettings, setting
 from .common import resolve_model
 
 Entry = dict[str, Any]
@@ -266,6 +267,19 @@ class InstructionTask(train.Task):
     def pth_name(self, config: GPTConfig) -> str:
         return sft_file_name(self.recipe.trainer.model, config)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples": list(self.samples), "batch_shapes": sorted(list(s) for s in self.batch_shapes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.samples = list(state.get("samples", []))
+        self.batch_shapes = {tuple(s) for s in state.get("batch_shapes", [])}
+
+    def data_hash(self) -> str:
+        part = self.parts["train"]
+        lengths = np.array([len(ids) for ids in part.token_ids], np.int64)
+        flat = np.array([t for ids in part.token_ids for t in ids], np.int64)
+        return hash_arrays(lengths, flat, np.array(part.prompt_lengths, np.int64))
+
     def outputs(self, run: train.Run, out_dir: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
         outputs: dict[str, Any] = {}
         response_seconds = None
@@ -302,6 +316,9 @@ def run(
     *,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    claim: Callable[[], Path] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on `entries` (a validated list, a JSON file, or None: the recipe's data file), evaluate, plot, generate the
     test split's responses and save everything in `out_dir`. Returns the metrics (also
@@ -336,4 +353,7 @@ def run(
     # Tokenise the whole file at once so that errors name the entry's index in the file.
     tokens = data.tokenize_entries(entries, tokenizer, recipe.style, max_length=config.context_length, source=source)
     task = InstructionTask(recipe, config, tokens, splits, tokenizer, source, progress)
-    return train.fit(settings, config, params, task, out_dir, record=dataclasses.asdict(recipe), log=log, started=start)
+    if claim is not None:  # the checks passed: take the run directory just before training
+        checkpoint_dir = claim()
+    return train.fit(settings, config, params, task, out_dir, record=dataclasses.asdict(recipe), log=log, started=start,
+                     checkpoint_dir=checkpoint_dir, resume=resume)

@@ -1,0 +1,143 @@
+"""What `fit` keeps across a restart: the state's arrays and the run's record in orbax
+checkpoints (jaxft.checkpoint), where training stood, and how a stopped run ends (one line,
+an exit status)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .checkpoint import Checkpointer
+from .fileio import to_strict_json
+from .interrupts import exit_code, signal_name
+from .steps import TrainState
+
+if TYPE_CHECKING:  # annotations only: train imports this module
+    from .settings import TrainerSettings
+    from .train import Run, Task
+
+def hash_arrays(*arrays: Any) -> str:
+    """sha256 over arrays' dtypes, shapes and bytes (for `Task.data_hash`)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        a = np.ascontiguousarray(np.asarray(array))
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+class TrainingStopped(Exception):
+    """Training stopped before its end; `exit_code` is the command's exit status and
+    str() is one line."""
+
+    exit_code = 1
+
+
+class Interrupted(TrainingStopped):
+    """SIGINT / SIGTERM: the run finished its step and wrote a checkpoint (when it has a
+    checkpoint directory)."""
+
+    def __init__(self, step: int, signum: int, checkpointed: bool) -> None:
+        self.step, self.signum, self.checkpointed = step, signum, checkpointed
+        self.exit_code = exit_code(signum)
+        what = "checkpoint written" if checkpointed else "no checkpoint (no checkpoint directory)"
+        super().__init__(f"interrupted at step {step} ({signal_name(signum)}); {what}")
+
+
+class NonFiniteLoss(TrainingStopped):
+    """A training step's loss was NaN or infinite."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, loss: float, last_checkpoint: int | None) -> None:
+        self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+        good = f"last good checkpoint at step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint"
+        super().__init__(f"non-finite training loss ({loss}) at step {step}; {good}")
+
+
+def _normalised(value: Any) -> Any:
+    return json.loads(json.dumps(to_strict_json(value), allow_nan=False))
+
+
+def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
+    """The dotted name of the first setting that differs (None: equal)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            name = f"{path}.{key}" if path else str(key)
+            if key not in saved or key not in current:
+                return name
+            diff = _first_difference(saved[key], current[key], name)
+            if diff is not None:
+                return diff
+        return None
+    return None if saved == current else (path or "settings")
+
+
+@dataclass
+class Position:
+    """Where training is: `epoch`, `batch` (batches of that epoch done; its epoch_end not
+    yet run) and the initial evaluation's metrics."""
+
+    epoch: int = 0
+    batch: int = 0
+    initial: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpoints:
+    """`fit`'s use of jaxft.checkpoint.Checkpointer: the state's arrays and the run's record."""
+
+    def __init__(self, directory: Path, settings: TrainerSettings, record: dict[str, Any], task: Task) -> None:
+        self.checkpointer = Checkpointer(directory, keep=settings.keep, async_save=True)
+        self.record = _normalised(record)
+        self.data_hash = task.data_hash()
+        self.last: int | None = None  # the newest checkpoint's step
+
+    @staticmethod
+    def arrays(state: TrainState) -> dict[str, Any]:
+        return {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+
+    def save(self, run: Run, task: Task, position: Position) -> None:
+        step = run.history.total_steps
+        meta = {
+            "epoch": position.epoch,
+            "batch": position.batch,
+            "global_step": step,
+            "history": dataclasses.asdict(run.history),
+            "initial": position.initial,
+            "task": task.state_dict(),
+            "settings": self.record,
+            "data_hash": self.data_hash,
+        }
+        self.checkpointer.save(step, self.arrays(run.state), meta)
+        self.last = step
+
+    def restore(self, run: Run, task: Task) -> Position | None:
+        """Continue from the latest complete checkpoint (None: there is none); refuses one
+        of other settings or data."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return None
+        arrays, meta = self.checkpointer.restore(step, self.arrays(run.state))
+        where = self.checkpointer.directory / str(step)
+        diff = _first_difference(meta.get("settings"), self.record)
+        if diff is not None:
+            raise ValueError(f"cannot resume from {where}: setting {diff} differs from the checkpoint's")
+        if meta.get("data_hash") != self.data_hash:
+            raise ValueError(f"cannot resume from {where}: the training data differs from the checkpoint's (another data hash)")
+        run.state = run.state._replace(**arrays)
+        run.history = type(run.history)(**meta["history"])
+        task.load_state_dict(meta.get("task") or {})
+        self.last = step
+        return Position(int(meta["epoch"]), int(meta["batch"]), dict(meta.get("initial") or {}))
+
+    def wait(self) -> None:
+        self.checkpointer.wait()
+
+    def close(self) -> None:
+        self.checkpointer.close()

@@ -1,0 +1,74 @@
+"""The settings every fine-tuning recipe shares, as data: `TrainerSettings`, composed into each
+recipe's settings as `trainer` (like Levanter's `trainer:`). Each field is a CLI flag
+(jaxft.cli.common generates them from `setting(...)`'s metadata)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import optim
+
+TRAINABLE_HELP = "head | last-block | last-N-blocks (e.g. last-2-blocks) | all | lora"
+
+
+def setting(default: Any, help: str, group: str = "training", **extra: Any) -> Any:
+    """A settings field; the CLI makes it a flag with this help text, in this help group,
+    with any extra argparse options (e.g. choices)."""
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The settings every fine-tuning recipe shares (composed into each recipe's settings as
+    `trainer`, like Levanter's `trainer:`). Defaults are the classification recipe's; each
+    recipe states its own defaults."""
+
+    model: str = setting("gpt2-small (124M)", "size name, checkpoint path, or OpenAI-style hparams.json", group="model")
+    init: str = setting("pretrained", "start from pretrained weights or GPT-2's random initialisation", choices=("pretrained", "random"), group="model")
+    models_dir: str = setting("gpt2", "where OpenAI checkpoints are (or get downloaded)", group="model")
+    trainable: str = setting("last-block", TRAINABLE_HELP, group="model")
+    final_norm: bool | None = setting(None, "train the final LayerNorm (on/off; default on unless --trainable head or lora)", group="model")
+    lora_rank: int = setting(0, "add LoRA adapters of this rank (use with --trainable lora)", group="model")
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (updates scale by alpha / rank)", group="model")
+    drop_rate: float = setting(0.0, "dropout rate while training", group="model")
+    epochs: int = setting(5, "passes over the training split")
+    batch_size: int = setting(8, "examples per optimizer step")
+    lr: float = setting(5e-5, "AdamW learning rate")
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay")
+    grad_clip_norm: float | None = setting(None, "clip gradients to this global norm (default: no clipping)")
+    accumulation_steps: int = setting(1, "accumulate gradients over this many batches per update")
+    eval_freq: int = setting(50, "evaluate every this many steps")
+    eval_iter: int = setting(5, "batches per periodic evaluation")
+    max_steps: int | None = setting(None, "stop training after this many steps (quick runs)")
+    remat: bool = setting(False, "recompute each block's activations in the backward pass (less memory)")
+    seed: int = setting(123, "seed of the data order, head initialisation and dropout")
+    checkpoint_every: int | None = setting(None, "write a checkpoint every this many optimizer steps (default: at every epoch end)", group="output")
+    keep: int = setting(2, "how many of the newest checkpoints to keep", group="output")
+    export_pth: bool = setting(False, "also write the reference's state dict (.pth)", group="output")
+
+    def validate(self) -> None:
+        """One-line errors for settings that cannot work, before anything runs."""
+        if self.init not in ("pretrained", "random"):
+            raise ValueError(f"init must be 'pretrained' or 'random', got {self.init!r}")
+        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be finite and > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight-decay must be finite and >= 0, got {self.weight_decay}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max-steps must be >= 1, got {self.max_steps}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"grad-clip-norm must be > 0, got {self.grad_clip_norm}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora-rank must be >= 0, got {self.lora_rank}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop-rate must be in [0, 1), got {self.drop_rate}")
+        optim.check_trainable(self.trainable)

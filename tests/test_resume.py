@@ -1,0 +1,182 @@
+"""Runs that survive: a fine-tuning run killed at any moment (SIGKILL) and resumed ends with
+the uninterrupted run's parameters, bit for bit, and its metrics; SIGTERM checkpoints and
+exits 143; resuming with other settings, reusing a directory and impossible settings are
+refused in one line.
+
+Tiny random-init models through the CLI in subprocesses (a kill needs a real process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxft
+
+TINY = {"n_vocab": 50257, "n_ctx": 128, "n_embd": 32, "n_head": 4, "n_layer": 2}
+TIMING = {"train_seconds", "total_seconds", "response_seconds", "run", "outputs"}
+# how many shapes this process compiled: a resumed process compiles only the shapes it meets
+PER_PROCESS = {"train_step_compilations", "eval_step_compilations", "generate_compilations"}
+
+RUNNER = "import sys; from jaxft.cli import main; sys.exit(main(sys.argv[1:]))"
+
+COMMANDS = {
+    # each step evaluates (--eval-freq 1) so that training lasts long enough to be killed mid-way;
+    # both cross an epoch boundary (classifier: 8 steps per epoch; instruct: 12)
+    "finetune-classifier": ["--epochs", "2", "--batch-size", "128", "--max-length", "16", "--eval-freq", "1", "--eval-iter", "2",
+                            "--trainable", "all", "--drop-rate", "0.1", "--lr", "1e-3"],
+    "finetune-instruct": ["--epochs", "2", "--max-steps", "16", "--limit", "60", "--batch-size", "4", "--eval-freq", "1",
+                          "--eval-iter", "2", "--allowed-max-length", "64", "--bucket-multiple", "64", "--no-responses", "--lr", "1e-3"],
+}
+
+
+@pytest.fixture(scope="module")
+def hparams(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "hparams.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def _argv(command: str, hparams: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-c", RUNNER, command, "--init", "random", "--model", str(hparams), "--out", str(out),
+            *COMMANDS[command], *extra]
+
+
+def _run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def _complete_steps(out: Path) -> list[int]:
+    from jaxft.checkpoint import complete_steps
+
+    return complete_steps(out / "checkpoints")
+
+
+def _kill_after_checkpoint(argv: list[str], out: Path, at_least: int) -> None:
+    """Start the run, SIGKILL it as soon as a checkpoint of step >= at_least is complete."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            steps = _complete_steps(out)
+            if steps and steps[-1] >= at_least:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (exit {proc.returncode}) before a checkpoint of step {at_least}: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "metrics.json").exists(), "killed too late: the run had completed"
+
+
+def _params(out: Path) -> list[np.ndarray]:
+    _, params = jaxft.load(out / "model")
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(params)]
+
+
+def _comparable(out: Path) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if k not in TIMING | PER_PROCESS}
+
+
+def _assert_same_run(expected: Path, got: Path) -> None:
+    a, b = _params(expected), _params(got)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()  # bitwise
+    assert _comparable(got) == _comparable(expected)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(hparams, tmp_path_factory) -> dict[str, Path]:
+    runs = {}
+    for command in COMMANDS:
+        out = tmp_path_factory.mktemp("whole") / "run"
+        result = _run(_argv(command, hparams, out, "--checkpoint-every", "3"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((out / "run.json").read_text())["status"] == "completed"
+        runs[command] = out
+    return runs
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_killed_twice_and_resumed_equals_uninterrupted(command, hparams, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    argv = _argv(command, hparams, out, "--checkpoint-every", "3")
+    _kill_after_checkpoint(argv, out, at_least=3)  # early: resumes mid-epoch
+    assert json.loads((out / "run.json").read_text())["status"] == "running"  # died without a word
+    first = _complete_steps(out)[-1]
+    refused = _run(argv)  # without --resume: says how to resume
+    assert refused.returncode == 2 and "--resume" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    _kill_after_checkpoint([*argv, "--resume"], out, at_least=first + 6)  # a second point, after a resume
+    result = _run([*argv, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from step" in result.stdout
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "completed" and len(record["attempts"]) == 3
+    _assert_same_run(uninterrupted[command], out)
+
+
+def test_sigterm_checkpoints_and_exits_143_then_resumes(hparams, uninterrupted, tmp_path):
+    command = "finetune-classifier"
+    out = tmp_path / "run"
+    argv = _argv(command, hparams, out, "--checkpoint-every", "3")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not _complete_steps(out) or _complete_steps(out)[-1] < 4:  # step 0 is written before training
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert "interrupted at step" in line and "checkpoint written" in line and "--resume" in line, line
+    step = int(line.split("interrupted at step ")[1].split()[0])
+    assert _complete_steps(out)[-1] == step  # the checkpoint of the step it stopped at
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and "SIGTERM" in record["reason"]
+    result = _run([*argv, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(uninterrupted[command], out)
+
+
+def test_other_settings_and_used_directories_refused_overwrite_starts_over(hparams, uninterrupted, tmp_path):
+    command = "finetune-classifier"
+    done = uninterrupted[command]
+    before = (done / "metrics.json").read_bytes()
+    result = _run(_argv(command, hparams, done, "--checkpoint-every", "3"))  # a completed run's directory
+    assert result.returncode == 2 and "--overwrite" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (done / "metrics.json").read_bytes() == before
+
+    out = tmp_path / "run"
+    argv = _argv(command, hparams, out, "--checkpoint-every", "3")
+    _kill_after_checkpoint(argv, out, at_least=3)
+    result = _run([*argv, "--lr", "2e-3", "--resume"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "lr differs" in lines[0], result.stderr
+    result = _run([*argv, "--overwrite"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads((out / "run.json").read_text())["attempts"]) == 1  # a new run
+    _assert_same_run(done, out)
+
+
+@pytest.mark.parametrize("flags, message", [(["--lr", "inf"], "lr must be finite"), (["--weight-decay", "-5"], "weight-decay must be")])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_impossible_settings_refused_up_front(command, flags, message, hparams, tmp_path):
+    out = tmp_path / "run"
+    result = _run(_argv(command, hparams, out, *flags))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not out.exists()
