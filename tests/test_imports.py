@@ -36,7 +36,15 @@ def _imports(path: Path) -> tuple[set[str], list[int]]:
             found = {base} | {f"{base}.{alias.name}" for alias in node.names}
         return {m for m in found if m in modules}
 
+    type_checking = {  # `if TYPE_CHECKING:` imports exist for annotations only, never at run time
+        id(inner)
+        for node in tree.body
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
     for node in ast.walk(tree):
+        if id(node) in type_checking:
+            continue
         if isinstance(node, (ast.Import, ast.ImportFrom)) and targets(node):
             if node.col_offset == 0:
                 top |= targets(node)
