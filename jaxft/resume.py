@@ -51,14 +51,14 @@ class Interrupted(TrainingStopped):
 
 
 class NonFiniteLoss(TrainingStopped):
-    """A training step's loss was NaN or infinite."""
+    """A training step's loss or gradient norm was NaN or infinite."""
 
     exit_code = 1
 
-    def __init__(self, step: int, loss: float, last_checkpoint: int | None) -> None:
-        self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
+    def __init__(self, step: int, value: float, last_checkpoint: int | None, what: str = "training loss") -> None:
+        self.step, self.loss, self.last_checkpoint = step, value, last_checkpoint
         good = f"last good checkpoint at step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint"
-        super().__init__(f"non-finite training loss ({loss}) at step {step}; {good}")
+        super().__init__(f"non-finite {what} ({value}) at step {step}; {good}")
 
 
 def _normalised(value: Any) -> Any:

@@ -8,7 +8,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import optim
+import jax
+from jax.sharding import Mesh
+
+from . import optim, sharding
 
 TRAINABLE_HELP = "head | last-block | last-N-blocks (e.g. last-2-blocks) | all | lora"
 
@@ -44,6 +47,9 @@ class TrainerSettings:
     max_steps: int | None = setting(None, "stop training after this many steps (quick runs)")
     remat: bool = setting(False, "recompute each block's activations in the backward pass (less memory)")
     seed: int = setting(123, "seed of the data order, head initialisation and dropout")
+    dtype: str = setting("float32", "compute dtype; parameters and optimizer state stay float32, loss and softmax are float32", choices=("float32", "bfloat16"))
+    mesh: str | None = setting(None, "device mesh 'data=D,fsdp=F' (default: every device on data; one device: no mesh)", group="devices")
+    progress: bool = setting(True, "a progress bar per epoch (plain lines when not on a terminal)", group="output")
     checkpoint_every: int | None = setting(None, "write a checkpoint every this many optimizer steps (default: at every epoch end)", group="output")
     keep: int = setting(2, "how many of the newest checkpoints to keep", group="output")
     export_pth: bool = setting(False, "also write the reference's state dict (.pth)", group="output")
@@ -72,3 +78,17 @@ class TrainerSettings:
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop-rate must be in [0, 1), got {self.drop_rate}")
         optim.check_trainable(self.trainable)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        mesh = run_mesh(self.mesh)  # a mesh that needs more devices than exist: one line, now
+        if mesh is not None:
+            sharding.check_batch_size(self.batch_size, mesh)
+
+
+def run_mesh(spec: str | None) -> Mesh | None:
+    """The device mesh a run uses: `spec` ("data=4,fsdp=2"), else every device on `data`; None
+    (no mesh, no sharding: exactly the one-device program) when that is a single device."""
+    if spec is None and jax.device_count() == 1:
+        return None
+    mesh = sharding.make_mesh(spec)
+    return None if mesh.size == 1 else mesh

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import losses, model, trunk
@@ -124,12 +125,21 @@ def make_steps(
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable, state.frozen, batch, dropout_key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}  # a non-finite one stops the run
         return state._replace(trainable=trainable, opt_state=opt_state, step=state.step + 1), metrics
 
     def eval_step(params: Params, batch: Batch):
         return metrics_fn(params, batch, None, dtype, False)[1]
 
     return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+
+
+def host_values(tree: Any) -> Any:
+    """Replicated results (metrics) as NumPy on this process, also when they span processes
+    (then not fully addressable, but every process holds a full copy)."""
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) and not x.is_fully_addressable else jax.device_get(x), tree
+    )
 
 
 def evaluate(eval_step: Callable, params: Params, batches: Iterable[Batch], num_batches: int | None = None) -> dict[str, float]:
@@ -139,7 +149,7 @@ def evaluate(eval_step: Callable, params: Params, batches: Iterable[Batch], num_
     for batch in batches:
         if num_batches is not None and n_batches >= num_batches:
             break
-        m = jax.device_get(eval_step(params, batch))
+        m = host_values(eval_step(params, batch))
         loss_sum += float(m["loss"])
         n_batches += 1
         if "correct" in m:

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from . import optim, weights
+from . import distributed, optim, sharding, weights
 from .config import GPTConfig
 from .model import param_count
 from .plots import plot_values
@@ -35,17 +37,21 @@ from .steps import (
     TrainState,
     compile_count,
     evaluate,
+    host_values,
     init_state,
     make_steps,
 )
 from .fileio import atomic_dir, write_json
 from .interrupts import catch_signals
 from .resume import Checkpoints, Interrupted, NonFiniteLoss, Position, TrainingStopped
-from .settings import TrainerSettings
+from .progress import Progress
+from .settings import TrainerSettings, run_mesh
 
 __all__ = ["TrainingStopped", "Interrupted", "NonFiniteLoss", "TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
 
 METRICS_FILE = "metrics.json"
+
+
 @dataclass
 class History:
     """Training curves: losses at each periodic evaluation, with the step and the examples
@@ -56,6 +62,7 @@ class History:
     steps: list[int] = field(default_factory=list)
     seen: list[int] = field(default_factory=list)
     epoch_seen: list[int] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)  # every training step's batch loss
     total_seen: int = 0
     total_steps: int = 0
     seconds: float = 0.0
@@ -71,13 +78,22 @@ class Run:
     log: Callable[[str], None]
     state: TrainState | None = None
     history: History = field(default_factory=History)
+    mesh: Mesh | None = None  # None: one device, arrays placed as JAX places them
 
     @property
     def params(self) -> Params:
         return self.state.params
 
+    def place(self, batch: Batch) -> Batch:
+        """A host batch as the steps take it: on a mesh, this process's rows of the global
+        batch, split over the devices; else unchanged."""
+        if self.mesh is None:
+            return batch
+        rows = sharding.process_rows(len(next(iter(batch.values()))), self.mesh)
+        return sharding.global_batch({key: value[rows] for key, value in batch.items()}, self.mesh)
+
     def evaluate(self, batches: Iterator[Batch], num_batches: int | None = None, params: Params | None = None) -> dict[str, float]:
-        return evaluate(self.eval_step, self.params if params is None else params, batches, num_batches)
+        return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches)
 
 
 class Task:
@@ -102,6 +118,8 @@ class Task:
     def seen(self, batch: Batch) -> int:
         """How many examples (or tokens) a training batch counts for the history."""
         raise NotImplementedError
+
+    seen_unit: str = "examples"  # what `seen` counts, for progress rates
 
     def step_options(self, config: GPTConfig, params: Params, mask: Params, log: Callable[[str], None]) -> dict[str, Any]:
         """Extra options for `make_steps` (e.g. `start_block` with a cached frozen trunk);
@@ -180,12 +198,20 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                 if done() and position.batch == 0:  # resumed after the last epoch_end
                     break
                 if not done():  # else a resumed run stopped at max_steps mid-epoch: only epoch_end is left
+                    total = task.steps_per_epoch()
+                    if settings.max_steps is not None:
+                        total = min(total, settings.max_steps - epoch * total)
+                    progress = Progress(total - position.batch, f"epoch {epoch + 1}/{settings.epochs}", task.seen_unit, run.log, settings.progress)
                     for batch in itertools.islice(task.train_batches(epoch), position.batch, None):
-                        run.state, metrics = train_step(run.state, batch)
-                        loss = float(metrics["loss"])  # one scalar to the host per step
+                        run.state, metrics = train_step(run.state, run.place(batch))
+                        scalars = host_values({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})  # one host sync per step
+                        loss, grad_norm = float(scalars["loss"]), float(scalars["grad_norm"])
                         global_step += 1
-                        if not math.isfinite(loss):
-                            raise NonFiniteLoss(global_step + 1, loss, checkpoints.last if checkpoints else None)
+                        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                            what = "training loss" if not math.isfinite(loss) else "gradient norm"
+                            raise NonFiniteLoss(global_step + 1, loss if what == "training loss" else grad_norm, checkpoints.last if checkpoints else None, what)
+                        history.step_losses.append(loss)
+                        progress.update(task.seen(batch), loss)
                         history.total_seen += task.seen(batch)
                         history.total_steps = global_step + 1
                         position.batch += 1
@@ -208,6 +234,7 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                             raise Interrupted(history.total_steps, stop.requested, checkpoints is not None)
                         if done():
                             break
+                    progress.close()
                 history.epoch_seen.append(history.total_seen)
                 history.total_steps = global_step + 1
                 task.epoch_end(run, epoch)
@@ -253,6 +280,12 @@ def fit(
     settings (`record`) and training data."""
     started = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
+    main = distributed.is_main_process()
+    if not main:
+        log = _quiet  # only process 0 logs and writes outputs
+    mesh = run_mesh(settings.mesh)
+    if jax.process_count() > 1:
+        distributed.check_same_settings(record if record is not None else dataclasses.asdict(settings))
     mask = optim.trainable_mask(config, params, settings.trainable, settings.final_norm)
     optimizer = optim.adamw(
         settings.lr, settings.weight_decay, grad_clip_norm=settings.grad_clip_norm, accumulation_steps=settings.accumulation_steps
@@ -260,8 +293,13 @@ def fit(
     state = init_state(params, mask, optimizer, seed=settings.seed)
     del params  # the state holds its own copy
     options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
-    train_step, eval_step = make_steps(config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, **options)
-    run = Run(config, settings, eval_step, log, state)
+    dtype = jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32
+    train_step, eval_step = make_steps(config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, **options)
+    if mesh is not None:  # parameters and optimizer state sharded by the rules, batches by rows
+        state = sharding.shard_tree(state, mesh)
+        train_step, eval_step = sharding.shard_steps(train_step, eval_step, mesh, state)
+        log(f"mesh {sharding.describe(mesh)} over {mesh.size} devices ({jax.process_count()} process(es))")
+    run = Run(config, settings, eval_step, log, state, mesh=mesh)
     log(task.describe(config, state.params, state.trainable))
 
     record = record if record is not None else dataclasses.asdict(settings)
@@ -283,10 +321,28 @@ def fit(
     log(f"Training completed in {history.seconds / 60:.2f} minutes.")
 
     final = task.final(run)
-    run.state = jax.device_get(run.state)  # outputs from host copies
+    run.state = distributed.gather(run.state)  # outputs from whole host copies (all-gathered across processes)
     params = run.params
     epochs_run = history.total_steps / task.steps_per_epoch()  # fewer than settings.epochs with max_steps
 
+    metrics = {
+        **initial,
+        **final,
+        "eval_steps": history.steps,
+        "eval_train_losses": history.train_losses,
+        "eval_validation_losses": history.val_losses,
+        "train_step_losses": history.step_losses,
+        "steps": history.total_steps,
+        "epochs": epochs_run,
+        "train_seconds": history.seconds,
+        "train_step_compilations": compile_count(train_step),
+        "eval_step_compilations": compile_count(eval_step),
+        "model_config": config.to_dict(),
+        "recipe": record,
+        "mesh": sharding.describe(mesh) if mesh is not None else None,
+    }
+    if not main:
+        return metrics
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, Any] = {"plots": []}
     if history.train_losses:
@@ -299,26 +355,14 @@ def fit(
     outputs["plots"] += task_outputs.pop("plots", [])
     outputs.update(task_outputs)
 
-    metrics = {
-        **initial,
-        **final,
-        **task_metrics,
-        "eval_steps": history.steps,
-        "eval_train_losses": history.train_losses,
-        "eval_validation_losses": history.val_losses,
-        "steps": history.total_steps,
-        "epochs": epochs_run,
-        "train_seconds": history.seconds,
-        "total_seconds": time.perf_counter() - started,
-        "train_step_compilations": compile_count(train_step),
-        "eval_step_compilations": compile_count(eval_step),
-        "model_config": config.to_dict(),
-        "recipe": record,
-        "outputs": outputs,
-        "run": run_info(),
-    }
+    metrics.update(task_metrics)
+    metrics.update({"total_seconds": time.perf_counter() - started, "outputs": outputs, "run": run_info()})
     write_json(out_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def _quiet(line: str) -> None:
+    """The log of every process but the first."""
 
 
 def run_info() -> dict[str, Any]:

@@ -11,11 +11,12 @@ import argparse
 import importlib
 import sys
 
+from ..distributed import DistributedError
 from ..download import DownloadError
 from ..rundir import RunDirError
 from ..resume import TrainingStopped
 from ..tokenizer import TokenizerNotFoundError
-from .common import EXIT_SIGINT, EXIT_USAGE, CLIError, use_compile_cache
+from .common import EXIT_SIGINT, EXIT_USAGE, CLIError, start_processes, use_compile_cache
 
 COMMAND_MODULES = (
     "jaxft.cli.weights",  # download, convert, generate
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # for messages that repeat the command line
-    use_compile_cache(getattr(args, "compile_cache", None))
     try:
+        use_compile_cache(getattr(args, "compile_cache", None))
+        start_processes(args)
         return int(args.func(args) or 0)
     except TrainingStopped as exc:
         # an interruption (130/143, with the command that resumes) or a non-finite loss (1)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as exc:
         print(f"jaxft {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError) as exc:
+    except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError, DistributedError) as exc:
         # User mistakes and unreachable servers/files: one line, no traceback.
         message = " ".join(str(exc).split("\n"))
         print(f"jaxft {args.command}: error: {message}", file=sys.stderr)

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import jax
 
+from .. import distributed
 from ..rundir import claim
 from ..resume import Interrupted, TrainingStopped
 
@@ -77,7 +78,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, defaults: Any, group
     values = _leaf_defaults(defaults)
     for f, annotation in settings_fields(type(defaults)):
         meta = dict(f.metadata)
-        section = sections[meta.pop("group", "training")]
+        group = meta.pop("group", "training")
+        if group not in sections:  # a group the command does not title: its own section
+            sections[group] = parser.add_argument_group(group)
+        section = sections[group]
         help_text = meta.pop("help", None)
         flag = "--" + f.name.replace("_", "-")
         kind, optional = _base_type(annotation)
@@ -113,11 +117,28 @@ def add_recipe_command(subparsers: Any, name: str, help_text: str, defaults: Any
     data.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe (default: $JAXFT_GPT2_VOCAB, else the bundled copy)")
     parser.add_argument("--out", required=True, help=out_help)
     add_run_arguments(parser)
+    add_distributed_arguments(parser)
     parser.add_argument(
         "--compile-cache", default=str(default_compile_cache()), metavar="DIR",
         help="JAX's persistent compilation cache, so a rerun does not recompile ('off' to disable)",
     )
     return parser
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Multi-host flags (jax.distributed): without them, one process; on a cluster JAX knows
+    (SLURM, ...), `--num-processes` alone lets JAX detect the rest."""
+    group = parser.add_argument_group("processes (one per host; see README 'Multiple devices and hosts')")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    group.add_argument("--num-processes", type=int, help="how many processes take part")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")
+    group.add_argument("--distributed-timeout", type=float, default=300.0, help="seconds to wait for every process to join")
+
+
+def start_processes(args: argparse.Namespace) -> None:
+    """Join the other processes when asked (before JAX touches a device)."""
+    if any(getattr(args, name, None) is not None for name in ("coordinator", "num_processes", "process_id")):
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
 
 
 def default_compile_cache() -> Path:

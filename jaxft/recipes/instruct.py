@@ -185,6 +185,7 @@ class InstructionTask(train.Task):
 
     loss = "lm"
     seen_label = "Tokens seen"
+    seen_unit = "tokens"
 
     def __init__(self, recipe: InstructRecipe, config: GPTConfig, tokens: data.TokenizedInstructions, splits: data.Splits,
                  tokenizer: Any, source: str | Path, progress: bool) -> None:
