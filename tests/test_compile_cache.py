@@ -12,7 +12,7 @@ from test_classify import _tiny_hparams, _write_csvs
 def _run(tmp_path, out, cache):
     csvs = _write_csvs(tmp_path)
     argv = [
-        sys.executable, "-m", "jaxft.cli.app", "finetune-classifier", "--train", str(csvs["train"]),
+        sys.executable, "-m", "jaxft", "finetune-classifier", "--train", str(csvs["train"]),
         "--validation", str(csvs["validation"]), "--test", str(csvs["test"]), "--model", str(_tiny_hparams(tmp_path)),
         "--init", "random", "--epochs", "1", "--batch-size", "4", "--eval-freq", "5", "--out", str(out), "--compile-cache", str(cache),
     ]
