@@ -34,6 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jax.sharding import Mesh
+
+from . import sharding
 from .config import GPTConfig
 from .model import Block, Params, _layer_norm
 
@@ -250,6 +253,7 @@ def generate(
     key: jax.Array | None = None,
     pad_id: int = PAD_ID,
     dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
     _row_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (eos excluded), all prompts in one batch.
@@ -258,7 +262,9 @@ def generate(
     temperature / top-k / top-p sampling with the PRNG `key` (required). Each row stops at
     `eos_id` (None: never) or after `max_new_tokens`. Prompts longer than
     `max_prompt_tokens(config, max_new_tokens)` keep only their last tokens (see the module
-    docstring).
+    docstring). With a device `mesh`, the prompts are split by rows over its devices (the
+    batch is padded to a multiple of their number) and the parameters sharded by
+    jaxft.sharding's rules: the compiled loop runs on every device.
     """
     prompts = _check_prompts(config, prompts, max_new_tokens)
     if not prompts:
@@ -279,6 +285,8 @@ def generate(
     prompt_slots = _round_up(longest, BUCKET)
     budget = _round_up(max_new_tokens, BUCKET)
     batch = _batch_bucket(len(prompts))
+    if mesh is not None:
+        batch = _round_up(batch, mesh.shape["data"] * mesh.shape["fsdp"])
 
     tokens = np.full((batch, prompt_slots), pad_id, np.int32)
     pad_lens = np.full((batch,), prompt_slots - 1, np.int32)
@@ -293,13 +301,16 @@ def generate(
     base_key = jax.random.key(0) if key is None else key
     row_keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(row_ids, jnp.uint32))
 
+    rows = (lambda x: jax.device_put(x, sharding.batch_sharding(mesh))) if mesh is not None else jnp.asarray
+    if mesh is not None:
+        params = sharding.shard_tree(params, mesh)  # a no-op copy when already placed so
     out, lengths = _generate_padded(
         config,
         params,
-        jnp.asarray(tokens),
-        jnp.asarray(pad_lens),
-        jnp.asarray(active),
-        row_keys,
+        rows(tokens),
+        rows(pad_lens),
+        rows(active),
+        rows(row_keys),
         jnp.int32(max_new_tokens),
         jnp.float32(temperature if sample else 1.0),
         jnp.float32(1.0 if top_p is None else top_p),

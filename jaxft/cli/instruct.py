@@ -18,6 +18,7 @@ from ..recipes.instruct import (
     generate_responses,
     run,
 )
+from ..settings import run_mesh
 from ..tokenizer import get_tokenizer
 from ..fileio import write_json
 from ..weights import native
@@ -57,7 +58,7 @@ def _respond(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     responses = generate_responses(
         config, params, entries, tokenizer, style=style, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, progress=not args.quiet, source=args.data,
+        batch_size=args.batch_size, progress=not args.quiet, source=args.data, mesh=run_mesh(args.mesh),
     )
     write_json(Path(args.out), [{**entry, args.response_key: text} for entry, text in zip(entries, responses)])
     print(f"wrote {len(responses)} responses to {args.out} ({time.perf_counter() - start:.1f} s, {style} prompts)")
@@ -87,5 +88,6 @@ def register(subparsers: Any) -> None:
     r.add_argument("--style", choices=styles, default=None, help="prompt style; unset: the one the model was trained with, else alpaca")
     r.add_argument("--response-key", default="model_response", help="field name of the response")
     r.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe")
+    r.add_argument("--mesh", help="device mesh 'data=D,fsdp=F' splitting each batch of prompts (default: every device on data)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_respond)

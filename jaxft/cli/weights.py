@@ -16,6 +16,7 @@ from .. import sources
 from ..config import GPTConfig
 from ..download import DownloadError
 from ..model import param_count
+from ..settings import run_mesh
 from ..tokenizer import (
     ENCODER_JSON,
     EOT_ID,
@@ -150,6 +151,7 @@ def run_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p if sample else None,
         eos_id=EOT_ID if config.vocab_size > EOT_ID else None,
         key=jax.random.key(args.seed) if sample else None,
+        mesh=run_mesh(args.mesh),
     )[0]
     print(tokenizer.decode(prompt + new_ids))
     return 0
@@ -217,6 +219,7 @@ def register(subparsers: Any) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with this much probability")
+    gen.add_argument("--mesh", help="device mesh 'data=D,fsdp=F' (default: every device on data; one device: none)")
     gen.add_argument("--seed", type=int, default=123, help="PRNG seed for sampling")
     gen.add_argument(
         "--vocab-dir",

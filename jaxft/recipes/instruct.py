@@ -133,12 +133,15 @@ def generate_responses(
     batch_size: int = 8,
     progress: bool = True,
     source: str | Path = "<data>",
+    mesh: Any = None,
 ) -> list[str]:
     """The reference's response for every entry: greedy until eos or `max_new_tokens`, the text
-    after the prompt with the style's response marker removed. Batched, KV-cached."""
+    after the prompt with the style's response marker removed. Batched, KV-cached; with a
+    device `mesh`, each batch is split over its devices."""
     texts, prompts = encode_prompts(entries, tokenizer, style, config.context_length, source)
     new_tokens = gen.generate_batched(
-        config, params, prompts, batch_size=batch_size, progress=progress, max_new_tokens=max_new_tokens, eos_id=EOT_ID
+        config, params, prompts, batch_size=batch_size, progress=progress, max_new_tokens=max_new_tokens, eos_id=EOT_ID,
+        mesh=mesh,
     )
     return [
         data.extract_response(tokenizer.decode(ids + new), text, style)
@@ -289,7 +292,7 @@ class InstructionTask(train.Task):
             responses = generate_responses(
                 self.config, params, self.splits.test, self.tokenizer, style=self.recipe.style,
                 max_new_tokens=self.recipe.max_new_tokens, batch_size=self.recipe.response_batch_size,
-                progress=self.progress, source=self.source,
+                progress=self.progress, source=self.source, mesh=run.mesh,
             )
             response_seconds = time.perf_counter() - t0
             with_responses = [{**entry, "model_response": text} for entry, text in zip(self.splits.test, responses)]
