@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 
@@ -109,6 +110,12 @@ def initialize(
         watchdog.cancel()
 
 
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
     """True on process 0: the one that logs, writes checkpoints and plots."""
     return jax.process_index() == 0
@@ -126,8 +133,6 @@ def check_same_settings(settings: Mapping[str, Any]) -> None:
     """
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     blob = np.frombuffer(json.dumps(dict(settings), sort_keys=True, default=repr).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.array([blob.size], np.int32)).reshape(-1)
     padded = np.zeros(int(lengths.max()), np.int32)
@@ -154,8 +159,6 @@ def gather(tree: Any) -> Any:
     tests). Sharded arrays are all-gathered across processes; None leaves stay None."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
     return jax.tree_util.tree_map(
         lambda x: multihost_utils.process_allgather(x, tiled=True) if isinstance(x, jax.Array) else x, tree
     )

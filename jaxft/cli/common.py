@@ -185,12 +185,18 @@ class LazyRun:
         self.run: Any = None
 
     def claim(self) -> Any:
-        """Take the directory; returns its checkpoint directory (for train.fit)."""
+        """Take the directory; returns its checkpoint directory (for train.fit). With several
+        processes, process 0 owns the directory (run.json, outputs); the others wait until it
+        has taken it, then share its checkpoint directory (orbax writes every process's shards)."""
         args = self.args
+        if not distributed.is_main_process():
+            distributed.barrier("jaxft-claim")
+            return Path(args.out) / "checkpoints"
         self.run = claim(args.out, command=args.command, settings=flat_settings(self.recipe), resume=args.resume,
                          overwrite=args.overwrite, argv=getattr(args, "argv", None))
         if self.then is not None:
             self.then()
+        distributed.barrier("jaxft-claim")
         return self.run.checkpoints
 
 
