@@ -79,6 +79,7 @@ def inputs(tmp_path_factory) -> Path:
     # judge
     (d / "responses-no-key.json").write_text(json.dumps([entry]))
     (d / "responses.json").write_text(json.dumps([{**entry, "model_response": "Hi."}]))
+    (d / "no-entries.json").write_text("[]")
     (d / "template-unknown.txt").write_text("Score {output} against {nonsense}.")
     (d / "a-file").write_text("a file where a directory should be\n")
     return d
@@ -208,6 +209,8 @@ CASES = [
     ("judge-out-under-a-file", ["judge", "{in}/responses.json", "--out", UNDER_FILE], 1, "a-file is not a directory", None),
     ("judge-json-under-a-file", ["judge", "{in}/responses.json", "--metrics-only", "--json", UNDER_FILE], 1, "a-file is not a directory",
      None),
+    ("judge-no-entries", ["judge", "{in}/no-entries.json", "--host", "http://127.0.0.1:9", "--out", "{out}"], 1, "holds no entries",
+     None),
     ("judge-server-refused", ["judge", "{in}/responses.json", "--host", "http://127.0.0.1:9", "--retries", "0", "--out", "{out}"], 2,
      "127.0.0.1:9", None),
 ]
@@ -321,3 +324,10 @@ def test_unwritable_location_refused_up_front(command, inputs, tmp_path, capsys)
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
+
+
+def test_generate_crops_a_long_prompt_with_a_one_line_note(inputs, capsys):
+    """Not an error: the note says what the model sees, on one line of stderr."""
+    assert main(["generate", "--model", str(inputs / "lm"), "--prompt", "word" + " word" * 79, "--max-new-tokens", "4"]) == 0
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("note: the prompt is 80 tokens; the model sees its last 60") and "dropped the first 20" in line
