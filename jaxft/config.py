@@ -141,10 +141,16 @@ def from_hparams(hparams: dict[str, Any] | str | Path, **overrides: Any) -> GPTC
             raise FileNotFoundError(f"{source}: file not found") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(hparams, dict):
+        raise ValueError(f"{source}: not an hparams object ({{\"n_vocab\": ..., \"n_ctx\": ..., ...}}), got a JSON {type(hparams).__name__}")
     required = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
     missing = [key for key in required if key not in hparams]
     if missing:
         raise ValueError(f"{source}: missing key(s) {', '.join(missing)}")
+    for key in required:
+        value = hparams[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not str(value).strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
     fields = dict(
         vocab_size=int(hparams["n_vocab"]),
         context_length=int(hparams["n_ctx"]),

@@ -102,6 +102,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_writable(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """Raise the WriteError that writing `path` would meet, before any work is done: a
+    path component that is a file, or a location without write permission. Changes
+    nothing. `directory`: `path` is a directory to create or fill (else a file to create
+    or replace, which needs its directory writable). What `path` itself is (a file where a
+    directory is wanted, say) is the caller's question."""
+    path = Path(path)
+    if directory and path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise WriteError(path, "permission denied", errno.EACCES)
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent  # the nearest one that exists: where mkdir starts
+    if not ancestor.is_dir():
+        raise WriteError(path, f"{ancestor} is not a directory", errno.ENOTDIR)
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise WriteError(path, f"{ancestor}: permission denied", errno.EACCES)
+
+
 def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Each module of `jaxft.cli` exposes `register(subparsers)`, which adds its parser(s) and sets
 `func` (called with the parsed args; returns an exit code). A user mistake raises
-`CLIError` (or ValueError/FileNotFoundError) and is reported as one line on stderr.
+`CLIError` (or ValueError/FileNotFoundError) and is reported as one line on stderr, exit 2;
+a failed write (`jaxft.fileio.WriteError`) is one line too, exit 1.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 
 from ..distributed import DistributedError
 from ..download import DownloadError
+from ..fileio import WriteError
 from ..rundir import RunDirError
 from ..resume import TrainingStopped
 from ..tokenizer import TokenizerNotFoundError
-from .common import EXIT_SIGINT, EXIT_USAGE, CLIError, start_processes, use_compile_cache
+from .common import EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, CLIError, start_processes, use_compile_cache
 
 COMMAND_MODULES = (
     "jaxft.cli.weights",  # download, convert, generate
@@ -26,8 +29,18 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: `jaxft COMMAND: error: ... (see --help)`
+    instead of a usage block; the exit status stays 2. Subcommand parsers are of this
+    class too (add_subparsers makes them so)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        message = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune GPT-2 in JAX.")
+    parser = Parser(prog="jaxft", description="Fine-tune GPT-2 in JAX.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -46,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         # an interruption (130/143, with the command that resumes) or a non-finite loss (1)
         print(f"jaxft {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except WriteError as exc:
+        # the work failed writing (a full disk, no permission, a path component that is a
+        # file): exit 1; what was written before (checkpoints, earlier outputs) stays intact
+        message = " ".join(str(exc).split())
+        print(f"jaxft {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_FAILED
     except RunDirError as exc:
         print(f"jaxft {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

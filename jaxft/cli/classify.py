@@ -12,14 +12,15 @@ import numpy as np
 from ..data import spam
 from ..recipes.classify import Classifier, ClassifierRecipe, load_frames, run
 from ..tokenizer import get_tokenizer
-from .common import add_recipe_command, claimed_run, settings_from_args
+from ..data.labeled import read_text
+from .common import CLIError, add_recipe_command, check_before_work, claimed_run, settings_from_args
 
 GROUPS = {"data": "data (default: the SMS Spam Collection)", "model": "model", "training": "training", "output": "output"}
 
 
 def _finetune(args: argparse.Namespace) -> int:
     recipe = settings_from_args(ClassifierRecipe, args)
-    recipe.validate()
+    check_before_work(args, recipe)
     tokenizer = get_tokenizer(args.vocab_dir)
     start = time.perf_counter()
     frames, class_names, split_here = load_frames(recipe)
@@ -35,13 +36,26 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0 if np.isfinite(metrics["test_loss"]) else 1
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 file; a missing or undecodable one is a one-line error naming it."""
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CLIError(f"{path}: is a directory, not a file of texts") from None
+    except PermissionError:
+        raise CLIError(f"{path}: permission denied") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def _classify(args: argparse.Namespace) -> int:
-    classifier = Classifier.load(args.model, tokenizer=get_tokenizer(args.vocab_dir))
     texts = list(args.text)
-    if args.file:
-        texts += [line.rstrip("\n") for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.file:  # read before the model loads: a bad file costs nothing
+        texts += _read_lines(Path(args.file))
     if not texts:
-        raise ValueError("give text to classify (arguments or --file)")
+        raise CLIError("give text to classify (arguments or --file)" + (f": {args.file} holds no text" if args.file else ""))
+    classifier = Classifier.load(args.model, tokenizer=get_tokenizer(args.vocab_dir))
     for text, probs in zip(texts, classifier.probabilities(texts)):
         label = classifier.class_names[int(np.argmax(probs))]
         print(f"{label}\t{probs.max():.3f}\t{text}" if args.verbose else label)

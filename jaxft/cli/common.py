@@ -14,7 +14,9 @@ from typing import Any, Iterator
 import jax
 
 from .. import distributed
-from ..rundir import claim
+from ..fileio import check_writable
+from ..recipes.common import check_model
+from ..rundir import check, claim
 from ..resume import Interrupted, TrainingStopped
 
 EXIT_OK = 0
@@ -174,6 +176,29 @@ def resume_command(args: argparse.Namespace) -> str:
     """The command line that resumes this run."""
     argv = [a for a in getattr(args, "argv", None) or [] if a not in ("--resume", "--overwrite")]
     return "jaxft " + shlex.join([*argv, "--resume"])
+
+
+def require_torch(flag: str = "--export-pth") -> None:
+    """A one-line error now, where `flag` would need PyTorch only at the end of a run."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise CLIError(f"{flag} writes the reference's .pth file, which needs PyTorch (pip install torch); install it or drop {flag}") from None
+
+
+def check_before_work(args: argparse.Namespace, recipe: Any) -> None:
+    """What a fine-tuning command checks before it reads data or builds a model, so that a
+    mistake costs nothing and creates nothing: the settings' ranges, whether --out may be
+    used as asked (jaxft.rundir's rules: an existing file, --resume on nothing, --resume
+    with --overwrite, a used directory), whether it can be written (a path component that
+    is a file, no permission: exit 1), the model's name or path, and PyTorch for --export-pth."""
+    recipe.validate()
+    if distributed.is_main_process():  # process 0 owns --out; the others may find it already taken
+        check(args.out, command=args.command, settings=flat_settings(recipe), resume=args.resume, overwrite=args.overwrite)
+        check_writable(args.out, directory=True)
+    check_model(recipe.trainer.model, init=recipe.trainer.init)
+    if recipe.trainer.export_pth:
+        require_torch()
 
 
 class LazyRun:

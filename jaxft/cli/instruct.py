@@ -20,9 +20,9 @@ from ..recipes.instruct import (
 )
 from ..settings import run_mesh
 from ..tokenizer import get_tokenizer
-from ..fileio import write_json
+from ..fileio import check_writable, write_json
 from ..weights import native
-from .common import add_recipe_command, claimed_run, settings_from_args
+from .common import CLIError, add_recipe_command, check_before_work, claimed_run, settings_from_args
 
 GROUPS = {
     "data": "data (default: the reference's instruction-data.json)",
@@ -35,7 +35,7 @@ GROUPS = {
 
 def _finetune(args: argparse.Namespace) -> int:
     recipe = settings_from_args(InstructRecipe, args)
-    recipe.validate()
+    check_before_work(args, recipe)
     tokenizer = get_tokenizer(args.vocab_dir)
     with claimed_run(args, recipe) as rundir:
         metrics = run(recipe, args.out, data_file(recipe), tokenizer, claim=rundir.claim, resume=args.resume)
@@ -44,6 +44,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _respond(args: argparse.Namespace) -> int:
+    out = Path(args.out)  # checked before any work: the responses are written last
+    if out.is_dir():
+        raise CLIError(f"{out}: is a directory; --out is the JSON file to write")
+    check_writable(out)
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     entries = data.load_entries(args.data, require_output=False)  # cheap checks before a big model loads
     config, params = weights.load(args.model, args.config)
     if config.num_classes is not None:
@@ -60,7 +67,7 @@ def _respond(args: argparse.Namespace) -> int:
         config, params, entries, tokenizer, style=style, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, progress=not args.quiet, source=args.data, mesh=run_mesh(args.mesh),
     )
-    write_json(Path(args.out), [{**entry, args.response_key: text} for entry, text in zip(entries, responses)])
+    write_json(out, [{**entry, args.response_key: text} for entry, text in zip(entries, responses)])
     print(f"wrote {len(responses)} responses to {args.out} ({time.perf_counter() - start:.1f} s, {style} prompts)")
     return 0
 

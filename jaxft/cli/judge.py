@@ -29,6 +29,7 @@ from ..judge_client import (
     JudgeClient,
     JudgeError,
 )
+from ..fileio import atomic_write_text, check_writable
 from .common import EXIT_FAILED, EXIT_OK, CLIError
 
 
@@ -96,6 +97,13 @@ def _run_command(args: argparse.Namespace, sleep: Callable[[float], None] = time
             raise ValueError(f"{args.template}: {exc}") from None
     records = None
     out = Path(args.out) if args.out else default_out(args.responses, args.model)
+    # where the results go is checked before any request: a late write error would waste the judging
+    for given, path in (("--out", None if args.metrics_only else out), ("--json", None if args.json in (None, "-") else Path(args.json))):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise CLIError(f"{path}: is a directory; {given} is a file to write")
+        check_writable(path)
     if not args.metrics_only:
         client = JudgeClient(host=args.host, model=args.model, api=args.api,
                              options={**DEFAULT_OPTIONS, **dict(args.option)}, timeout=args.timeout,
@@ -112,7 +120,7 @@ def _run_command(args: argparse.Namespace, sleep: Callable[[float], None] = time
     else:
         print(format_summary(summary))
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
     if records is not None and summary["judge"]["num_scores"] == 0:
         # A run that produced no score at all is a failed run, not an average of nothing.
         print(f"jaxft judge: error: {nothing_scored(summary['judge'], args.responses, out)}", file=sys.stderr)

@@ -63,7 +63,7 @@ def check_label_spellings(labels: Iterable[str], source: str | Path, normalize: 
     if clashes:
         raise ValueError(
             f"{source}: labels {', '.join(map(repr, clashes))} differ only by case or surrounding spaces "
-            "(fix them, or pass normalize_labels=True to strip and lower-case every label)"
+            "(fix them, or pass --normalize-labels (normalize_labels=True) to strip and lower-case every label)"
         )
     return labels
 

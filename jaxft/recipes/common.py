@@ -11,6 +11,21 @@ from ..config import GPTConfig, from_hparams, get_config, is_size_name
 from ..model import Params, init_params
 
 
+def check_model(model: str, *, init: str = "pretrained") -> None:
+    """The cheap part of `resolve_model`'s checks (no file is read, nothing downloaded): a
+    one-line error for a `model` that cannot resolve, before any data is read."""
+    if init not in ("pretrained", "random"):
+        raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    path = Path(model)
+    if path.exists() or is_size_name(model):
+        if init == "pretrained" and path.is_file() and path.name == "hparams.json" and not (path.parent / "model.ckpt.index").exists():
+            raise ValueError(f"{path}: an hparams.json alone has no weights; pass --init random for a random model of this size")
+        return
+    if init == "random":
+        raise FileNotFoundError(f"{model}: neither a GPT-2 size name nor an existing hparams.json/checkpoint")
+    raise FileNotFoundError(f"{model}: no such checkpoint, and not a GPT-2 size name")
+
+
 def resolve_model(
     model: str,
     *,
@@ -26,8 +41,7 @@ def resolve_model(
     `models_dir/<124M|...>`, downloading the OpenAI checkpoint there when absent.
     init="random" starts from GPT-2's random initialisation with `key`.
     """
-    if init not in ("pretrained", "random"):
-        raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    check_model(model, init=init)
     path = Path(model)
     if init == "random":
         if is_size_name(model):
