@@ -164,3 +164,33 @@ def test_remat_train_step_matches(task):
     max_diff = max(jax.tree_util.tree_leaves(
         jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *results)))
     assert max_diff <= 1e-6
+
+
+def test_bfloat16_compute_tracks_float32_training():
+    """`--dtype bfloat16`: compute in bf16, parameters and optimizer state in fp32, logits,
+    softmax and loss in fp32. bf16 keeps 8 significant bits (relative rounding up to 2^-8 =
+    0.4% per value), but the loss averages thousands of fp32 log-probabilities and the fp32
+    master weights absorb each step's rounding, so the two loss curves stay within 1% over 30
+    Adam steps (measured: 8.5e-5) while a real bf16 program is visibly not the fp32 one."""
+    config = GPTConfig(vocab_size=512, context_length=64, emb_dim=64, n_layers=2, n_heads=4, tie_embeddings=False)
+    params = init_params(config, jax.random.key(0))
+    rs = np.random.RandomState(0)
+    batches = []
+    for _ in range(30):
+        x = (rs.randint(0, 512, (8, 1)) + np.arange(33)) % 512  # next token = this token + 1
+        batches.append({"inputs": x[:, :-1].astype(np.int32), "targets": x[:, 1:].astype(np.int32)})
+    curves = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        optimizer = optim.adamw(1e-3, 0.1)
+        state = train.init_state(params, optim.trainable_mask(config, params, "all"), optimizer)
+        step, _ = train.make_steps(config, optimizer, "lm", dtype=dtype)
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(state.trainable))
+        curves[dtype] = np.array(losses)
+    f32, bf16 = curves[jnp.float32], curves[jnp.bfloat16]
+    np.testing.assert_allclose(bf16, f32, rtol=1e-2)
+    assert not np.array_equal(bf16, f32)  # the bf16 program really computed in bf16
+    assert bf16[-1] < bf16[0] - 0.5  # and it learns
