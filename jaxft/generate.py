@@ -32,11 +32,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jax.sharding import Mesh
 
 from . import sharding
+from .progress import Progress
 from .config import GPTConfig
 from .model import Block, Params, _layer_norm
 
@@ -345,11 +345,14 @@ def generate_batched(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
+    bar = Progress(len(starts), "generating", "prompts", print, enabled=progress)
+    for start in starts:
         rows = order[start : start + batch_size]
         outputs = generate(config, params, [prompts[i] for i in rows], _row_ids=rows, **kwargs)
         for i, new_ids in zip(rows, outputs):
             results[i] = new_ids
+        bar.update(len(rows))
+    bar.close()
     return results
 
 

@@ -18,7 +18,8 @@ PLAIN_EVERY_S = 30.0
 class Progress:
     """`update(n_seen, loss)` after each step of `total`; `close()` at the end.
 
-    Reports steps/s, `unit`s/s (examples or tokens), the ETA and the last loss.
+    Reports steps/s, `unit`s/s (examples, tokens, prompts), the ETA and the last loss (when
+    there is one).
     """
 
     def __init__(self, total: int, desc: str, unit: str, log: Callable[[str], None], enabled: bool = True,
@@ -35,14 +36,14 @@ class Progress:
         eta = (self.total - self.done) / steps_s if steps_s > 0 else float("inf")
         return steps_s, self.seen / elapsed, eta
 
-    def update(self, seen: int, loss: float) -> None:
+    def update(self, seen: int, loss: float | None = None) -> None:
         if not self.enabled:
             return
         self.done += 1
         self.seen += seen
         steps_s, seen_s, eta = self._rates()
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{seen_s:,.0f} {self.unit}/s, loss {loss:.3f}", refresh=False)
+            self.bar.set_postfix_str(f"{seen_s:,.0f} {self.unit}/s" + ("" if loss is None else f", loss {loss:.3f}"), refresh=False)
             self.bar.update(1)
             return
         now = time.perf_counter()
@@ -52,7 +53,7 @@ class Progress:
             self.last_line = now
             self.log(
                 f"{self.desc}: step {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), {steps_s:.2f} steps/s, "
-                f"{seen_s:,.1f} {self.unit}/s, ETA {eta:.0f} s, loss {loss:.3f}"
+                f"{seen_s:,.1f} {self.unit}/s, ETA {eta:.0f} s" + ("" if loss is None else f", loss {loss:.3f}")
             )
 
     def close(self) -> None:

@@ -26,9 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from .config import GPTConfig
+from .progress import Progress
 from .model import Block, Params, _dense, _layer_norm
 
 TOKENS_PER_CHUNK = 8192  # rows per feature batch: about this many tokens (at least one row)
@@ -151,9 +151,7 @@ def trunk_features(
     sub = jax.device_put(prefix_params(config, params, n_blocks))
     out = np.empty((n, seq, config.emb_dim), np.float32)
     starts = range(0, n, batch_size)
-    bar = None
-    if progress or (progress is None and len(starts) > 20):
-        bar = tqdm(total=n, desc=desc, unit="ex", leave=False)
+    bar = Progress(len(starts), desc, "examples", print, enabled=bool(progress or (progress is None and len(starts) > 20)))
     pending: tuple[int, int, jax.Array] | None = None  # overlap: copy batch b-1 while b runs
     for start in starts:
         stop = min(start + batch_size, n)
@@ -164,15 +162,13 @@ def trunk_features(
         if pending is not None:
             a, b, prev = pending
             out[a:b] = np.asarray(prev)[: b - a]
-            if bar is not None:
-                bar.update(b - a)
+            bar.update(b - a)
         pending = (start, stop, result)
     if pending is not None:
         a, b, prev = pending
         out[a:b] = np.asarray(prev)[: b - a]
-        if bar is not None:
-            bar.update(b - a)
-            bar.close()
+        bar.update(b - a)
+    bar.close()
     return out
 
 
