@@ -168,3 +168,38 @@ def test_memory_estimate_counts_optimizer_state_and_activations():
     sweep.check_memory(4, 10**9, 0, 4.0)
     with pytest.raises(ValueError, match="a sweep of 5 runs needs ~5.50 GB; the budget of 4 GB .* fits 3 runs"):
         sweep.check_memory(5, 10**9, 5 * 10**8, 4.0)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_sweep_classifier_writes_runs_summary_and_plot(tmp_path, shared_data, capsys):
+    from jaxft.cli import main
+
+    paths = {}
+    for name, part in zip(("train", "validation", "test"), _frames(3)):
+        paths[name] = tmp_path / f"{name}.csv"
+        part.to_csv(paths[name], index=False)
+    hparams = tmp_path / "hparams.json"
+    hparams.write_text(json.dumps(HPARAMS))
+    common = ["--train", str(paths["train"]), "--validation", str(paths["validation"]), "--test", str(paths["test"]),
+              "--model", str(hparams), "--init", "random", "--epochs", "1", "--batch-size", "8", "--eval-freq", "4", "--compile-cache", "off"]
+    out = tmp_path / "sweep"
+    assert main(["sweep-classifier", *common, "--sweep", "lr=1e-3,3e-3", "--sweep", "weight-decay=0,0.1", "--sweep-models", "off", "--out", str(out)]) == 0
+    names = ["lr=0.001_weight-decay=0", "lr=0.001_weight-decay=0.1", "lr=0.003_weight-decay=0", "lr=0.003_weight-decay=0.1"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == names
+    metrics = json.loads((out / "runs" / names[3] / "metrics.json").read_text())
+    assert metrics["recipe"]["trainer"]["lr"] == 0.003 and metrics["recipe"]["trainer"]["weight_decay"] == 0.1
+    assert "model" not in metrics["outputs"] and metrics["steps"] == 8
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert (out / "summary.csv").read_text().count("\n") == 5 and (out / "sweep-plot.pdf").exists()
+    capsys.readouterr()
+
+    code = main(["sweep-classifier", *common, "--sweep", "seed=1,2", "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot sweep seed with --init random" in err and len(err.splitlines()) == 1
+    code = main(["sweep-classifier", *common, "--sweep", "lr=1e-3,2e-3", "--sweep-memory-gb", "1e-5", "--out", str(tmp_path / "o3")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "a sweep of 2 runs needs" in err and "fits 0 runs" in err and len(err.splitlines()) == 1
+    code = main(["sweep-classifier", *common, "--sweep", "momentum=1", "--out", str(tmp_path / "o4")])
+    assert code == 2 and "NAME one of lr, weight-decay, seed" in capsys.readouterr().err
