@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "jaxft.cli.classify",  # finetune-classifier, classify
     "jaxft.cli.instruct",  # finetune-instruct, respond
     "jaxft.cli.judge",  # judge
+    "jaxft.cli.sweep",  # sweep-classifier
 )
 
 
