@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--size", default="gpt2-small", help="GPT-2 size name or EMBxLAYERSxHEADS")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    parser.add_argument("--quick", action="store_true", help="smoke run: a 64x2x2 model, 6 steps, 8-token responses, 2 prompts")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a 64x2x2 model, 4 steps, evaluations every 2 steps on 1 batch, 8-token responses, 200 instruction entries")
     parser.add_argument("--races", default="cls,bucket,instruct", help="comma list of cls, bucket, instruct")
     parser.add_argument("--ref-steps", type=int, default=None, help="the reference runs only its first N steps; the rest is extrapolated")
     parser.add_argument("--ref-final", action="store_true", help="with --ref-steps, still run the reference's final accuracies on the whole splits")
@@ -782,10 +782,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.size = "64x2x2" if args.size == "gpt2-small" else args.size
-        args.max_steps = args.max_steps or 6
-        args.cls_eval_freq, args.instruct_eval_freq, args.eval_iter = 2, 2, 2
+        args.max_steps = args.max_steps or 4
+        args.cls_eval_freq, args.instruct_eval_freq, args.eval_iter = 2, 2, 1
         args.max_new_tokens = min(args.max_new_tokens, 8)
-        args.ref_prompts = 2 if args.ref_prompts == 1 else args.ref_prompts
+        args.instruct_limit = args.instruct_limit or 200
     if args.ref_prompts is not None and args.ref_prompts < 0:
         args.ref_prompts = None
     args.races = {r.strip() for r in args.races.split(",") if r.strip()}
