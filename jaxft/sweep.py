@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import optim, steps
+from . import steps
 from .config import GPTConfig
 from .data import batching
 from .data.batching import BUCKET_MULTIPLE
