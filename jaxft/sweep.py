@@ -213,12 +213,15 @@ def init_states(settings: Any, trainables: Sequence[Params], lrs: Sequence[float
     return SweepState(stacked, opt_state, jnp.zeros((k,), jnp.int32), rng)
 
 
-def make_sweep_steps(config: GPTConfig, settings: Any, pooling: str, start_block: int | None) -> tuple[Callable, Callable]:
+def make_sweep_steps(config: GPTConfig, settings: Any, pooling: str, start_block: int | None, shared: bool = False) -> tuple[Callable, Callable]:
     """jit(vmap) of `steps.make_steps`' train and eval steps:
     train_step(state, frozen, pool, batch, width) -> (state, metrics [K]) and
     eval_step(trainable, frozen, pool, batch, width) -> metrics [K]. `pool` holds the shared
     rows ("x": cached trunk output [P, W, D] or tokens [P, W]; "lengths" [P]); a batch selects
-    rows per run; `width` (static) is the step's width, `eff` each run's own."""
+    rows per run; `width` (static) is the step's width, `eff` each run's own. `shared`: every
+    run's batches are the same rows (no seed in the sweep), so the rows are gathered once and
+    the first projection of the shared input is one matmul for all runs (vmap over the state
+    alone)."""
     # "last" at a run's own width is "last-non-pad" with every length set to that width.
     inner = "last-non-pad" if pooling == "last" else pooling
     key = "hidden" if start_block is not None else "tokens"
@@ -241,11 +244,14 @@ def make_sweep_steps(config: GPTConfig, settings: Any, pooling: str, start_block
     def eval_one(trainable, frozen, pool, batch, width):
         return metrics(merge(trainable, frozen), pool, batch, width, None, False)[1]
 
+    batch_axis = None if shared else 0
+    first = (lambda batch: jax.tree_util.tree_map(lambda x: x[0], batch)) if shared else (lambda batch: batch)
+
     def train_step(state, frozen, pool, batch, width):
-        return jax.vmap(lambda s, b: train_one(s, frozen, pool, b, width))(state, batch)
+        return jax.vmap(lambda s, b: train_one(s, frozen, pool, b, width), in_axes=(0, batch_axis))(state, first(batch))
 
     def eval_step(trainable, frozen, pool, batch, width):
-        return jax.vmap(lambda t, b: eval_one(t, frozen, pool, b, width))(trainable, batch)
+        return jax.vmap(lambda t, b: eval_one(t, frozen, pool, b, width), in_axes=(0, batch_axis))(trainable, first(batch))
 
     return (jax.jit(train_step, static_argnums=4, donate_argnums=0), jax.jit(eval_step, static_argnums=4))
 

@@ -110,7 +110,13 @@ def run_sweep(
     frozen = jax.device_put(frozen)
     state = init_states(settings, trainables, [r.trainer.lr for _, _, r in runs], [r.trainer.weight_decay for _, _, r in runs],
                         [r.trainer.seed for _, _, r in runs])
-    train_step, eval_step = make_sweep_steps(config, settings, recipe.pooling, start_block)
+    # Runs with one seed see the same rows in the same order: their batches are shared.
+    shared = all(
+        r.seed == rows[0].seed and r.width == rows[0].width
+        and all(np.array_equal(r.rows[s], rows[0].rows[s]) and np.array_equal(r.lengths[s], rows[0].lengths[s]) for s in SPLITS)
+        for r in rows
+    )
+    train_step, eval_step = make_sweep_steps(config, settings, recipe.pooling, start_block, shared=shared)
     log(f"sweep of {k} runs ({', '.join(n for n, _, _ in runs)}); ~{(shared + k * per_run) / 1e9:.2f} GB estimated")
 
     B, pad = settings.batch_size, recipe.padding

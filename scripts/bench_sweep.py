@@ -1,7 +1,7 @@
 """A K-run sweep in one vmapped program against the same K runs done one after another by the
 classification recipe (classify.run, what finetune-classifier runs), same settings, same data.
 
-    python scripts/bench_sweep.py [--runs 8] [--emb 64] [--layers 4] [--epochs 1]
+    python scripts/bench_sweep.py [--runs 8] [--emb 256] [--layers 4] [--trainable head] [--sweep seed|lr]
 
 Both sides do everything a user gets: trunk cache, compilation, training, evaluation, plots and
 saved models. Prints the wall times and the ratio (sequential / sweep)."""
@@ -26,10 +26,11 @@ from jaxft.sweep_run import run_sweep
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=8)
-    parser.add_argument("--emb", type=int, default=64)
+    parser.add_argument("--emb", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--trainable", default="last-block")
+    parser.add_argument("--trainable", default="head")
+    parser.add_argument("--sweep", choices=("seed", "lr"), default="seed", help="what differs between the runs")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
@@ -39,7 +40,7 @@ def main(argv=None) -> float:
     recipe = classify.ClassifierRecipe(trainer=TrainerSettings(model=str(tmp / "model"), init="pretrained", trainable=args.trainable,
                                                                epochs=args.epochs, lr=5e-4, eval_freq=50, eval_iter=5))
     frames, names, _ = classify.load_frames(recipe)  # the bundled SMS spam splits (seed 123)
-    grid = {"seed": list(range(1, args.runs + 1))}
+    grid = {"seed": list(range(1, args.runs + 1))} if args.sweep == "seed" else {"lr": [1e-4 * (i + 1) for i in range(args.runs)]}
     quiet = lambda _: None
 
     start = time.perf_counter()
@@ -53,7 +54,7 @@ def main(argv=None) -> float:
     sequential = time.perf_counter() - start
 
     same = all(alone[n]["test_accuracy"] == result["runs"][n]["test_accuracy"] for n in alone)
-    report = {"runs": args.runs, "model": f"{args.layers} layers x {args.emb}", "trainable": args.trainable, "steps": alone[next(iter(alone))]["steps"],
+    report = {"runs": args.runs, "model": f"{args.layers} layers x {args.emb}", "trainable": args.trainable, "sweep": args.sweep, "steps": alone[next(iter(alone))]["steps"],
               "sweep_seconds": round(swept, 2), "sequential_seconds": round(sequential, 2), "ratio": round(sequential / swept, 2),
               "sweep_train_seconds": round(result["train_seconds"], 2),
               "sequential_train_seconds": round(sum(m["train_seconds"] for m in alone.values()), 2),
