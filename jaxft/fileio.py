@@ -130,6 +130,22 @@ def _make_parent(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _removed_on_failure(path: Path, tmp: Path, *names: Path) -> Iterator[None]:
+    """Remove the temporary `tmp` when the body fails; an OSError from writing becomes one
+    `WriteError` line naming `path` (an error about some other file passes through)."""
+    try:
+        yield
+    except OSError as exc:
+        _remove(tmp)
+        if _names_other_file(exc, (tmp, path)):
+            raise
+        raise _write_error(path, exc, *names) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the caller to write (by name: for writers
     such as safetensors' save_file); on success it is fsynced and renamed onto `path`.
@@ -142,21 +158,13 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise _write_error(path, exc) from None
     tmp = Path(name)
-    try:
+    with _removed_on_failure(path, tmp):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data reaches the disk before the rename makes it visible
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
-        _remove(tmp)
-        if _names_other_file(exc, (tmp, path)):
-            raise
-        raise _write_error(path, exc) from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -220,7 +228,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, default_mode(directory=True))
     except OSError as exc:
         raise _write_error(path, exc) from None
-    try:
+    with _removed_on_failure(path, tmp, tmp, path):
         yield tmp
         _fsync_tree(tmp)
         if path.exists() or path.is_symlink():
@@ -236,14 +244,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
             _fsync_dir(path.parent)
-    except OSError as exc:
-        _remove(tmp)
-        if _names_other_file(exc, (tmp, path)):
-            raise
-        raise _write_error(path, exc, tmp, path) from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def _fsync_tree(root: Path) -> None:
