@@ -487,8 +487,8 @@ def mfu_section(size: GPTConfig, shapes: list[tuple[int, int]], args, deadline: 
         rows.append(row)
         needed = 1.3 * compile_s + 5
         ratio = f"MFU {100 * row['mfu']:.1f}%" if peak else "peak unknown: no MFU"
-        print(f"  {label}: {row['step_ms']:.1f} ms/step, {flops / 1e12:.2f} TFLOP/step (N = {n / 1e6:.1f}M), "
-              f"{row['achieved_tflops']:.1f} TFLOP/s achieved -> {ratio}; {row['tokens_per_s']:.0f} tok/s; "
+        print(f"  {label}: {row['step_ms']:.1f} ms/step, {flops / 1e12:.3g} TFLOP/step (N = {n / 1e6:.1f}M), "
+              f"{row['achieved_tflops']:.3g} TFLOP/s achieved -> {ratio}; {row['tokens_per_s']:.0f} tok/s; "
               f"compile {compile_s:.1f} s; {timed} steps; t={deadline.elapsed():.0f}s")
         del state, batch, compiled
         _free()
@@ -669,8 +669,8 @@ def extra_tables(rows: list[dict]) -> list[str]:
                 continue
             peak = f"{r['peak_tflops']:.0f} ({r['peak_source']})" if r["peak_tflops"] else "peak unknown"
             ratio = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            lines.append(f"| {r['model']} | {r['shape'][0]}x{r['shape'][1]} | {r['step_ms']:.1f} | {r['model_flops'] / 1e12:.2f} | "
-                         f"{r['achieved_tflops']:.1f} | {peak} | {ratio} |")
+            lines.append(f"| {r['model']} | {r['shape'][0]}x{r['shape'][1]} | {r['step_ms']:.1f} | {r['model_flops'] / 1e12:.3g} | "
+                         f"{r['achieved_tflops']:.3g} | {peak} | {ratio} |")
     for r in (r for r in rows if r["section"] == "trunk"):
         if "skipped" in r:
             lines += ["", f"trunk cache: skipped ({r['skipped']})"]
