@@ -77,7 +77,7 @@ def child(args: argparse.Namespace, spec: str | None) -> dict:
     step_s = statistics.median(times)
     return {
         "devices": jax.device_count(),
-        "params": optim.count(params),
+        "params": model.param_count(params),
         "compile_s": compile_s,
         "step_s": step_s,
         "examples_per_s": args.batch / step_s,
