@@ -55,6 +55,8 @@ def run_sweep(
     k = len(runs)
     if recipe.trainer.init == "random" and len(grid.get("seed", [])) > 1:
         raise ValueError(SEED_WITH_RANDOM_INIT)
+    if settings.mesh is not None or settings.dtype != "float32":
+        raise ValueError("a sweep runs its K runs as one float32 program on one device: drop --mesh and --dtype")
 
     # Data: one set of frames for user frames/CSVs; one per seed when split from one file.
     split_here, by_seed = False, {}
@@ -198,6 +200,7 @@ def run_sweep(
             "eval_steps": eval_steps,
             "eval_train_losses": hist["train_losses"][r],
             "eval_validation_losses": hist["val_losses"][r],
+            "train_step_losses": [s[r] for s in step_losses],
             "steps": total_steps,
             "epochs": epochs_run,
             "train_seconds": train_seconds,
@@ -206,6 +209,7 @@ def run_sweep(
             "eval_step_compilations": eval_step._cache_size(),
             "model_config": config.to_dict(),
             "recipe": dataclasses.asdict(run_recipe),
+            "mesh": None,  # a sweep runs on one device
             "outputs": outputs,
             "run": {**train.run_info(), "sweep": {"size": k, "index": r, "values": values, "diverged_at_step": diverged[r]}},
         }
