@@ -92,6 +92,7 @@ SETUPS = {
     "dir": lambda out: out.mkdir(),
 }
 
+SW = ["sweep-classifier", "--init", "random", "--model", "{in}/hparams.json", "--out", "{out}", "--max-length", "16"]
 FC = ["finetune-classifier", "--init", "random", "--model", "{in}/hparams.json", "--out", "{out}", "--max-length", "16"]
 FI = ["finetune-instruct", "--init", "random", "--model", "{in}/hparams.json", "--out", "{out}", "--limit", "40", "--no-responses",
       "--data", "{in}/instruct-ok.json"]
@@ -114,6 +115,13 @@ CASES = [
     ("fc-unknown-flag", [*FC, "--learning-rate", "1"], 2, "unrecognized arguments", None),
     ("fc-batch-larger-than-data", [*FC, "--train", "{in}/train.csv", "--validation", "{in}/train.csv", "--test", "{in}/train.csv",
                                    "--batch-size", "64"], 2, "larger than the 16 training examples", None),
+    # ---- sweep-classifier: the sweep itself (every finetune-classifier flag is shared, above)
+    ("sweep-no-values", [*SW, "--sweep", "lr="], 2, "--sweep 'lr=': no values", None),
+    ("sweep-unknown-name", [*SW, "--sweep", "momentum=0.1,0.2"], 2, "NAME one of lr, weight-decay, seed", None),
+    ("sweep-not-floats", [*SW, "--sweep", "lr=a,b"], 2, "values of lr must be floats", None),
+    ("sweep-lr-inf", [*SW, "--sweep", "lr=1e-3,inf"], 2, "lr must be finite", None),
+    ("sweep-seed-with-random-init", [*SW, "--sweep", "seed=1,2"], 2, "cannot sweep seed with --init random", None),
+    ("sweep-with-mesh", [*SW, "--sweep", "lr=1e-3", "--mesh", "data=1"], 2, "drop --mesh and --dtype", None),
     # ---- finetune-classifier: conflicting flags, the run directory
     ("fc-data-with-download", [*FC, "--data", "{in}/empty.tsv", "--download"], 2, "give one or the other", None),
     ("fc-train-without-test", [*FC, "--train", "{in}/train.csv", "--validation", "{in}/train.csv"], 2, "go together", None),
