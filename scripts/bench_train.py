@@ -19,6 +19,7 @@ steps after one warm-up step. jaxft's compile time is measured separately (lower
 
     python scripts/bench_train.py                     # gpt2-small, ~5 min on 2 cores
     python scripts/bench_train.py --layers 2 --steps 3  # quick
+    python scripts/bench_train.py --skip-cls --lm-steps 5  # the instruction (LM) step only
 """
 
 from __future__ import annotations
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None,
                         help="pin the process to N cores (XLA sizes its pool from the affinity) and torch.set_num_threads(N)")
-    parser.add_argument("--skip-lm", action="store_true")
+    parser.add_argument("--skip-lm", action="store_true", help="time the classification step only")
+    parser.add_argument("--skip-cls", action="store_true", help="time the instruction (LM) step only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -315,14 +317,15 @@ def main(argv: list[str] | None = None) -> int:
           f"vocab {config.vocab_size}, context {config.context_length}")
     rows = []
 
-    cls_config, params = classifier_params(config, args.seed)
-    mask = optim.trainable_mask(cls_config, params, "last-block")
-    n_train = optim.count(optim.split(params, mask)[0])
-    label = f"classification, batch {args.batch_size}x{args.cls_seq}, last block+norm+head ({n_train / 1e6:.1f}M of {param_count(params) / 1e6:.0f}M trainable)"
-    batch = classification_batch(cls_config, args.batch_size, args.cls_seq, args.seed)
-    _, new_rows = bench_pair(label, cls_config, params, batch, "classification", "last-block", args.steps)
-    rows += new_rows
-    del params
+    if not args.skip_cls:
+        cls_config, params = classifier_params(config, args.seed)
+        mask = optim.trainable_mask(cls_config, params, "last-block")
+        n_train = optim.count(optim.split(params, mask)[0])
+        label = f"classification, batch {args.batch_size}x{args.cls_seq}, last block+norm+head ({n_train / 1e6:.1f}M of {param_count(params) / 1e6:.0f}M trainable)"
+        batch = classification_batch(cls_config, args.batch_size, args.cls_seq, args.seed)
+        _, new_rows = bench_pair(label, cls_config, params, batch, "classification", "last-block", args.steps)
+        rows += new_rows
+        del params
 
     if not args.skip_lm:
         lm_config, params = lm_params(config, args.seed)
