@@ -128,15 +128,24 @@ def _head_ce_mean_fwd(h, head, targets, layout, dtype, chunk_rows, ignore_index)
     hc, tc, vc, count = _chunks(h, targets, chunk_rows, ignore_index)
     grad_scale = 1.0 / jnp.maximum(count, 1)  # d(mean)/d(sum), as autodiff of sum / count computes it
 
-    def body(dhead, chunk):
-        x, t, v = chunk
+    def chunk(x, t, v):
         total, shifted, sumexp = _chunk_loss(x, head, t, v, layout, dtype)
-        dh, dhead_chunk = _chunk_grads(x, head, t, shifted, sumexp, jnp.where(v, grad_scale, 0.0), layout, dtype)
+        dh, dhead = _chunk_grads(x, head, t, shifted, sumexp, jnp.where(v, grad_scale, 0.0), layout, dtype)
+        return total, dh, dhead
+
+    def body(dhead, xtv):
+        total, dh, dhead_chunk = chunk(*xtv)
         return dhead + dhead_chunk, (total, dh)
 
-    dhead, (totals, dh) = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), (hc, tc, vc))
+    # The first chunk starts the head-gradient sum (no zero-filled [d, vocab] buffer to add to).
+    total, dh, dhead = chunk(hc[0], tc[0], vc[0])
+    totals = total[None]
+    if hc.shape[0] > 1:
+        dhead, (rest, dh_rest) = jax.lax.scan(body, dhead, (hc[1:], tc[1:], vc[1:]))
+        totals = jnp.concatenate([totals, rest])  # summed as the no-gradient path sums them
+        dh = jnp.concatenate([dh, dh_rest.reshape(-1, dh.shape[1])])
     loss = totals.sum() / jnp.maximum(count, 1)
-    return loss, (dh.reshape(-1, h.shape[1])[: h.shape[0]], dhead.astype(head.dtype))
+    return loss, (dh[: h.shape[0]], dhead.astype(head.dtype))
 
 
 def _head_ce_mean_bwd(layout, dtype, chunk_rows, ignore_index, res, g):
