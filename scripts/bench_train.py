@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -227,18 +228,27 @@ def torch_runner(
     return Runner(name, step)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (spin-waiting threads count too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def time_runners(runners: list[Runner], steps: int, budget_s: float | None = None) -> dict[str, dict]:
     """One warm-up step each, then up to `steps` interleaved timed steps per runner.
 
     Stops early (after at least 2 timed rounds) once `budget_s` seconds have passed.
-    Returns per runner: times (s), first_loss (the warm-up step's), last_loss."""
-    results = {r.name: {"times": [], "first_loss": float(r.step())} for r in runners}
+    Returns per runner: times (s, wall), cpu (s, process CPU time), first_loss (the warm-up
+    step's), last_loss. With --threads 1 the CPU time is the step's work, much less
+    sensitive than the wall time to other processes on a shared machine."""
+    results = {r.name: {"times": [], "cpu": [], "first_loss": float(r.step())} for r in runners}
     start = time.perf_counter()
     for i in range(steps):
         for r in runners:
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             loss = r.step()
             results[r.name]["times"].append(time.perf_counter() - t0)
+            results[r.name]["cpu"].append(_cpu_seconds() - c0)
             results[r.name]["last_loss"] = float(loss)
         if budget_s is not None and i >= 1 and time.perf_counter() - start > budget_s:
             break
@@ -282,6 +292,8 @@ def bench_pair(label: str, config: GPTConfig, params: Params, batch: dict, task:
           f"(|diff| {abs(j['first_loss'] - t['first_loss']):.1e}); steps timed {len(j['times'])}")
     print("  jaxft steps (ms): " + ", ".join(f"{1e3 * s:.0f}" for s in j["times"]))
     print("  torch steps (ms): " + ", ".join(f"{1e3 * s:.0f}" for s in t["times"]))
+    cpu_j, cpu_t = statistics.median(j["cpu"]), statistics.median(t["cpu"])
+    print(f"  process CPU s/step (median): jaxft {cpu_j:.2f}, torch {cpu_t:.2f} ({cpu_t / cpu_j:.2f}x)")
     best_j, best_t = 1e3 * min(j["times"]), 1e3 * min(t["times"])
     row = (label, f"{j['median_ms']:.0f}", f"{t['median_ms']:.0f}", f"{t['median_ms'] / j['median_ms']:.2f}x",
            f"{best_j:.0f} / {best_t:.0f} ({best_t / best_j:.2f}x)", f"{j['compile_s']:.1f}")
