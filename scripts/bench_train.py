@@ -17,9 +17,10 @@ side as a check that the two compute the same thing. Steps are interleaved (jaxf
 jaxft, ...) so background load hits both alike; the figure is the median of --steps timed
 steps after one warm-up step. jaxft's compile time is measured separately (lower+compile).
 
-    python scripts/bench_train.py                     # gpt2-small, ~5 min on 2 cores
+    python scripts/bench_train.py                     # gpt2-small, ~1.5 min on 2 quiet cores
     python scripts/bench_train.py --layers 2 --steps 3  # quick
     python scripts/bench_train.py --skip-cls --lm-steps 5  # the instruction (LM) step only
+    python scripts/bench_train.py --skip-cls --breakdown 3  # and its pieces: forward, backward, head, update
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -258,6 +260,82 @@ def time_runners(runners: list[Runner], steps: int, budget_s: float | None = Non
     return results
 
 
+# --------------------------------------------------------------------------- LM step breakdown
+
+
+def lm_breakdown(config: GPTConfig, params: Params, batch: dict, repeats: int) -> list[tuple[str, float, float]]:
+    """Where the instruction step's time goes: its pieces timed apart, jaxft and torch interleaved.
+
+    Returns (piece, best jaxft s, best torch s) for: forward + loss; forward + backward (the
+    gradients, no update); the LM head + cross-entropy alone, forward + backward, from
+    given final-norm hidden states; the AdamW update alone. The blocks' share is the
+    difference of the second and the third."""
+    from jaxft import losses, model
+
+    targets = batch["targets"]
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def loss_fn(p, b):
+        return train.lm_metrics(config, p, b)[0]
+
+    def head_loss(h, w):
+        return losses.lm_head_loss(h, w, jbatch["targets"], head_layout="dv")[0]
+
+    jparams = jax.tree_util.tree_map(jnp.asarray, params)
+    hidden = jax.jit(lambda p, x: model.apply(config, p, x, return_hidden=True))(jparams, jbatch["inputs"])
+    grads = jax.jit(jax.grad(loss_fn))(jparams, jbatch)
+    opt = optim.adamw(LR, WEIGHT_DECAY)
+    opt_state = opt.init(jparams)
+
+    def update(g, s, p):
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    jax_pieces = {
+        "forward + loss": (jax.jit(loss_fn), (jparams, jbatch)),
+        "forward + backward": (jax.jit(jax.grad(loss_fn)), (jparams, jbatch)),
+        "head + cross-entropy, forward + backward": (jax.jit(jax.grad(head_loss, argnums=(0, 1))), (hidden, jparams["lm_head"]["kernel"])),
+        "AdamW update": (jax.jit(update), (grads, opt_state, jparams)),
+    }
+    compiled = {k: f.lower(*a).compile() for k, (f, a) in jax_pieces.items()}
+
+    tmodel = reference_model(config, params, "cpu")
+    optimizer = torch.optim.AdamW(tmodel.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    x = torch.from_numpy(batch["inputs"].astype(np.int64))
+    y = torch.from_numpy(targets.astype(np.int64)).flatten()
+    t_hidden = torch.from_numpy(np.array(hidden))
+
+    def t_forward():
+        with torch.no_grad():
+            F.cross_entropy(tmodel(x).flatten(0, 1), y)
+
+    def t_backward():
+        tmodel.zero_grad()
+        F.cross_entropy(tmodel(x).flatten(0, 1), y).backward()
+
+    def t_head():
+        h = t_hidden.clone().requires_grad_()
+        tmodel.out_head.weight.grad = None
+        F.cross_entropy(tmodel.out_head(h).flatten(0, 1), y).backward()
+
+    t_backward()  # gradients in place for the update
+    torch_pieces = {"forward + loss": t_forward, "forward + backward": t_backward,
+                    "head + cross-entropy, forward + backward": t_head, "AdamW update": optimizer.step}
+    best = {k: [float("inf"), float("inf")] for k in jax_pieces}
+    for k in jax_pieces:  # warm-up
+        jax.block_until_ready(compiled[k](*jax_pieces[k][1]))
+        torch_pieces[k]()
+    for _ in range(repeats):
+        for k in jax_pieces:
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled[k](*jax_pieces[k][1]))
+            best[k][0] = min(best[k][0], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            torch_pieces[k]()
+            best[k][1] = min(best[k][1], time.perf_counter() - t0)
+    return [(k, *v) for k, v in best.items()]
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -313,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pin the process to N cores (XLA sizes its pool from the affinity) and torch.set_num_threads(N)")
     parser.add_argument("--skip-lm", action="store_true", help="time the classification step only")
     parser.add_argument("--skip-cls", action="store_true", help="time the instruction (LM) step only")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="also time the LM step's pieces (forward, backward, head, update), best of N")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -346,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         batch = lm_batch(lm_config, args.batch_size, args.lm_seq, args.seed)
         _, new_rows = bench_pair(label, lm_config, params, batch, "lm", "all", args.lm_steps)
         rows += new_rows
+        if args.breakdown:
+            pieces = lm_breakdown(lm_config, params, batch, args.breakdown)
+            print(f"\nwhere the instruction step's time goes (best of {args.breakdown}, interleaved):")
+            print("| piece | jaxft ms | torch ms | jaxft speed-up |\n|---|---|---|---|")
+            for name, tj, tt in pieces:
+                print(f"| {name} | {1e3 * tj:.0f} | {1e3 * tt:.0f} | {tt / tj:.2f}x |")
 
     print(f"load average (1/5/15 min) at end: {load_average()}")
     print("\n| step | jaxft ms/step (median) | torch ms/step (median) | jaxft speed-up | best jaxft / torch ms | jaxft compile s |"
