@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -53,3 +55,137 @@ def masked_lm_loss(logits: jax.Array, targets: jax.Array, ignore_index: int = IG
     """Mean next-token cross-entropy over targets that are not `ignore_index` (torch semantics)."""
     total, count = masked_lm_loss_terms(logits, targets, ignore_index)
     return total / jnp.maximum(count, 1)
+
+
+# --------------------------------------------------------------------------- LM head + cross-entropy in row chunks
+
+HEAD_LAYOUTS = ("dv", "vd")  # lm_head/kernel [d, vocab]; wte/embedding [vocab, d] (the tied head)
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk at most (128 MiB in fp32): 667 rows of GPT-2's vocabulary
+
+
+def _head_logits(h: jax.Array, head: jax.Array, layout: str, dtype) -> jax.Array:
+    """fp32 logits [rows, vocab] of final-norm hidden states h [rows, d], as the model's head computes them."""
+    spec = "nd,dv->nv" if layout == "dv" else "nd,vd->nv"
+    return jnp.einsum(spec, h.astype(dtype), head.astype(dtype)).astype(jnp.float32)
+
+
+def _chunk_loss(h, head, targets, valid, layout, dtype):
+    """(sum of one chunk's token losses, exp(logits - row max), its row sums): the last two for the gradient."""
+    logits = _head_logits(h, head, layout, dtype)
+    # jax.nn.logsumexp, spelled out so that the gradient below can reuse its pieces.
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    shifted = jnp.exp(logits - row_max)
+    sumexp = shifted.sum(axis=-1)
+    lse = jnp.log(sumexp) + row_max[:, 0]
+    label_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return jnp.where(valid, lse - label_logits, 0.0).sum(), shifted, sumexp
+
+
+def _chunk_grads(h, head, targets, shifted, sumexp, row_grad, layout, dtype):
+    """(d/dh, d/dhead) of sum(row_grad * token loss) over one chunk.
+
+    The arithmetic of reverse-mode autodiff through logits -> logsumexp - label logit:
+    dlogits = exp(logits - max) * (g / sumexp), minus g at the label."""
+    dlogits = shifted * (row_grad / sumexp)[:, None]
+    is_label = jnp.arange(dlogits.shape[-1])[None, :] == targets[:, None]
+    dlogits = jnp.where(is_label, dlogits - row_grad[:, None], dlogits).astype(dtype)
+    dh_spec, dhead_spec = ("nv,dv->nd", "nd,nv->dv") if layout == "dv" else ("nv,vd->nd", "nd,nv->vd")
+    dh = jnp.einsum(dh_spec, dlogits, head.astype(dtype), preferred_element_type=jnp.float32)
+    dhead = jnp.einsum(dhead_spec, h.astype(dtype), dlogits, preferred_element_type=jnp.float32)
+    return dh, dhead
+
+
+def _chunks(h, targets, chunk_rows, ignore_index):
+    """Rows split into n equal chunks of at most chunk_rows rows (the last padded with ignored
+    rows): h [n, size, d], targets and valid [n, size], and the number of valid rows."""
+    rows = h.shape[0]
+    n = -(-rows // max(1, chunk_rows))
+    size = -(-rows // n)
+    valid = targets != ignore_index
+    safe = jnp.where(valid, targets, 0)
+    pad = n * size - rows
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        safe, valid = jnp.pad(safe, (0, pad)), jnp.pad(valid, (0, pad))
+    return h.reshape(n, size, h.shape[1]), safe.reshape(n, size), valid.reshape(n, size), valid.sum()
+
+
+def _mean_loss(h, head, targets, layout, dtype, chunk_rows, ignore_index):
+    hc, tc, vc, count = _chunks(h, targets, chunk_rows, ignore_index)
+    totals = jax.lax.map(lambda a: _chunk_loss(a[0], head, a[1], a[2], layout, dtype)[0], (hc, tc, vc))
+    return totals.sum() / jnp.maximum(count, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _head_ce_mean(h, head, targets, layout, dtype, chunk_rows, ignore_index):
+    return _mean_loss(h, head, targets, layout, dtype, chunk_rows, ignore_index)
+
+
+def _head_ce_mean_fwd(h, head, targets, layout, dtype, chunk_rows, ignore_index):
+    """Loss and gradients in one pass over the chunks: the gradient of the mean needs only
+    each chunk's own logits, so they are never recomputed and never all in memory."""
+    hc, tc, vc, count = _chunks(h, targets, chunk_rows, ignore_index)
+    grad_scale = 1.0 / jnp.maximum(count, 1)  # d(mean)/d(sum), as autodiff of sum / count computes it
+
+    def chunk(x, t, v):
+        total, shifted, sumexp = _chunk_loss(x, head, t, v, layout, dtype)
+        dh, dhead = _chunk_grads(x, head, t, shifted, sumexp, jnp.where(v, grad_scale, 0.0), layout, dtype)
+        return total, dh, dhead
+
+    def body(dhead, xtv):
+        total, dh, dhead_chunk = chunk(*xtv)
+        return dhead + dhead_chunk, (total, dh)
+
+    # The first chunk starts the head-gradient sum (no zero-filled [d, vocab] buffer to add to).
+    total, dh, dhead = chunk(hc[0], tc[0], vc[0])
+    totals = total[None]
+    if hc.shape[0] > 1:
+        dhead, (rest, dh_rest) = jax.lax.scan(body, dhead, (hc[1:], tc[1:], vc[1:]))
+        totals = jnp.concatenate([totals, rest])  # summed as the no-gradient path sums them
+        dh = jnp.concatenate([dh, dh_rest.reshape(-1, dh.shape[1])])
+    loss = totals.sum() / jnp.maximum(count, 1)
+    return loss, (dh[: h.shape[0]], dhead.astype(head.dtype))
+
+
+def _head_ce_mean_bwd(layout, dtype, chunk_rows, ignore_index, res, g):
+    dh, dhead = res
+    return g * dh, g * dhead, None
+
+
+_head_ce_mean.defvjp(_head_ce_mean_fwd, _head_ce_mean_bwd)
+
+
+def lm_head_loss(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    *,
+    head_layout: str,
+    dtype=jnp.float32,
+    chunk_rows: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[jax.Array, jax.Array]:
+    """(mean next-token loss over targets != ignore_index, their count), from final-norm hidden states.
+
+    The values of `masked_lm_loss(logits, targets)` with logits = hidden @ head, computed
+    in equal chunks of at most `chunk_rows` rows (default: CHUNK_ELEMENTS // vocab): neither
+    the fp32 [rows, vocab] logits nor their gradient is ever in memory whole. Under
+    `jax.grad` the forward pass also computes the gradients, from each chunk's logits while
+    they are at hand, so the head costs its three matmuls and nothing is recomputed; the
+    gradient arithmetic is autodiff's, so the values equal the plain path's. 0 when every
+    target is ignored.
+
+    hidden: [..., d] (fp32, the model's `return_hidden=True` output); head: [d, vocab]
+    (head_layout "dv": an untied lm_head/kernel) or [vocab, d] ("vd": the tied
+    wte/embedding); targets: int [...]; dtype: the head matmul's compute dtype.
+    """
+    if head_layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
+    h = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
+    t = targets.reshape(-1)
+    if chunk_rows is None:
+        vocab = head.shape[1] if head_layout == "dv" else head.shape[0]
+        chunk_rows = max(1, CHUNK_ELEMENTS // vocab)
+    loss = _head_ce_mean(h, head, t, head_layout, jnp.dtype(dtype), int(chunk_rows), int(ignore_index))
+    return loss, (t != ignore_index).sum()

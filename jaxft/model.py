@@ -34,8 +34,23 @@ KVCache = dict[str, jax.Array]  # {"k": [layers, B, T, heads, head_dim], "v": sa
 _INIT_STD = 0.02
 
 
+class _Dense(nn.Dense):
+    """nn.Dense (same parameters) that multiplies [..., in] inputs as one [rows, in] matrix.
+
+    Same values; for the backward pass the difference matters on CPU: the kernel gradient
+    of a 3-D input contracts two axes, which XLA lowers through a transposed copy of the
+    incoming gradient, and its fusion pass recomputes the residual stream's whole gradient
+    chain inside every such copy (quadratic in depth). A 2-D input gets a plain matmul."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if inputs.ndim <= 2:
+            return super().__call__(inputs)
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
 def _dense(features: int, name: str, dtype: Any, use_bias: bool = True, std: float = _INIT_STD) -> nn.Dense:
-    return nn.Dense(
+    return _Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
@@ -67,13 +82,16 @@ class LoRADense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # one 2-D matmul per weight, as in _Dense
         kernel = self.param("kernel", nn.initializers.normal(self.std), (x.shape[-1], self.features))
         y = x @ kernel.astype(self.dtype)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         lora_a = self.param("lora_a", lora_a_init, (x.shape[-1], self.rank))
         lora_b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
-        return y + (x @ lora_a.astype(self.dtype)) @ lora_b.astype(self.dtype) * (self.alpha / self.rank)
+        y = y + (x @ lora_a.astype(self.dtype)) @ lora_b.astype(self.dtype) * (self.alpha / self.rank)
+        return y.reshape(*lead, self.features)
 
 
 def _projection(config: GPTConfig, features: int, name: str, dtype: Any, use_bias: bool = True, std: float = _INIT_STD):

@@ -48,9 +48,9 @@ def init_state(params: Params, mask: Params, optimizer: optax.GradientTransforma
     return TrainState(trainable, frozen, optimizer.init(trainable), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed))
 
 
-def _forward(config: GPTConfig, params: Params, tokens: jax.Array, dropout_key, dtype, remat) -> jax.Array:
+def _forward(config: GPTConfig, params: Params, tokens: jax.Array, dropout_key, dtype, remat, **kwargs) -> jax.Array:
     key = dropout_key if config.drop_rate > 0 else None
-    return model.apply(config, params, tokens, dropout_key=key, dtype=dtype, remat=remat)
+    return model.apply(config, params, tokens, dropout_key=key, dtype=dtype, remat=remat, **kwargs)
 
 
 def classification_metrics(
@@ -81,10 +81,17 @@ def classification_metrics(
 def lm_metrics(
     config: GPTConfig, params: Params, batch: Batch, dropout_key: jax.Array | None = None, dtype: Any = jnp.float32, remat: bool = False
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(mean next-token loss over non-ignored targets, {loss, tokens})."""
-    logits = _forward(config, params, batch["inputs"], dropout_key, dtype, remat)
-    total, count = losses.masked_lm_loss_terms(logits, batch["targets"])
-    loss = total / jnp.maximum(count, 1)
+    """(mean next-token loss over non-ignored targets, {loss, tokens}).
+
+    The head and its cross-entropy run in chunks of rows from the final-norm hidden states
+    (`losses.lm_head_loss`): the values of logits -> masked cross-entropy, without the fp32
+    [B, T, vocab] logits or their gradient ever in memory whole."""
+    hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True)
+    if config.tie_embeddings:  # the model's wte.attend: fp32 whatever the compute dtype
+        head, layout, head_dtype = params["wte"]["embedding"], "vd", jnp.promote_types(dtype, jnp.float32)
+    else:
+        head, layout, head_dtype = params["lm_head"]["kernel"], "dv", dtype
+    loss, count = losses.lm_head_loss(hidden, head, batch["targets"], head_layout=layout, dtype=head_dtype)
     return loss, {"loss": loss, "tokens": count}
 
 

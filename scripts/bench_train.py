@@ -17,8 +17,10 @@ side as a check that the two compute the same thing. Steps are interleaved (jaxf
 jaxft, ...) so background load hits both alike; the figure is the median of --steps timed
 steps after one warm-up step. jaxft's compile time is measured separately (lower+compile).
 
-    python scripts/bench_train.py                     # gpt2-small, ~5 min on 2 cores
+    python scripts/bench_train.py                     # gpt2-small, ~1.5 min on 2 quiet cores
     python scripts/bench_train.py --layers 2 --steps 3  # quick
+    python scripts/bench_train.py --skip-cls --lm-steps 5  # the instruction (LM) step only
+    python scripts/bench_train.py --skip-cls --breakdown 3  # and its pieces: forward, backward, head, update
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -55,6 +58,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -226,18 +230,27 @@ def torch_runner(
     return Runner(name, step)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (spin-waiting threads count too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def time_runners(runners: list[Runner], steps: int, budget_s: float | None = None) -> dict[str, dict]:
     """One warm-up step each, then up to `steps` interleaved timed steps per runner.
 
     Stops early (after at least 2 timed rounds) once `budget_s` seconds have passed.
-    Returns per runner: times (s), first_loss (the warm-up step's), last_loss."""
-    results = {r.name: {"times": [], "first_loss": float(r.step())} for r in runners}
+    Returns per runner: times (s, wall), cpu (s, process CPU time), first_loss (the warm-up
+    step's), last_loss. With --threads 1 the CPU time is the step's work, much less
+    sensitive than the wall time to other processes on a shared machine."""
+    results = {r.name: {"times": [], "cpu": [], "first_loss": float(r.step())} for r in runners}
     start = time.perf_counter()
     for i in range(steps):
         for r in runners:
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             loss = r.step()
             results[r.name]["times"].append(time.perf_counter() - t0)
+            results[r.name]["cpu"].append(_cpu_seconds() - c0)
             results[r.name]["last_loss"] = float(loss)
         if budget_s is not None and i >= 1 and time.perf_counter() - start > budget_s:
             break
@@ -245,6 +258,82 @@ def time_runners(runners: list[Runner], steps: int, budget_s: float | None = Non
         results[r.name]["median_ms"] = 1e3 * statistics.median(results[r.name]["times"])
         results[r.name]["compile_s"] = r.compile_s
     return results
+
+
+# --------------------------------------------------------------------------- LM step breakdown
+
+
+def lm_breakdown(config: GPTConfig, params: Params, batch: dict, repeats: int) -> list[tuple[str, float, float]]:
+    """Where the instruction step's time goes: its pieces timed apart, jaxft and torch interleaved.
+
+    Returns (piece, best jaxft s, best torch s) for: forward + loss; forward + backward (the
+    gradients, no update); the LM head + cross-entropy alone, forward + backward, from
+    given final-norm hidden states; the AdamW update alone. The blocks' share is the
+    difference of the second and the third."""
+    from jaxft import losses, model
+
+    targets = batch["targets"]
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def loss_fn(p, b):
+        return train.lm_metrics(config, p, b)[0]
+
+    def head_loss(h, w):
+        return losses.lm_head_loss(h, w, jbatch["targets"], head_layout="dv")[0]
+
+    jparams = jax.tree_util.tree_map(jnp.asarray, params)
+    hidden = jax.jit(lambda p, x: model.apply(config, p, x, return_hidden=True))(jparams, jbatch["inputs"])
+    grads = jax.jit(jax.grad(loss_fn))(jparams, jbatch)
+    opt = optim.adamw(LR, WEIGHT_DECAY)
+    opt_state = opt.init(jparams)
+
+    def update(g, s, p):
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    jax_pieces = {
+        "forward + loss": (jax.jit(loss_fn), (jparams, jbatch)),
+        "forward + backward": (jax.jit(jax.grad(loss_fn)), (jparams, jbatch)),
+        "head + cross-entropy, forward + backward": (jax.jit(jax.grad(head_loss, argnums=(0, 1))), (hidden, jparams["lm_head"]["kernel"])),
+        "AdamW update": (jax.jit(update), (grads, opt_state, jparams)),
+    }
+    compiled = {k: f.lower(*a).compile() for k, (f, a) in jax_pieces.items()}
+
+    tmodel = reference_model(config, params, "cpu")
+    optimizer = torch.optim.AdamW(tmodel.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    x = torch.from_numpy(batch["inputs"].astype(np.int64))
+    y = torch.from_numpy(targets.astype(np.int64)).flatten()
+    t_hidden = torch.from_numpy(np.array(hidden))
+
+    def t_forward():
+        with torch.no_grad():
+            F.cross_entropy(tmodel(x).flatten(0, 1), y)
+
+    def t_backward():
+        tmodel.zero_grad()
+        F.cross_entropy(tmodel(x).flatten(0, 1), y).backward()
+
+    def t_head():
+        h = t_hidden.clone().requires_grad_()
+        tmodel.out_head.weight.grad = None
+        F.cross_entropy(tmodel.out_head(h).flatten(0, 1), y).backward()
+
+    t_backward()  # gradients in place for the update
+    torch_pieces = {"forward + loss": t_forward, "forward + backward": t_backward,
+                    "head + cross-entropy, forward + backward": t_head, "AdamW update": optimizer.step}
+    best = {k: [float("inf"), float("inf")] for k in jax_pieces}
+    for k in jax_pieces:  # warm-up
+        jax.block_until_ready(compiled[k](*jax_pieces[k][1]))
+        torch_pieces[k]()
+    for _ in range(repeats):
+        for k in jax_pieces:
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled[k](*jax_pieces[k][1]))
+            best[k][0] = min(best[k][0], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            torch_pieces[k]()
+            best[k][1] = min(best[k][1], time.perf_counter() - t0)
+    return [(k, *v) for k, v in best.items()]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -281,6 +370,8 @@ def bench_pair(label: str, config: GPTConfig, params: Params, batch: dict, task:
           f"(|diff| {abs(j['first_loss'] - t['first_loss']):.1e}); steps timed {len(j['times'])}")
     print("  jaxft steps (ms): " + ", ".join(f"{1e3 * s:.0f}" for s in j["times"]))
     print("  torch steps (ms): " + ", ".join(f"{1e3 * s:.0f}" for s in t["times"]))
+    cpu_j, cpu_t = statistics.median(j["cpu"]), statistics.median(t["cpu"])
+    print(f"  process CPU s/step (median): jaxft {cpu_j:.2f}, torch {cpu_t:.2f} ({cpu_t / cpu_j:.2f}x)")
     best_j, best_t = 1e3 * min(j["times"]), 1e3 * min(t["times"])
     row = (label, f"{j['median_ms']:.0f}", f"{t['median_ms']:.0f}", f"{t['median_ms'] / j['median_ms']:.2f}x",
            f"{best_j:.0f} / {best_t:.0f} ({best_t / best_j:.2f}x)", f"{j['compile_s']:.1f}")
@@ -298,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None,
                         help="pin the process to N cores (XLA sizes its pool from the affinity) and torch.set_num_threads(N)")
-    parser.add_argument("--skip-lm", action="store_true")
+    parser.add_argument("--skip-lm", action="store_true", help="time the classification step only")
+    parser.add_argument("--skip-cls", action="store_true", help="time the instruction (LM) step only")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="also time the LM step's pieces (forward, backward, head, update), best of N")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -315,14 +409,15 @@ def main(argv: list[str] | None = None) -> int:
           f"vocab {config.vocab_size}, context {config.context_length}")
     rows = []
 
-    cls_config, params = classifier_params(config, args.seed)
-    mask = optim.trainable_mask(cls_config, params, "last-block")
-    n_train = param_count(optim.split(params, mask)[0])
-    label = f"classification, batch {args.batch_size}x{args.cls_seq}, last block+norm+head ({n_train / 1e6:.1f}M of {param_count(params) / 1e6:.0f}M trainable)"
-    batch = classification_batch(cls_config, args.batch_size, args.cls_seq, args.seed)
-    _, new_rows = bench_pair(label, cls_config, params, batch, "classification", "last-block", args.steps)
-    rows += new_rows
-    del params
+    if not args.skip_cls:
+        cls_config, params = classifier_params(config, args.seed)
+        mask = optim.trainable_mask(cls_config, params, "last-block")
+        n_train = param_count(optim.split(params, mask)[0])
+        label = f"classification, batch {args.batch_size}x{args.cls_seq}, last block+norm+head ({n_train / 1e6:.1f}M of {param_count(params) / 1e6:.0f}M trainable)"
+        batch = classification_batch(cls_config, args.batch_size, args.cls_seq, args.seed)
+        _, new_rows = bench_pair(label, cls_config, params, batch, "classification", "last-block", args.steps)
+        rows += new_rows
+        del params
 
     if not args.skip_lm:
         lm_config, params = lm_params(config, args.seed)
@@ -331,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         batch = lm_batch(lm_config, args.batch_size, args.lm_seq, args.seed)
         _, new_rows = bench_pair(label, lm_config, params, batch, "lm", "all", args.lm_steps)
         rows += new_rows
+        if args.breakdown:
+            pieces = lm_breakdown(lm_config, params, batch, args.breakdown)
+            print(f"\nwhere the instruction step's time goes (best of {args.breakdown}, interleaved):")
+            print("| piece | jaxft ms | torch ms | jaxft speed-up |\n|---|---|---|---|")
+            for name, tj, tt in pieces:
+                print(f"| {name} | {1e3 * tj:.0f} | {1e3 * tt:.0f} | {tt / tj:.2f}x |")
 
     print(f"load average (1/5/15 min) at end: {load_average()}")
     print("\n| step | jaxft ms/step (median) | torch ms/step (median) | jaxft speed-up | best jaxft / torch ms | jaxft compile s |"

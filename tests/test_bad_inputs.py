@@ -10,7 +10,6 @@ tests/test_interrupts.py.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -18,7 +17,6 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from jaxft.cli import main

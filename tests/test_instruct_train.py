@@ -99,7 +99,7 @@ def test_log_has_the_seed_lines(run, shared_data):
 
 
 def test_outputs_responses_plots_and_model(run, shared_data):
-    out, m = run["out"], run["metrics"]
+    out = run["out"]
     test_split = instruct.split_entries(instruct.load_entries(shared_data / "instruction-data.json")).test
     responses = json.loads((out / "instruction-data-with-response.json").read_text())
     assert len(responses) == 110

@@ -9,7 +9,6 @@ Tiny random-init models through the CLI in subprocesses (a kill needs a real pro
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -11,7 +11,6 @@ import pytest
 
 from jaxft import losses, model, optim, steps, train, trunk
 from jaxft.config import GPTConfig
-from jaxft.data import batching
 from jaxft.data.spam import EncodedSplit
 from jaxft.model import init_params
 from jaxft.recipes import classify
