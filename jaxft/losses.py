@@ -34,27 +34,12 @@ def pool(logits: jax.Array, lengths: jax.Array | None, pooling: str) -> jax.Arra
     raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
 
 
-def classification_loss(pooled_logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy over the batch (torch.nn.functional.cross_entropy)."""
-    return optax.softmax_cross_entropy_with_integer_labels(pooled_logits, labels).mean()
-
-
-def correct_count(pooled_logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return (jnp.argmax(pooled_logits, axis=-1) == labels).sum()
-
-
-def masked_lm_loss_terms(logits: jax.Array, targets: jax.Array, ignore_index: int = IGNORE_INDEX):
+def masked_lm_loss_terms(logits: jax.Array, targets: jax.Array, ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of counted tokens) over targets != ignore_index."""
     valid = targets != ignore_index
     safe_targets = jnp.where(valid, targets, 0)
     token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, safe_targets)
     return jnp.where(valid, token_loss, 0.0).sum(), valid.sum()
-
-
-def masked_lm_loss(logits: jax.Array, targets: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
-    """Mean next-token cross-entropy over targets that are not `ignore_index` (torch semantics)."""
-    total, count = masked_lm_loss_terms(logits, targets, ignore_index)
-    return total / jnp.maximum(count, 1)
 
 
 # --------------------------------------------------------------------------- LM head + cross-entropy in row chunks
@@ -168,7 +153,7 @@ def lm_head_loss(
 ) -> tuple[jax.Array, jax.Array]:
     """(mean next-token loss over targets != ignore_index, their count), from final-norm hidden states.
 
-    The values of `masked_lm_loss(logits, targets)` with logits = hidden @ head, computed
+    The values of `masked_lm_loss_terms(logits, targets)` (as a mean) with logits = hidden @ head, computed
     in equal chunks of at most `chunk_rows` rows (default: CHUNK_ELEMENTS // vocab): neither
     the fp32 [rows, vocab] logits nor their gradient is ever in memory whole. Under
     `jax.grad` the forward pass also computes the gradients, from each chunk's logits while

@@ -12,8 +12,8 @@ Parameter names follow the OpenAI checkpoint, so converting weights is renaming:
 
 Dense kernels are [in, out], the layout of the OpenAI and Hugging Face (Conv1D) weights.
 
-Attention takes an optional key/value cache (see `init_cache`): the cache is an explicit
-input and output, so generation stays a pure function.
+Attention takes an optional key/value cache (an explicit input and output of each block,
+so generation stays a pure function; jaxft.generate drives the blocks with it).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from .config import GPTConfig
 
 Params = dict[str, Any]
-KVCache = dict[str, jax.Array]  # {"k": [layers, B, T, heads, head_dim], "v": same}
 
 _INIT_STD = 0.02
 
@@ -174,12 +173,12 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    """GPT-2. `__call__` returns fp32 logits [B, T, vocab] (or [B, T, num_classes]).
+    """GPT-2. `__call__` returns fp32 logits [B, T, vocab] (or [B, T, num_classes]); with
+    `return_hidden`, the final LayerNorm's output [B, T, d] instead.
 
-    tokens: int [B, T]. positions: int [B, T], default 0..T-1 (offset by `cache_index`
-    when decoding). attention_mask: bool [B, T_keys], False for keys to ignore (left
-    padding in batched generation); None attends to every earlier key, as the reference does.
-    cache/cache_index: see `init_cache`; when given, returns (logits, new_cache).
+    tokens: int [B, T] at positions 0..T-1, each attending to every earlier token, as the
+    reference does. (Decoding with a key/value cache runs the blocks directly: see
+    jaxft.generate.)
     """
 
     config: GPTConfig
@@ -187,59 +186,31 @@ class GPT2(nn.Module):
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
 
     @nn.compact
-    def __call__(
-        self,
-        tokens: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        cache: KVCache | None = None,
-        cache_index: jax.Array | int | None = None,
-        deterministic: bool = True,
-        return_hidden: bool = False,
-    ):
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, return_hidden: bool = False) -> jax.Array:
         cfg = self.config
         batch, seq = tokens.shape
-        offset = 0 if cache_index is None else cache_index
-        if positions is None:
-            positions = jnp.broadcast_to(offset + jnp.arange(seq), (batch, seq))
+        positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
 
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
         x = wte(tokens) + wpe(positions)
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
-        num_keys = seq if cache is None else cache["k"].shape[2]
-        query_slots = offset + jnp.arange(seq)
-        mask = query_slots[:, None] >= jnp.arange(num_keys)[None, :]  # causal, [T, K]
-        mask = mask[None, None]
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, :].astype(bool)
-
+        mask = (jnp.arange(seq)[:, None] >= jnp.arange(seq)[None, :])[None, None]  # causal, [1, 1, T, T]
         block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
-        new_k, new_v = [], []
         for i in range(cfg.n_layers):
-            layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-            x, layer_cache = block_cls(cfg, self.dtype, name=f"h_{i}")(
-                x, mask, layer_cache, cache_index, deterministic
-            )
-            if layer_cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
+            x, _ = block_cls(cfg, self.dtype, name=f"h_{i}")(x, mask, None, None, deterministic)
 
         x = _layer_norm(cfg, "ln_f")(x)
         if return_hidden:
-            out = x
-        elif cfg.num_classes is not None:
+            return x
+        if cfg.num_classes is not None:
             out = _dense(cfg.num_classes, "cls_head", self.dtype)(x.astype(self.dtype))
         elif cfg.tie_embeddings:
             out = wte.attend(x.astype(self.dtype))
         else:
             out = _dense(cfg.vocab_size, "lm_head", self.dtype, use_bias=False)(x.astype(self.dtype))
-        out = out.astype(jnp.float32)
-        if cache is None:
-            return out
-        return out, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        return out.astype(jnp.float32)
 
 
 def init_params(config: GPTConfig, key: jax.Array) -> Params:
@@ -257,13 +228,6 @@ def _init(config: GPTConfig, key: jax.Array, tokens: jax.Array) -> Params:
 def param_shapes(config: GPTConfig) -> Params:
     """The parameter tree of `GPT2(config)` as shapes and dtypes, computed without allocating it."""
     return jax.eval_shape(lambda key: GPT2(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"], jax.random.PRNGKey(0))
-
-
-def init_cache(config: GPTConfig, batch: int, max_len: int | None = None, dtype: Any = jnp.float32) -> KVCache:
-    """A zeroed key/value cache for `batch` sequences of up to `max_len` tokens."""
-    max_len = config.context_length if max_len is None else max_len
-    shape = (config.n_layers, batch, max_len, config.n_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def apply(

@@ -1,5 +1,5 @@
 """The LM loss computed from the final-norm hidden states in chunks of rows (the training
-and eval path, `train.lm_metrics` -> `losses.lm_head_loss`) equals the plain path: full
+and eval path, `steps.lm_metrics` -> `losses.lm_head_loss`) equals the plain path: full
 logits from the model, then `losses.masked_lm_loss_terms`. Value and gradients with
 respect to every parameter, within 1e-6 relative, for tied and untied heads, LoRA, ignored
 targets (-100), a fully ignored row, a fully ignored batch, and chunk sizes that do not
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxft import losses, model, optim, train
+from jaxft import losses, model, optim, steps, train
 from jaxft.config import GPTConfig
 
 RTOL = 1e-6  # per leaf: max |ours - plain| <= RTOL * max |plain|
@@ -56,7 +56,7 @@ def _plain(config, params, batch, dtype=jnp.float32):
 
 
 def _ours(config, params, batch, dtype=jnp.float32):
-    return train.lm_metrics(config, params, batch, dtype=dtype)[0]
+    return steps.lm_metrics(config, params, batch, dtype=dtype)[0]
 
 
 def _assert_close(ours, plain, what):
