@@ -19,8 +19,9 @@ the cache depends only on tokens <= t: a batch may cut the cached rows to its lo
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -234,6 +235,38 @@ def plan(
         runs = f"block {start}" if start == config.n_layers - 1 else f"blocks {start}..{config.n_layers - 1}"
         reason = f"blocks 0..{start - 1} frozen, dropout off: training runs {runs}, the final norm and the head"
     return CachePlan(True, reason, start, nbytes)
+
+
+def cache_splits(
+    config: GPTConfig,
+    params: Params,
+    mask: Params,
+    tokens: dict[str, np.ndarray],
+    *,
+    enabled: bool,
+    batch_size: int,
+    max_bytes: float,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any], int | None]:
+    """Plan and build the cache for every split's tokens [N, T]: (features per split or None,
+    the record metrics.json keeps, the suffix's start block or None). Features are computed in
+    batches of the training batch size: the same shapes as the uncached steps, so (with
+    padding to the longest text) the same float rounding, bit for bit on CPU."""
+    rows, seq = sum(len(x) for x in tokens.values()), max(x.shape[1] for x in tokens.values())
+    chosen = plan(config, mask, enabled=enabled, rows=rows, seq=seq, max_bytes=max_bytes)
+    if not chosen.used:
+        if enabled:
+            log(f"Trunk cache not used: {chosen.reason}")
+        return None, chosen.record(), None
+    start = time.perf_counter()
+    hidden = {
+        name: trunk_features(config, params, x, chosen.start_block, batch_size=batch_size, desc=f"trunk features ({name})")
+        for name, x in tokens.items()
+    }
+    seconds = time.perf_counter() - start
+    nbytes = sum(h.nbytes for h in hidden.values())
+    log(f"Trunk cache: {chosen.reason}; {rows} examples x {seq} positions, {gigabytes(nbytes)} host memory, {seconds:.1f} s")
+    return hidden, {**chosen.record(seconds), "bytes": nbytes}, chosen.start_block
 
 
 def estimate_bytes(config: GPTConfig, rows: int, seq: int) -> int:

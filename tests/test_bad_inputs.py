@@ -32,7 +32,8 @@ def inputs(tmp_path_factory) -> Path:
     """Every input file the cases name, good and bad, in one directory."""
     from jaxft.config import from_hparams
     from jaxft.model import init_params
-    from jaxft.recipes.classify import Classifier, with_classifier_head
+    from jaxft.classifier import Classifier
+    from jaxft.recipes.classify import with_classifier_head
     from jaxft.weights import export
 
     d = tmp_path_factory.mktemp("inputs")

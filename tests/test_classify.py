@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from jaxft import losses, optim, steps, train
+from jaxft import classifier, losses, optim, steps, train
 from jaxft.config import GPTConfig
 from jaxft.data import batching
 from jaxft.tokenizer import PAD_ID
@@ -243,10 +243,10 @@ def test_cli_finetune_classifier_on_user_csvs_then_classify(tmp_path, shared_dat
 def test_classify_review_truncates_to_the_context_length(tokenizer):
     config = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_layers=1, n_heads=2)
     config, params = classify.with_classifier_head(config, init_params(config, jax.random.PRNGKey(0)), 2, jax.random.PRNGKey(1))
-    clf = classify.Classifier(config, params, ["ham", "spam"], max_length=120, tokenizer=tokenizer)
-    ids, length = classify.encode_for_classification(tokenizer, "word " * 500, 120, config.context_length)
+    clf = classifier.Classifier(config, params, ["ham", "spam"], max_length=120, tokenizer=tokenizer)
+    ids, length = classifier.encode_for_classification(tokenizer, "word " * 500, 120, config.context_length)
     assert len(ids) == 16 and length == 16  # not 120: the model has 16 positions
-    assert classify.classify_review("word " * 500, clf) in ("spam", "not spam")
+    assert classifier.classify_review("word " * 500, clf) in ("spam", "not spam")
 
 
 def test_cli_user_mistakes_are_one_line_errors(tmp_path, capsys):

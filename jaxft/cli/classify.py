@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from ..data import spam
-from ..recipes.classify import Classifier, ClassifierRecipe, load_frames, run
+from ..classifier import Classifier
+from ..recipes.classify import ClassifierRecipe, load_frames, run
 from ..tokenizer import get_tokenizer
 from ..data.labeled import read_text
 from .common import CLIError, add_recipe_command, check_before_work, claimed_run, settings_from_args

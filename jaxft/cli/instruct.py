@@ -15,9 +15,9 @@ from ..recipes.instruct import (
     METRICS_FILE,
     InstructRecipe,
     data_file,
-    generate_responses,
     run,
 )
+from ..responses import generate_responses
 from ..settings import run_mesh
 from ..tokenizer import get_tokenizer
 from ..fileio import check_writable, write_json

@@ -9,9 +9,7 @@ reference's follow-up experiments is a setting of `ClassifierRecipe`, not a code
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -21,17 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import losses, model, sources, train, trunk, weights
+from .. import losses, sources, train, trunk
+from ..classifier import Classifier
 from ..config import GPTConfig
 from ..data import batching, labeled, spam
 from ..data.batching import PADDINGS
 from ..lora import add_lora
 from ..model import Params
 from ..plots import plot_values
-from ..tokenizer import PAD_ID, encode_text, get_tokenizer
+from ..tokenizer import PAD_ID
 from ..resume import hash_arrays
 from ..settings import TrainerSettings, setting
-from ..weights import native
 from .common import resolve_model
 
 
@@ -104,86 +102,6 @@ def with_classifier_head(config: GPTConfig, params: Params, num_classes: int, ke
     return config.replace(num_classes=num_classes), params
 
 
-# --------------------------------------------------------------------------- prediction
-
-
-def encode_for_classification(tokenizer: Any, text: str, max_length: int | None, context_length: int) -> tuple[list[int], int]:
-    """Token ids truncated to min(max_length, context) and padded to max_length; and the real length.
-
-    (The reference truncates with the wrong dimension of the position table; this uses the
-    model's context length.)
-    """
-    ids = encode_text(tokenizer, text)  # the training texts' rule: user text is never a special token
-    limit = context_length if max_length is None else min(max_length, context_length)
-    ids = ids[:limit]
-    length = max(len(ids), 1)
-    if not ids:
-        ids = [PAD_ID]
-    if max_length is not None:
-        ids = ids + [PAD_ID] * (limit - len(ids))
-    return ids, length
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _predict(config: GPTConfig, params: Params, tokens: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
-    return losses.pool(model.apply(config, params, tokens), lengths, pooling)
-
-
-@dataclass
-class Classifier:
-    """A fine-tuned classifier with what it needs to classify raw text."""
-
-    config: GPTConfig
-    params: Params
-    class_names: list[str]
-    max_length: int | None
-    pooling: str = "last"
-    tokenizer: Any = None
-
-    def __post_init__(self) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = get_tokenizer()
-
-    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
-        encoded = [encode_for_classification(self.tokenizer, t, self.max_length, self.config.context_length) for t in texts]
-        width = max(len(ids) for ids, _ in encoded)
-        tokens = np.full((len(encoded), width), PAD_ID, np.int32)
-        for row, (ids, _) in enumerate(encoded):
-            tokens[row, : len(ids)] = ids
-        lengths = np.array([n for _, n in encoded], np.int32)
-        logits = _predict(self.config, self.params, tokens, lengths, self.pooling)
-        return np.asarray(jax.nn.softmax(logits, axis=-1))
-
-    def classify(self, text: str) -> str:
-        return self.class_names[int(np.argmax(self.probabilities([text])[0]))]
-
-    @staticmethod
-    def metadata(class_names: list[str], max_length: int | None, pooling: str) -> dict[str, Any]:
-        """What `load` needs besides the weights, stored in the model directory."""
-        return {"task": "classification", "class_names": class_names, "max_length": max_length, "pooling": pooling}
-
-    def save(self, path: str | Path) -> Path:
-        metadata = self.metadata(self.class_names, self.max_length, self.pooling)
-        return train.save_model_dir(self.config, self.params, Path(path), metadata)
-
-    @classmethod
-    def load(cls, path: str | Path, tokenizer: Any = None) -> "Classifier":
-        config, params = weights.load(path)
-        meta = native.load_metadata(path)
-        if config.num_classes is None:
-            raise ValueError(f"{path}: not a classification model (it has no classification head)")
-        names = meta.get("class_names") or [str(i) for i in range(config.num_classes)]
-        return cls(config, params, list(names), meta.get("max_length"), meta.get("pooling", "last"), tokenizer)
-
-
-def classify_review(text: str, classifier: Classifier) -> str:
-    """The reference's `classify_review`: its spam model answers "spam" or "not spam"."""
-    label = classifier.classify(text)
-    if classifier.class_names == ["ham", "spam"]:
-        return "spam" if label == "spam" else "not spam"
-    return label
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -251,29 +169,12 @@ class ClassificationTask(train.Task):
         """Called by `train.fit` before it compiles the steps: when exact and within the memory
         bound, compute the frozen trunk's output for every example of every split once, and
         return `make_steps`' `start_block`; else {} (the uncached path)."""
-        splits = [getattr(self.data, name) for name in SPLITS]
-        enabled = self.recipe.trunk_cache is not False
-        rows, seq = sum(len(s) for s in splits), max(s.length for s in splits)
-        plan = trunk.plan(config, mask, enabled=enabled, rows=rows, seq=seq, max_bytes=self.recipe.trunk_cache_max_gb * 1e9)
-        if not plan.used:
-            self.trunk_cache = plan.record()
-            if enabled:
-                log(f"Trunk cache not used: {plan.reason}")
-            return {}
-        start = time.perf_counter()
-        self.hidden = {
-            # In batches of the training batch size: the same shapes as the uncached steps, so
-            # (with "longest" padding) the same float rounding, bit for bit on CPU.
-            name: trunk.trunk_features(
-                config, params, split.tokens, plan.start_block, batch_size=self.recipe.trainer.batch_size, desc=f"trunk features ({name})"
-            )
-            for name, split in zip(SPLITS, splits)
-        }
-        seconds = time.perf_counter() - start
-        nbytes = sum(h.nbytes for h in self.hidden.values())
-        self.trunk_cache = {**plan.record(seconds), "bytes": nbytes}
-        log(f"Trunk cache: {plan.reason}; {rows} examples x {seq} positions, {trunk.gigabytes(nbytes)} host memory, {seconds:.1f} s")
-        return {"start_block": plan.start_block}
+        self.hidden, self.trunk_cache, start_block = trunk.cache_splits(
+            config, params, mask, {name: getattr(self.data, name).tokens for name in SPLITS},
+            enabled=self.recipe.trunk_cache is not False, batch_size=self.recipe.trainer.batch_size,
+            max_bytes=self.recipe.trunk_cache_max_gb * 1e9, log=log,
+        )
+        return {} if start_block is None else {"start_block": start_block}
 
     def _batches(self, name: str, *, shuffle: bool, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         arrays = getattr(self.data, name).arrays()

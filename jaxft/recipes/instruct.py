@@ -1,14 +1,8 @@
-"""Instruction fine-tuning (the reference's Alpaca recipe) and responses from a fine-tuned model.
-
-GPT-2 medium, every parameter trained with AdamW 5e-5 / weight decay 0.1 for 2 epochs on
-batches of 8, on the masked next-token loss (targets -100 ignored, the reference's collate). Batches
-are padded up to 32-token buckets so the jitted step compiles a handful of times per run; the
-loss equals the tightly padded one. Afterwards every test entry gets a response from the
-KV-cached generator, saved as `instruction-data-with-response.json` for the judge.
-Every variant (prompt style, prompt masking, which parameters train, LoRA, model size) is a
-setting of `InstructRecipe`, not a code change.
-"""
-
+"""Instruction fine-tuning: the reference's Alpaca recipe (GPT-2 medium, every parameter, AdamW
+5e-5 / decay 0.1, 2 epochs of batches of 8, the masked next-token loss of the reference's
+collate), batches padded to 32-token buckets (a handful of compilations; the same loss), then
+the test split's responses (jaxft.responses) for the judge. Every variant is a setting of
+`InstructRecipe`."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,17 +22,17 @@ from ..data import instruct as data
 from ..data.batching import num_batches
 from ..lora import add_lora
 from ..model import Params
-from ..tokenizer import EOT_ID, encode_text, get_tokenizer
+from ..tokenizer import get_tokenizer
 from ..fileio import write_json
 from ..resume import hash_arrays
 from ..settings import TrainerSettings, setting
+from ..responses import generate_responses, sample_text
 from .common import resolve_model
 
 Entry = dict[str, Any]
 
 RESPONSES_FILE = "instruction-data-with-response.json"
 METRICS_FILE = train.METRICS_FILE
-SAMPLE_NEW_TOKENS = 50  # the reference's generate_and_print_sample after each epoch
 
 
 def _trainer_defaults() -> TrainerSettings:
@@ -76,9 +70,6 @@ class InstructRecipe:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
 
 
-# --------------------------------------------------------------------------- model
-
-
 def untie_head(config: GPTConfig, params: Params) -> tuple[GPTConfig, Params]:
     """Give the model its own LM head, initialised as a copy of `wte` (transposed).
 
@@ -100,63 +91,6 @@ def sft_file_name(model_name: str, config: GPTConfig | None = None) -> str:
     else:
         base = config.name if config is not None and config.name != "custom" else "model"
     return f"{re.sub(r'[^A-Za-z0-9._-]', '', base)}-sft.pth"
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def encode_prompts(
-    entries: Sequence[Entry], tokenizer: Any, style: str, context_length: int, source: str | Path = "<data>"
-) -> tuple[list[str], list[list[int]]]:
-    """(prompt texts, their token ids); a prompt longer than the context names its entry."""
-    texts, ids = [], []
-    for index, entry in enumerate(entries):
-        text = data.format_prompt(entry, style)
-        tokens = encode_text(tokenizer, text)  # as the training texts are encoded
-        if len(tokens) > context_length:
-            raise data.InstructionDataError(
-                f"{source}: entry {index}: prompt is {len(tokens)} tokens, longer than the context length {context_length}"
-            )
-        texts.append(text)
-        ids.append(tokens)
-    return texts, ids
-
-
-def generate_responses(
-    config: GPTConfig,
-    params: Params,
-    entries: Sequence[Entry],
-    tokenizer: Any,
-    *,
-    style: str = "alpaca",
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
-    progress: bool = True,
-    source: str | Path = "<data>",
-    mesh: Any = None,
-) -> list[str]:
-    """The reference's response for every entry: greedy until eos or `max_new_tokens`, the text
-    after the prompt with the style's response marker removed. Batched, KV-cached; with a
-    device `mesh`, each batch is split over its devices."""
-    texts, prompts = encode_prompts(entries, tokenizer, style, config.context_length, source)
-    new_tokens = gen.generate_batched(
-        config, params, prompts, batch_size=batch_size, progress=progress, max_new_tokens=max_new_tokens, eos_id=EOT_ID,
-        mesh=mesh,
-    )
-    return [
-        data.extract_response(tokenizer.decode(ids + new), text, style)
-        for text, ids, new in zip(texts, prompts, new_tokens)
-    ]
-
-
-def sample_text(config: GPTConfig, params: Params, tokenizer: Any, prompt_text: str, max_new_tokens: int = SAMPLE_NEW_TOKENS) -> str:
-    """The reference's generate_and_print_sample: prompt + greedy tokens (no eos stop), on one line."""
-    prompt = encode_text(tokenizer, prompt_text)
-    new = gen.generate(config, params, [prompt], max_new_tokens=min(max_new_tokens, config.context_length - 1), eos_id=None)[0]
-    return tokenizer.decode(prompt + new).replace("\n", " ")
-
-
-# --------------------------------------------------------------------------- the run
 
 
 def data_file(recipe: InstructRecipe) -> Path:
