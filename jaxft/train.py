@@ -1,15 +1,14 @@
-"""The one training run: settings every recipe shares, and `fit`, the loop around the steps.
+"""The one training run: `fit`, the loop around the steps (settings: jaxft.settings).
 
 A recipe (jaxft.recipes.classify, jaxft.recipes.instruct) prepares the model and its data,
 then hands `fit` a `Task`: its batches and what it measures. `fit` owns the rest of the
-chain: trainable mask -> optimizer -> state -> jit steps -> initial evaluation -> the loop
-with the reference's evaluation schedule and log lines -> final evaluation -> loss plot,
-model directory, optional reference `.pth` -> metrics.json (written last: its presence
-means the run completed).
-
-Where later features plug in: `_train_epochs` is the only place that steps the state (the
-place for checkpoints and interruption), `make_steps` the only place that compiles (the
-place for shardings), `Task.train_batches` the only source of training data.
+chain: trainable mask -> optimizer -> state -> jit steps (sharded on a device mesh) ->
+initial evaluation -> the loop with the reference's evaluation schedule and log lines,
+progress, checkpoints and graceful interruption (jaxft.resume) -> final evaluation -> loss
+plot, model directory, optional reference `.pth` -> metrics.json (written last: its
+presence means the run completed). `_train_epochs` is the only place that steps the state,
+`make_steps` the only place that compiles, `Task.train_batches` the only source of
+training data.
 """
 
 from __future__ import annotations
