@@ -12,6 +12,24 @@ IGNORE_INDEX = -100
 POOLINGS = ("last", "last-non-pad", "first", "mean")
 
 
+def pool_index(pooling: str, lengths: jax.Array | None, batch: int, seq: int) -> jax.Array | None:
+    """The position [B] that `pool` picks from each row of a [B, seq, ...] output, or None when
+    the pooling reads more than one position ("mean"). Passed to the model as `pool_index`, it
+    computes only these rows in the last block: `pool(logits, lengths, p)` equals
+    `model.apply(..., pool_index=pool_index(p, lengths, B, T))` (to float rounding)."""
+    if pooling == "last":
+        return jnp.full((batch,), seq - 1, jnp.int32)
+    if pooling == "first":
+        return jnp.zeros((batch,), jnp.int32)
+    if pooling == "last-non-pad":
+        if lengths is None:
+            raise ValueError(f"pooling {pooling!r} needs the per-row lengths")
+        return jnp.clip(lengths, 1, seq).astype(jnp.int32) - 1
+    if pooling == "mean":
+        return None
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+
+
 def pool(logits: jax.Array, lengths: jax.Array | None, pooling: str) -> jax.Array:
     """Pick the logits a classifier predicts from: [B, T, C] -> [B, C].
 

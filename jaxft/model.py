@@ -117,12 +117,16 @@ class CausalSelfAttention(nn.Module):
         layer_cache: tuple[jax.Array, jax.Array] | None,
         cache_index: jax.Array | None,
         deterministic: bool,
+        query_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         batch, seq, _ = x.shape
         qkv = _projection(cfg, 3 * cfg.emb_dim, "c_attn", self.dtype, use_bias=cfg.qkv_bias)(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         q, k, v = (t.reshape(batch, seq, cfg.n_heads, cfg.head_dim) for t in (q, k, v))
+        if query_index is not None:  # one query per row, at query_index [B]; keys: every position
+            q = jnp.take_along_axis(q, query_index[:, None, None, None], axis=1)
+            mask = (jnp.arange(seq)[None, :] <= query_index[:, None])[:, None, None, :]  # causal, [B, 1, 1, T]
 
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
@@ -138,7 +142,7 @@ class CausalSelfAttention(nn.Module):
         weights = jax.nn.softmax(scores, axis=-1)
         weights = nn.Dropout(cfg.drop_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
-        out = out.reshape(batch, seq, cfg.emb_dim)
+        out = out.reshape(batch, q.shape[1], cfg.emb_dim)
         proj_std = _INIT_STD / math.sqrt(2 * cfg.n_layers)
         return _projection(cfg, cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(out), layer_cache
 
@@ -161,15 +165,48 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, layer_cache, cache_index, deterministic):
+    def __call__(self, x, mask, layer_cache, cache_index, deterministic, query_index=None):
+        """x [B, T, D] -> ([B, T, D], cache). With `query_index` [B], only that position of each row
+        comes out, [B, 1, D]: its attention still reads every key, but the output projection and
+        the MLP run on B rows instead of B*T (all a classifier reading one position needs)."""
         cfg = self.config
         h, layer_cache = CausalSelfAttention(cfg, self.dtype, name="attn")(
-            _layer_norm(cfg, "ln_1")(x).astype(self.dtype), mask, layer_cache, cache_index, deterministic
+            _layer_norm(cfg, "ln_1")(x).astype(self.dtype), mask, layer_cache, cache_index, deterministic, query_index
         )
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
         x = x + nn.Dropout(cfg.drop_rate)(h, deterministic=deterministic)
         h = MLP(cfg, self.dtype, name="mlp")(_layer_norm(cfg, "ln_2")(x).astype(self.dtype))
         x = x + nn.Dropout(cfg.drop_rate)(h, deterministic=deterministic)
         return x, layer_cache
+
+
+def run_blocks(
+    config: GPTConfig,
+    dtype: Any,
+    remat: bool,
+    x: jax.Array,
+    first: int,
+    deterministic: bool,
+    pool_index: jax.Array | None = None,
+    stop: int | None = None,
+) -> jax.Array:
+    """Blocks h_{first}..h_{stop-1} (stop: n_layers) on the residual stream x [B, T, D], inside
+    a module's compact method. With `pool_index` [B] (and stop n_layers), the result is only that position of each row,
+    [B, 1, D]: the last block computes one query per row (keys and values from every
+    position), so its output projection and MLP run on B rows instead of B*T; with no block
+    to run, the position is just picked."""
+    mask = (jnp.arange(x.shape[1])[:, None] >= jnp.arange(x.shape[1])[None, :])[None, None]  # causal, [1, 1, T, T]
+    block_cls = nn.remat(Block, static_argnums=(5,)) if remat else Block
+    stop = config.n_layers if stop is None else stop
+    if pool_index is not None and stop != config.n_layers:
+        raise ValueError("pool_index: only the model's last block can pool")
+    for i in range(first, stop):
+        last = pool_index if i == config.n_layers - 1 else None
+        x, _ = block_cls(config, dtype, name=f"h_{i}")(x, mask, None, None, deterministic, last)
+    if pool_index is not None and first == config.n_layers:
+        x = jnp.take_along_axis(x, pool_index[:, None, None], axis=1)
+    return x
 
 
 class GPT2(nn.Module):
@@ -177,7 +214,9 @@ class GPT2(nn.Module):
     `return_hidden`, the final LayerNorm's output [B, T, d] instead.
 
     tokens: int [B, T] at positions 0..T-1, each attending to every earlier token, as the
-    reference does. (Decoding with a key/value cache runs the blocks directly: see
+    reference does. With `pool_index` [B], only that position of each row comes out ([B, vocab
+    or classes]; [B, d] hidden): what a classifier reads, for a fraction of the last block's
+    cost (see `run_blocks`). (Decoding with a key/value cache runs the blocks directly: see
     jaxft.generate.)
     """
 
@@ -186,7 +225,9 @@ class GPT2(nn.Module):
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, return_hidden: bool = False) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, *, deterministic: bool = True, return_hidden: bool = False, pool_index: jax.Array | None = None
+    ) -> jax.Array:
         cfg = self.config
         batch, seq = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
@@ -196,12 +237,10 @@ class GPT2(nn.Module):
         x = wte(tokens) + wpe(positions)
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
-        mask = (jnp.arange(seq)[:, None] >= jnp.arange(seq)[None, :])[None, None]  # causal, [1, 1, T, T]
-        block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
-        for i in range(cfg.n_layers):
-            x, _ = block_cls(cfg, self.dtype, name=f"h_{i}")(x, mask, None, None, deterministic)
-
+        x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index)
         x = _layer_norm(cfg, "ln_f")(x)
+        if pool_index is not None:
+            x = x[:, 0]
         if return_hidden:
             return x
         if cfg.num_classes is not None:

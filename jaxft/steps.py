@@ -66,11 +66,14 @@ def classification_metrics(
     """(weighted mean loss, {loss, correct, count}) for a classification batch. With
     `start_block`, the batch carries the cached residual stream `hidden` [B, T, D] after block
     start_block-1 instead of `tokens`, and only the rest of the model runs (no dropout)."""
+    inputs = batch["tokens"] if start_block is None else batch["hidden"]
+    # One position per row (all but mean pooling): the last block computes only that query.
+    index = losses.pool_index(pooling, batch.get("lengths"), *inputs.shape[:2])
     if start_block is None:
-        logits = _forward(config, params, batch["tokens"], dropout_key, dtype, remat)
+        logits = _forward(config, params, inputs, dropout_key, dtype, remat, pool_index=index)
     else:
-        logits = trunk.suffix_apply(config, params, batch["hidden"], start_block, dtype=dtype, remat=remat)
-    pooled = losses.pool(logits, batch.get("lengths"), pooling)
+        logits = trunk.suffix_apply(config, params, inputs, start_block, dtype=dtype, remat=remat, pool_index=index)
+    pooled = logits if index is not None else losses.pool(logits, batch.get("lengths"), pooling)
     weights = batch["weights"].astype(jnp.float32)
     per_example = optax.softmax_cross_entropy_with_integer_labels(pooled, batch["labels"])
     loss = (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0)

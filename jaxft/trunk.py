@@ -4,7 +4,7 @@ When the trainable parameters leave the embeddings and the first k blocks frozen
 "head", "last-block", "last-N-blocks"; not "all", not LoRA, whose adapters train in every
 block) and dropout is off, the hidden state after block k-1 is a fixed function of the
 tokens. `trunk_features` computes it once per example; `suffix_apply` runs blocks k.., the
-final LayerNorm and the head on it. Both use model.py's own modules (`Block`, `_layer_norm`,
+final LayerNorm and the head on it. Both use model.py's own modules (`run_blocks`, `_layer_norm`,
 `_dense`, `nn.Embed` under the same names), so together they are `model.apply` split in two:
 
     suffix_apply(cfg, params, trunk_features(cfg, params, tokens, k), k) == model.apply(cfg, params, tokens)
@@ -30,16 +30,11 @@ import numpy as np
 
 from .config import GPTConfig
 from .progress import Progress
-from .model import Block, Params, _dense, _layer_norm
+from .model import Params, _dense, _layer_norm, run_blocks
 
 TOKENS_PER_CHUNK = 8192  # rows per feature batch: about this many tokens (at least one row)
+WIDTH_MULTIPLE = 16  # with per-row widths, rows are computed up to a multiple of this
 _INIT_STD = 0.02
-
-
-def _causal_mask(seq: int) -> jax.Array:
-    """model.GPT2's mask without a key/value cache: [1, 1, T, T], True where a query sees a key."""
-    query_slots = 0 + jnp.arange(seq)
-    return (query_slots[:, None] >= jnp.arange(seq)[None, :])[None, None]
 
 
 class _Prefix(nn.Module):
@@ -57,10 +52,7 @@ class _Prefix(nn.Module):
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
         x = wte(tokens) + wpe(positions)
-        mask = _causal_mask(seq)
-        for i in range(self.n_blocks):
-            x, _ = Block(cfg, self.dtype, name=f"h_{i}")(x, mask, None, None, True)
-        return x
+        return run_blocks(cfg, self.dtype, False, x, 0, True, stop=self.n_blocks)
 
 
 class _Suffix(nn.Module):
@@ -72,14 +64,12 @@ class _Suffix(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, hidden: jax.Array) -> jax.Array:
+    def __call__(self, hidden: jax.Array, pool_index: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        x = hidden
-        mask = _causal_mask(x.shape[1])
-        block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
-        for i in range(self.start_block, cfg.n_layers):
-            x, _ = block_cls(cfg, self.dtype, name=f"h_{i}")(x, mask, None, None, True)
+        x = run_blocks(cfg, self.dtype, self.remat, hidden, self.start_block, True, pool_index)
         x = _layer_norm(cfg, "ln_f")(x)
+        if pool_index is not None:
+            x = x[:, 0]
         if cfg.num_classes is not None:
             out = _dense(cfg.num_classes, "cls_head", self.dtype)(x.astype(self.dtype))
         elif cfg.tie_embeddings:
@@ -113,19 +103,53 @@ def prefix_apply(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks:
 
 
 def suffix_apply(
-    config: GPTConfig, params: Params, hidden: jax.Array, start_block: int, *, dtype: Any = jnp.float32, remat: bool = False
+    config: GPTConfig,
+    params: Params,
+    hidden: jax.Array,
+    start_block: int,
+    *,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+    pool_index: jax.Array | None = None,
 ) -> jax.Array:
     """fp32 logits [B, T, classes or vocab] from the residual stream `hidden` [B, T, D] after
-    block start_block-1 (the embeddings for start_block 0): the rest of `model.apply`."""
+    block start_block-1 (the embeddings for start_block 0): the rest of `model.apply`. With
+    `pool_index` [B], only that position's logits, [B, classes or vocab], as model.apply's."""
     if not 0 <= start_block <= config.n_layers:
         raise ValueError(f"start_block {start_block} outside 0..{config.n_layers}")
     module = _Suffix(config, start_block, dtype, remat)
-    return module.apply({"params": suffix_params(config, params, start_block)}, hidden)
+    return module.apply({"params": suffix_params(config, params, start_block)}, hidden, pool_index)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _prefix_jit(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks: int, dtype: Any) -> jax.Array:
     return prefix_apply(config, params, tokens, n_blocks, dtype=dtype)
+
+
+def needed_widths(pooling: str, lengths: np.ndarray) -> np.ndarray | None:
+    """How many leading positions of each row a classifier with this pooling ever reads from the
+    cache, or None for all of them. Attention is causal, so the pooled position (and, for mean
+    pooling, every real one) depends only on positions up to the row's last real token; only
+    "last" pooling reads the padding after it."""
+    return None if pooling == "last" else np.maximum(np.asarray(lengths, np.int64), 1)
+
+
+def _rounded(widths: np.ndarray, seq: int) -> np.ndarray:
+    return np.minimum(-(-np.clip(widths, 1, seq) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, seq)
+
+
+def _chunks(n: int, seq: int, batch_size: int, widths: np.ndarray | None) -> list[tuple[np.ndarray, int, int]]:
+    """(rows, width, rows per call) for every prefix call: all rows at full width in batches of
+    batch_size; with `widths`, rows grouped by their width rounded up to WIDTH_MULTIPLE (few
+    compilations) and, for narrower groups, more rows per call (about as many tokens)."""
+    if widths is None:
+        return [(np.arange(a, min(a + batch_size, n)), seq, batch_size) for a in range(0, n, batch_size)]
+    rounded = _rounded(widths, seq)
+    chunks = []
+    for width in np.unique(rounded):
+        rows, per_call = np.flatnonzero(rounded == width), max(batch_size, batch_size * seq // int(width))
+        chunks += [(rows[a : a + per_call], int(width), per_call) for a in range(0, len(rows), per_call)]
+    return chunks
 
 
 def trunk_features(
@@ -135,40 +159,45 @@ def trunk_features(
     n_blocks: int,
     *,
     batch_size: int | None = None,
+    widths: np.ndarray | None = None,
     dtype: Any = jnp.float32,
     progress: bool | None = None,
     desc: str = "trunk features",
 ) -> np.ndarray:
     """The frozen prefix's output for every row of `tokens` [N, T]: fp32 NumPy [N, T, D] in host
     memory. Jitted, in batches of `batch_size` rows (default: about TOKENS_PER_CHUNK tokens);
-    the last batch is padded so there is one compilation. A tqdm bar when there are more than
-    a few batches (`progress` forces it on or off)."""
+    the last batch is padded so there is one compilation. With `widths` [N] (see
+    `needed_widths`), row i is computed only up to position widths[i] (rounded up to
+    WIDTH_MULTIPLE) and is zero after it: rows grouped by width, one compilation per width.
+    A tqdm bar when there are more than a few batches (`progress` forces it on or off)."""
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [N, T], got shape {tokens.shape}")
     n, seq = tokens.shape
+    if widths is not None and np.shape(widths) != (n,):
+        raise ValueError(f"widths must have one entry per row ({n}), got shape {np.shape(widths)}")
     if batch_size is None:
         batch_size = max(1, min(n, TOKENS_PER_CHUNK // max(seq, 1)))
     sub = jax.device_put(prefix_params(config, params, n_blocks))
-    out = np.empty((n, seq, config.emb_dim), np.float32)
-    starts = range(0, n, batch_size)
-    bar = Progress(len(starts), desc, "examples", print, enabled=bool(progress or (progress is None and len(starts) > 20)))
-    pending: tuple[int, int, jax.Array] | None = None  # overlap: copy batch b-1 while b runs
-    for start in starts:
-        stop = min(start + batch_size, n)
-        chunk = tokens[start:stop]
-        if stop - start < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - (stop - start), seq), np.int32)])
+    out = np.zeros((n, seq, config.emb_dim), np.float32)
+    chunks = _chunks(n, seq, batch_size, widths)
+    bar = Progress(len(chunks), desc, "examples", print, enabled=bool(progress or (progress is None and len(chunks) > 20)))
+    pending: tuple[np.ndarray, int, jax.Array] | None = None  # overlap: copy chunk c-1 while c runs
+
+    def store(rows: np.ndarray, width: int, result: jax.Array) -> None:
+        out[rows, :width] = np.asarray(result)[: len(rows)]
+        bar.update(len(rows))
+
+    for rows, width, per_call in chunks:
+        chunk = tokens[rows, :width]
+        if len(rows) < per_call:
+            chunk = np.concatenate([chunk, np.zeros((per_call - len(rows), width), np.int32)])
         result = _prefix_jit(config, sub, chunk, n_blocks, dtype)
         if pending is not None:
-            a, b, prev = pending
-            out[a:b] = np.asarray(prev)[: b - a]
-            bar.update(b - a)
-        pending = (start, stop, result)
+            store(*pending)
+        pending = (rows, width, result)
     if pending is not None:
-        a, b, prev = pending
-        out[a:b] = np.asarray(prev)[: b - a]
-        bar.update(b - a)
+        store(*pending)
     bar.close()
     return out
 
@@ -201,8 +230,11 @@ class CachePlan:
     start_block: int  # the suffix starts here (0 when not used)
     bytes: int  # the cache's host memory (estimated before computing it)
 
-    def record(self, seconds: float = 0.0) -> dict[str, Any]:
-        return {"used": self.used, "reason": self.reason, "seconds": seconds, "bytes": self.bytes, "start_block": self.start_block}
+    def record(self, seconds: float = 0.0, positions: int = 0) -> dict[str, Any]:
+        return {
+            "used": self.used, "reason": self.reason, "seconds": seconds, "bytes": self.bytes, "start_block": self.start_block,
+            "positions": positions,
+        }
 
 
 def plan(
@@ -246,27 +278,44 @@ def cache_splits(
     enabled: bool,
     batch_size: int,
     max_bytes: float,
+    widths: dict[str, np.ndarray | None] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any], int | None]:
     """Plan and build the cache for every split's tokens [N, T]: (features per split or None,
-    the record metrics.json keeps, the suffix's start block or None). Features are computed in
-    batches of the training batch size: the same shapes as the uncached steps, so (with
-    padding to the longest text) the same float rounding, bit for bit on CPU."""
+    the record metrics.json keeps, the suffix's start block or None). Without `widths`,
+    features are computed in batches of the training batch size: the same shapes as the
+    uncached steps, so (with padding to the longest text) the same float rounding, bit for bit
+    on CPU (the trainable suffix then rounds within an ulp of the uncached program's). With `widths` (split -> per-row widths, see `needed_widths`), each row only up to
+    what the classifier reads: the record's "positions" counts what was computed."""
     rows, seq = sum(len(x) for x in tokens.values()), max(x.shape[1] for x in tokens.values())
     chosen = plan(config, mask, enabled=enabled, rows=rows, seq=seq, max_bytes=max_bytes)
     if not chosen.used:
         if enabled:
             log(f"Trunk cache not used: {chosen.reason}")
         return None, chosen.record(), None
+    widths = widths or {}
     start = time.perf_counter()
     hidden = {
-        name: trunk_features(config, params, x, chosen.start_block, batch_size=batch_size, desc=f"trunk features ({name})")
+        name: trunk_features(
+            config, params, x, chosen.start_block, batch_size=batch_size, widths=widths.get(name), desc=f"trunk features ({name})"
+        )
         for name, x in tokens.items()
     }
     seconds = time.perf_counter() - start
     nbytes = sum(h.nbytes for h in hidden.values())
-    log(f"Trunk cache: {chosen.reason}; {rows} examples x {seq} positions, {gigabytes(nbytes)} host memory, {seconds:.1f} s")
-    return hidden, {**chosen.record(seconds), "bytes": nbytes}, chosen.start_block
+    positions = sum(computed_positions(x.shape, widths.get(name)) for name, x in tokens.items())
+    log(
+        f"Trunk cache: {chosen.reason}; {rows} examples x {seq} positions ({positions / (rows * seq):.0%} of them computed), "
+        f"{gigabytes(nbytes)} host memory, {seconds:.1f} s"
+    )
+    return hidden, {**chosen.record(seconds, positions), "bytes": nbytes}, chosen.start_block
+
+
+def computed_positions(shape: tuple[int, int], widths: np.ndarray | None) -> int:
+    """Positions `trunk_features` computes for real rows of `shape` [N, T] (see `_chunks`)."""
+    if widths is None:
+        return shape[0] * shape[1]
+    return int(_rounded(widths, shape[1]).sum())
 
 
 def estimate_bytes(config: GPTConfig, rows: int, seq: int) -> int:
