@@ -105,6 +105,27 @@ def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=jnp.float32, name=name)
 
 
+class _PooledQKV(nn.Module):
+    """c_attn (the parameters of its Dense: kernel [d, 3d] q|k|v, bias) when one query per row
+    is needed: (q from x_query [B, 1, d], k|v from x [B, T, d]), a third less work than q|k|v
+    for every row."""
+
+    features: int
+    use_bias: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, x_query: jax.Array) -> tuple[jax.Array, jax.Array]:
+        d, n = x.shape[-1], self.features // 3
+        kernel = self.param("kernel", nn.initializers.normal(_INIT_STD), (d, self.features)).astype(self.dtype)
+        q = x_query.reshape(-1, d).astype(self.dtype) @ kernel[:, :n]
+        kv = x.reshape(-1, d).astype(self.dtype) @ kernel[:, n:]
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+            q, kv = q + bias[:n], kv + bias[n:]
+        return q.reshape(*x_query.shape[:-1], n), kv.reshape(*x.shape[:-1], 2 * n)
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
     dtype: Any = jnp.float32
@@ -121,11 +142,18 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         batch, seq, _ = x.shape
-        qkv = _projection(cfg, 3 * cfg.emb_dim, "c_attn", self.dtype, use_bias=cfg.qkv_bias)(x)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        q, k, v = (t.reshape(batch, seq, cfg.n_heads, cfg.head_dim) for t in (q, k, v))
+        if query_index is not None and not cfg.lora_rank:  # q for the query rows only
+            x_query = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+            q, kv = _PooledQKV(3 * cfg.emb_dim, cfg.qkv_bias, self.dtype, name="c_attn")(x, x_query)
+            q, k, v = q, *jnp.split(kv, 2, axis=-1)
+        else:
+            qkv = _projection(cfg, 3 * cfg.emb_dim, "c_attn", self.dtype, use_bias=cfg.qkv_bias)(x)
+            q, k, v = jnp.split(qkv, 3, axis=-1)
+            if query_index is not None:
+                q = jnp.take_along_axis(q, query_index[:, None, None], axis=1)
+        q = q.reshape(batch, q.shape[1], cfg.n_heads, cfg.head_dim)
+        k, v = (t.reshape(batch, seq, cfg.n_heads, cfg.head_dim) for t in (k, v))
         if query_index is not None:  # one query per row, at query_index [B]; keys: every position
-            q = jnp.take_along_axis(q, query_index[:, None, None, None], axis=1)
             mask = (jnp.arange(seq)[None, :] <= query_index[:, None])[:, None, None, :]  # causal, [B, 1, 1, T]
 
         if layer_cache is not None:
@@ -190,13 +218,15 @@ def run_blocks(
     deterministic: bool,
     pool_index: jax.Array | None = None,
     stop: int | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Blocks h_{first}..h_{stop-1} (stop: n_layers) on the residual stream x [B, T, D], inside
     a module's compact method. With `pool_index` [B] (and stop n_layers), the result is only that position of each row,
     [B, 1, D]: the last block computes one query per row (keys and values from every
     position), so its output projection and MLP run on B rows instead of B*T; with no block
     to run, the position is just picked."""
-    mask = (jnp.arange(x.shape[1])[:, None] >= jnp.arange(x.shape[1])[None, :])[None, None]  # causal, [1, 1, T, T]
+    if mask is None:  # causal, [1, 1, T, T] (packed rows bring their own, see jaxft.packing)
+        mask = (jnp.arange(x.shape[1])[:, None] >= jnp.arange(x.shape[1])[None, :])[None, None]
     block_cls = nn.remat(Block, static_argnums=(5,)) if remat else Block
     stop = config.n_layers if stop is None else stop
     if pool_index is not None and stop != config.n_layers:

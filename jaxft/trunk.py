@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import packing
 from .config import GPTConfig
 from .progress import Progress
 from .model import Params, _dense, _layer_norm, run_blocks
 
 TOKENS_PER_CHUNK = 8192  # rows per feature batch: about this many tokens (at least one row)
-WIDTH_MULTIPLE = 16  # with per-row widths, rows are computed up to a multiple of this
 _INIT_STD = 0.02
 
 
@@ -45,14 +45,21 @@ class _Prefix(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] at positions 0..T-1, or packed rows (jaxft.packing): their positions and
+        segments [B, T], each token attending to the earlier ones of its segment."""
         cfg = self.config
         batch, seq = tokens.shape
-        positions = jnp.broadcast_to(0 + jnp.arange(seq), (batch, seq))
+        mask = None
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        if segments is not None:
+            causal = jnp.arange(seq)[:, None] >= jnp.arange(seq)[None, :]
+            mask = (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]  # [B, 1, T, T]
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
         x = wte(tokens) + wpe(positions)
-        return run_blocks(cfg, self.dtype, False, x, 0, True, stop=self.n_blocks)
+        return run_blocks(cfg, self.dtype, False, x, 0, True, stop=self.n_blocks, mask=mask)
 
 
 class _Suffix(nn.Module):
@@ -97,9 +104,19 @@ def suffix_params(config: GPTConfig, params: Params, start_block: int) -> Params
     return _subtree(params, names)
 
 
-def prefix_apply(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks: int, *, dtype: Any = jnp.float32) -> jax.Array:
-    """The residual stream after blocks 0..n_blocks-1: fp32 [B, T, D]."""
-    return _Prefix(config, n_blocks, dtype).apply({"params": prefix_params(config, params, n_blocks)}, tokens)
+def prefix_apply(
+    config: GPTConfig,
+    params: Params,
+    tokens: jax.Array,
+    n_blocks: int,
+    *,
+    dtype: Any = jnp.float32,
+    positions: jax.Array | None = None,
+    segments: jax.Array | None = None,
+) -> jax.Array:
+    """The residual stream after blocks 0..n_blocks-1: fp32 [B, T, D]. For packed rows (see
+    jaxft.packing), their `positions` and `segments` [B, T]."""
+    return _Prefix(config, n_blocks, dtype).apply({"params": prefix_params(config, params, n_blocks)}, tokens, positions, segments)
 
 
 def suffix_apply(
@@ -122,8 +139,8 @@ def suffix_apply(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _prefix_jit(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks: int, dtype: Any) -> jax.Array:
-    return prefix_apply(config, params, tokens, n_blocks, dtype=dtype)
+def _prefix_jit(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks: int, dtype: Any, positions=None, segments=None) -> jax.Array:
+    return prefix_apply(config, params, tokens, n_blocks, dtype=dtype, positions=positions, segments=segments)
 
 
 def needed_widths(pooling: str, lengths: np.ndarray) -> np.ndarray | None:
@@ -132,24 +149,6 @@ def needed_widths(pooling: str, lengths: np.ndarray) -> np.ndarray | None:
     pooling, every real one) depends only on positions up to the row's last real token; only
     "last" pooling reads the padding after it."""
     return None if pooling == "last" else np.maximum(np.asarray(lengths, np.int64), 1)
-
-
-def _rounded(widths: np.ndarray, seq: int) -> np.ndarray:
-    return np.minimum(-(-np.clip(widths, 1, seq) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, seq)
-
-
-def _chunks(n: int, seq: int, batch_size: int, widths: np.ndarray | None) -> list[tuple[np.ndarray, int, int]]:
-    """(rows, width, rows per call) for every prefix call: all rows at full width in batches of
-    batch_size; with `widths`, rows grouped by their width rounded up to WIDTH_MULTIPLE (few
-    compilations) and, for narrower groups, more rows per call (about as many tokens)."""
-    if widths is None:
-        return [(np.arange(a, min(a + batch_size, n)), seq, batch_size) for a in range(0, n, batch_size)]
-    rounded = _rounded(widths, seq)
-    chunks = []
-    for width in np.unique(rounded):
-        rows, per_call = np.flatnonzero(rounded == width), max(batch_size, batch_size * seq // int(width))
-        chunks += [(rows[a : a + per_call], int(width), per_call) for a in range(0, len(rows), per_call)]
-    return chunks
 
 
 def trunk_features(
@@ -167,8 +166,8 @@ def trunk_features(
     """The frozen prefix's output for every row of `tokens` [N, T]: fp32 NumPy [N, T, D] in host
     memory. Jitted, in batches of `batch_size` rows (default: about TOKENS_PER_CHUNK tokens);
     the last batch is padded so there is one compilation. With `widths` [N] (see
-    `needed_widths`), row i is computed only up to position widths[i] (rounded up to
-    WIDTH_MULTIPLE) and is zero after it: rows grouped by width, one compilation per width.
+    `needed_widths`), row i is computed only up to position widths[i] and is zero after it:
+    the rows are packed (jaxft.packing) into rows of T, about TOKENS_PER_CHUNK tokens per call.
     A tqdm bar when there are more than a few batches (`progress` forces it on or off)."""
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
@@ -176,30 +175,41 @@ def trunk_features(
     n, seq = tokens.shape
     if widths is not None and np.shape(widths) != (n,):
         raise ValueError(f"widths must have one entry per row ({n}), got shape {np.shape(widths)}")
-    if batch_size is None:
-        batch_size = max(1, min(n, TOKENS_PER_CHUNK // max(seq, 1)))
     sub = jax.device_put(prefix_params(config, params, n_blocks))
     out = np.zeros((n, seq, config.emb_dim), np.float32)
-    chunks = _chunks(n, seq, batch_size, widths)
-    bar = Progress(len(chunks), desc, "examples", print, enabled=bool(progress or (progress is None and len(chunks) > 20)))
-    pending: tuple[np.ndarray, int, jax.Array] | None = None  # overlap: copy chunk c-1 while c runs
-
-    def store(rows: np.ndarray, width: int, result: jax.Array) -> None:
-        out[rows, :width] = np.asarray(result)[: len(rows)]
-        bar.update(len(rows))
-
-    for rows, width, per_call in chunks:
-        chunk = tokens[rows, :width]
-        if len(rows) < per_call:
-            chunk = np.concatenate([chunk, np.zeros((per_call - len(rows), width), np.int32)])
-        result = _prefix_jit(config, sub, chunk, n_blocks, dtype)
+    if widths is None:
+        batch_size = batch_size or max(1, min(n, TOKENS_PER_CHUNK // max(seq, 1)))
+        inputs, store = {"tokens": tokens}, functools.partial(_store_rows, out)
+    else:
+        packed = packing.pack(np.clip(widths, 1, seq), seq)
+        batch_size = max(1, min(packed.rows, TOKENS_PER_CHUNK // max(seq, 1)))
+        inputs, store = packing.packed_rows(tokens, packed), functools.partial(packing.unpack, packing=packed, out=out)
+    total = len(inputs["tokens"])
+    starts = range(0, total, batch_size)
+    bar = Progress(len(starts), desc, "rows", print, enabled=bool(progress or (progress is None and len(starts) > 20)))
+    pending: tuple[slice, jax.Array] | None = None  # overlap: copy batch b-1 while b runs
+    for start in starts:
+        rows = slice(start, min(start + batch_size, total))
+        chunk = {k: _pad_rows(v[rows], batch_size) for k, v in inputs.items()}
+        result = _prefix_jit(config, sub, chunk["tokens"], n_blocks, dtype, chunk.get("positions"), chunk.get("segments"))
         if pending is not None:
-            store(*pending)
-        pending = (rows, width, result)
+            store(np.asarray(pending[1]), rows=pending[0])
+            bar.update(pending[0].stop - pending[0].start)
+        pending = (rows, result)
     if pending is not None:
-        store(*pending)
+        store(np.asarray(pending[1]), rows=pending[0])
+        bar.update(pending[0].stop - pending[0].start)
     bar.close()
     return out
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """x [r, ...] with zero rows appended up to `rows` (one compiled shape)."""
+    return x if len(x) == rows else np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
+
+
+def _store_rows(out: np.ndarray, result: np.ndarray, rows: slice) -> None:
+    out[rows] = result[: rows.stop - rows.start]
 
 
 # --------------------------------------------------------------------------- when to cache
@@ -285,8 +295,8 @@ def cache_splits(
     the record metrics.json keeps, the suffix's start block or None). Without `widths`,
     features are computed in batches of the training batch size: the same shapes as the
     uncached steps, so (with padding to the longest text) the same float rounding, bit for bit
-    on CPU (the trainable suffix then rounds within an ulp of the uncached program's). With `widths` (split -> per-row widths, see `needed_widths`), each row only up to
-    what the classifier reads: the record's "positions" counts what was computed."""
+    on CPU. With `widths` (split -> per-row widths, see `needed_widths`), each row only up to
+    what the classifier reads, packed: the record's "positions" counts the slots computed."""
     rows, seq = sum(len(x) for x in tokens.values()), max(x.shape[1] for x in tokens.values())
     chosen = plan(config, mask, enabled=enabled, rows=rows, seq=seq, max_bytes=max_bytes)
     if not chosen.used:
@@ -312,10 +322,11 @@ def cache_splits(
 
 
 def computed_positions(shape: tuple[int, int], widths: np.ndarray | None) -> int:
-    """Positions `trunk_features` computes for real rows of `shape` [N, T] (see `_chunks`)."""
+    """Positions `trunk_features` computes for rows of `shape` [N, T]: N * T, or with `widths`
+    its packed rows' slots (the last batch's padding rows not counted)."""
     if widths is None:
         return shape[0] * shape[1]
-    return int(_rounded(widths, shape[1]).sum())
+    return packing.pack(np.clip(widths, 1, shape[1]), shape[1]).rows * shape[1]
 
 
 def estimate_bytes(config: GPTConfig, rows: int, seq: int) -> int:

@@ -10,7 +10,7 @@ import optax
 import pandas as pd
 import pytest
 
-from jaxft import losses, model, optim, steps, train, trunk
+from jaxft import losses, model, optim, packing, steps, train, trunk
 from jaxft.config import GPTConfig
 from jaxft.data.spam import EncodedSplit
 from jaxft.model import init_params
@@ -225,8 +225,9 @@ def test_batches_carry_the_cached_rows_in_the_token_order(pooling):
     lengths = np.concatenate([getattr(task.data, name).lengths for name in classify.SPLITS])
     if pooling == "last":  # the last position (padding included) is read: every position computed
         assert task.trunk_cache["positions"] == 60 * 20
-    else:  # only up to each row's last real token, rounded up to a multiple of 16 (of 20)
-        assert task.trunk_cache["positions"] == np.where(lengths <= 16, 16, 20).sum() < 60 * 20
+    else:  # only up to each row's last real token, packed into rows of 20
+        rows = sum(packing.pack(getattr(task.data, name).lengths, 20).rows for name in classify.SPLITS)
+        assert task.trunk_cache["positions"] == rows * 20 < 60 * 20 and rows * 20 < 1.1 * lengths.sum() + 3 * 20
     for cached_batch, token_batch in zip(task.eval_batches("validation"), plain.eval_batches("validation")):
         assert "tokens" not in cached_batch and cached_batch["hidden"].shape[:2] == token_batch["tokens"].shape
         for key in ("labels", "lengths", "weights"):
@@ -235,7 +236,7 @@ def test_batches_carry_the_cached_rows_in_the_token_order(pooling):
         real = cached_batch["weights"] > 0
         assert (cached_batch["hidden"][~real] == 0).all()  # weight-0 rows: zeros (token rows: PAD_ID)
         for row in np.flatnonzero(real):
-            width = trunk.WIDTH_MULTIPLE if pooling != "last" and cached_batch["lengths"][row] <= 16 else expected.shape[1]
+            width = cached_batch["lengths"][row] if pooling != "last" else expected.shape[1]
             assert np.abs(expected[row, :width] - cached_batch["hidden"][row, :width]).max() <= TOL
             assert (cached_batch["hidden"][row, width:] == 0).all()  # never read: left zero
 

@@ -1,0 +1,72 @@
+"""Sequence packing: many short sequences in one row, each attending only to itself.
+
+Used by the frozen-trunk cache (jaxft.trunk) for poolings that read only a row's real tokens:
+1,494 SMS texts of 30.6 tokens on average fill 386 rows of 120 instead of 1,494, with one
+compiled shape. In a packed row every sequence keeps its own positions (0, 1, ...) and a
+segment id; the attention mask is causal within a segment and closed across segments, so each
+token's output is that of its sequence alone (to float rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each sequence i lies: row[i], columns offset[i] .. offset[i] + width[i]."""
+
+    row: np.ndarray  # [N] int
+    offset: np.ndarray  # [N] int
+    width: np.ndarray  # [N] int
+    rows: int  # packed rows
+    row_width: int
+
+    @property
+    def fill(self) -> float:
+        """Fraction of packed slots holding a token."""
+        return float(self.width.sum()) / max(self.rows * self.row_width, 1)
+
+
+def pack(widths: np.ndarray, row_width: int) -> Packing:
+    """First-fit decreasing: sequences of `widths` (each 1..row_width) into rows of `row_width`."""
+    widths = np.asarray(widths, np.int64)
+    if widths.ndim != 1 or (widths.size and (widths.min() < 1 or widths.max() > row_width)):
+        raise ValueError(f"widths must be a vector of values in 1..{row_width}")
+    row, offset = np.zeros(len(widths), np.int64), np.zeros(len(widths), np.int64)
+    free = np.zeros(len(widths), np.int64)  # free columns per row (at most one row per sequence)
+    rows = 0
+    for i in np.argsort(-widths, kind="stable"):
+        fits = free[:rows] >= widths[i]
+        r = int(fits.argmax()) if fits.any() else rows  # the first row with room, else a new one
+        if r == rows:
+            free[r], rows = row_width, rows + 1
+        row[i], offset[i] = r, row_width - free[r]
+        free[r] -= widths[i]
+    return Packing(row, offset, widths, rows, row_width)
+
+
+def packed_rows(tokens: np.ndarray, packing: Packing, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """The packed arrays, each [rows, row_width]: tokens (pad_id in empty slots), positions
+    (0.. within each sequence) and segments (1.. per sequence within its row, 0 = empty)."""
+    shape = (packing.rows, packing.row_width)
+    out = {"tokens": np.full(shape, pad_id, np.int32), "positions": np.zeros(shape, np.int32), "segments": np.zeros(shape, np.int32)}
+    segment = np.zeros(packing.rows, np.int32)
+    for i in range(len(packing.width)):
+        r, a, w = packing.row[i], packing.offset[i], packing.width[i]
+        segment[r] += 1
+        out["tokens"][r, a : a + w] = tokens[i, :w]
+        out["positions"][r, a : a + w] = np.arange(w)
+        out["segments"][r, a : a + w] = segment[r]
+    return out
+
+
+def unpack(packed: np.ndarray, packing: Packing, out: np.ndarray, rows: slice) -> None:
+    """Copy the packed outputs of packed rows `rows` ([r, row_width, ...]) back to `out` [N, T, ...]
+    (sequence i to out[i, :width[i]]); the rest of `out` is left as it is."""
+    start, stop = rows.start, rows.stop
+    for i in np.flatnonzero((packing.row >= start) & (packing.row < stop)):
+        r, a, w = packing.row[i] - start, packing.offset[i], packing.width[i]
+        out[i, :w] = packed[r, a : a + w]
