@@ -105,7 +105,7 @@ def run_sweep(
         x = trunk.trunk_features(
             config, optim.merge(trainables[0], frozen), tokens, plan.start_block, batch_size=settings.batch_size, widths=widths
         )
-        positions = trunk.computed_positions(tokens.shape, widths)
+        positions = trunk.computed_positions(tokens, widths)
         cache = {**plan.record(time.perf_counter() - t0, positions), "bytes": x.nbytes}
         log(f"Trunk cache: {plan.reason}; {len(tokens)} distinct examples x {tokens.shape[1]} positions, {trunk.gigabytes(x.nbytes)}, {cache['seconds']:.1f} s")
     else:

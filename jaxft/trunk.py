@@ -178,6 +178,25 @@ def trunk_features(
     n, seq = tokens.shape
     if widths is not None and np.shape(widths) != (n,):
         raise ValueError(f"widths must have one entry per row ({n}), got shape {np.shape(widths)}")
+    # Texts that occur more than once (the SMS collection repeats 7% of its messages) are
+    # computed once: same tokens, same features.
+    tokens, rows_of = np.unique(tokens, axis=0, return_inverse=True)
+    rows_of = rows_of.reshape(-1)
+    if widths is not None:
+        widths = _distinct_widths(widths, rows_of, len(tokens))
+    out = _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc)
+    return out if np.array_equal(rows_of, np.arange(n)) else out[rows_of]  # np.unique sorts the rows
+
+
+def _distinct_widths(widths: np.ndarray, rows_of: np.ndarray, n_distinct: int) -> np.ndarray:
+    """Per distinct row, the widest width any of its copies asks for."""
+    distinct = np.zeros(n_distinct, np.int64)
+    np.maximum.at(distinct, rows_of, np.asarray(widths, np.int64))
+    return distinct
+
+
+def _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc) -> np.ndarray:
+    n, seq = tokens.shape
     sub = jax.device_put(prefix_params(config, params, n_blocks))
     out = np.zeros((n, seq, config.emb_dim), np.float32)
     if widths is None:
@@ -306,17 +325,21 @@ def cache_splits(
         if enabled:
             log(f"Trunk cache not used: {chosen.reason}")
         return None, chosen.record(), None
+    # One pass over every split (texts repeated across splits computed once), split afterwards.
+    names, sizes = list(tokens), [len(x) for x in tokens.values()]
     widths = widths or {}
+    if any(widths.get(name) is None for name in names):
+        all_widths = None
+    else:
+        all_widths = np.concatenate([widths[name] for name in names])
+    all_tokens = np.concatenate([_padded(x, seq) for x in tokens.values()])
     start = time.perf_counter()
-    hidden = {
-        name: trunk_features(
-            config, params, x, chosen.start_block, batch_size=batch_size, widths=widths.get(name), desc=f"trunk features ({name})"
-        )
-        for name, x in tokens.items()
-    }
+    features = trunk_features(config, params, all_tokens, chosen.start_block, batch_size=batch_size, widths=all_widths)
+    bounds = np.cumsum([0] + sizes)
+    hidden = {name: features[a:b, : tokens[name].shape[1]] for name, a, b in zip(names, bounds[:-1], bounds[1:])}
     seconds = time.perf_counter() - start
-    nbytes = sum(h.nbytes for h in hidden.values())
-    positions = sum(computed_positions(x.shape, widths.get(name)) for name, x in tokens.items())
+    nbytes = features.nbytes
+    positions = computed_positions(all_tokens, all_widths)
     log(
         f"Trunk cache: {chosen.reason}; {rows} examples x {seq} positions ({positions / (rows * seq):.0%} of them computed), "
         f"{gigabytes(nbytes)} host memory, {seconds:.1f} s"
@@ -324,12 +347,21 @@ def cache_splits(
     return hidden, {**chosen.record(seconds, positions), "bytes": nbytes}, chosen.start_block
 
 
-def computed_positions(shape: tuple[int, int], widths: np.ndarray | None) -> int:
-    """Positions `trunk_features` computes for rows of `shape` [N, T]: N * T, or with `widths`
-    its packed rows' slots (the last batch's padding rows not counted)."""
+def _padded(tokens: np.ndarray, seq: int) -> np.ndarray:
+    """tokens [N, T] widened to [N, seq] with token 0 (a wider split's width; causal attention:
+    never read by the narrower split's positions)."""
+    return tokens if tokens.shape[1] == seq else np.pad(tokens, ((0, 0), (0, seq - tokens.shape[1])))
+
+
+def computed_positions(tokens: np.ndarray, widths: np.ndarray | None) -> int:
+    """Positions `trunk_features(..., tokens, widths=widths)` computes: every position of each
+    distinct row, or with `widths` the slots of its packed rows (a last call's filler rows not
+    counted)."""
+    distinct, rows_of = np.unique(np.asarray(tokens), axis=0, return_inverse=True)
     if widths is None:
-        return shape[0] * shape[1]
-    return packing.pack(np.clip(widths, 1, shape[1]), shape[1]).rows * shape[1]
+        return distinct.size
+    seq = distinct.shape[1]
+    return packing.pack(np.clip(_distinct_widths(widths, rows_of.reshape(-1), len(distinct)), 1, seq), seq).rows * seq
 
 
 def estimate_bytes(config: GPTConfig, rows: int, seq: int) -> int:

@@ -61,5 +61,24 @@ def test_packed_trunk_features_equal_each_sequence_alone(n_blocks):
     for i, w in enumerate(widths):
         assert np.abs(packed[i, :w] - alone[i, :w]).max() <= 1e-6, i
         assert (packed[i, w:] == 0).all()
-    assert trunk.computed_positions(tokens.shape, widths) == packing.pack(widths, 16).rows * 16 < 40 * 16
-    assert trunk.computed_positions(tokens.shape, None) == 40 * 16
+    assert trunk.computed_positions(tokens, widths) == packing.pack(widths, 16).rows * 16 < 40 * 16
+    assert trunk.computed_positions(tokens, None) == 40 * 16
+
+
+def test_repeated_texts_are_computed_once():
+    params = init_params(TINY, jax.random.PRNGKey(0))
+    rs = np.random.RandomState(3)
+    distinct = rs.randint(0, 500, (5, 16)).astype(np.int32)
+    tokens = distinct[[0, 1, 0, 2, 3, 1, 4, 0]]
+    widths = np.array([5, 9, 5, 16, 3, 9, 12, 5])
+    for w in (None, widths):
+        features = trunk.trunk_features(TINY, params, tokens, 2, widths=w)
+        alone = np.asarray(trunk.prefix_apply(TINY, params, tokens, 2))
+        assert features.shape == (8, 16, 32)
+        for i in range(8):
+            cut = 16 if w is None else w[i]
+            assert np.abs(features[i, :cut] - alone[i, :cut]).max() <= 1e-6
+        np.testing.assert_array_equal(features[0], features[2])
+        np.testing.assert_array_equal(features[0], features[7])
+    assert trunk.computed_positions(tokens, None) == 5 * 16  # 5 distinct texts of 8
+    assert trunk.computed_positions(tokens, widths) == packing.pack(np.array([5, 9, 16, 3, 12]), 16).rows * 16
