@@ -13,7 +13,9 @@ final LayerNorm and the head on it. Both use model.py's own modules (`run_blocks
 stream after block k-1, so with every block frozen the final LayerNorm and the head still run
 in the suffix, trainable or not. The attention is causal with no key mask, so position t of
 the cache depends only on tokens <= t: a batch may cut the cached rows to its longest text
-("batch"/"bucket" padding) exactly as it cuts token rows.
+("batch"/"bucket" padding) exactly as it cuts token rows. For the same reason a pooling that
+reads only a text's real tokens (`needed_widths`) needs the cache only up to the text's
+length: those rows are computed packed (jaxft.packing), and texts that repeat are computed once.
 """
 
 from __future__ import annotations
