@@ -683,6 +683,17 @@ def instruct_race(args, config, params, tokenizer, work_dir: Path, ckpt: Path, r
 # --------------------------------------------------------------------------- report
 
 
+def cache_note(metrics: dict[str, Any]) -> str:
+    """', trunk cache 38.6 s (46,080 positions)' from metrics.json's trunk_cache, or why it was not used."""
+    cache = metrics.get("trunk_cache")
+    if not cache:
+        return ""
+    if not cache.get("used"):
+        return f", no trunk cache ({cache.get('reason')})"
+    positions = f" ({cache['positions']:,} positions)" if "positions" in cache else ""
+    return f", trunk cache {cache['seconds']:.1f} s{positions}"
+
+
 def fmt_s(seconds: float | None, measured: bool | None = None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "n/a"
@@ -708,7 +719,7 @@ def report(results: dict) -> str:
             agree = cls["loss_agreement"]
             padded_test = m.get("test_accuracy")
             acc = f"test jaxft {100 * m['test_accuracy']:.2f}%" + (f", reference {100 * ref['test_accuracy']:.2f}%" if "test_accuracy" in ref else "")
-            cache = f", trunk_cache {m['trunk_cache']}" if "trunk_cache" in m else ""
+            cache = cache_note(m)
             lines.append(f"| classification, the reference's recipe (pad {cls['padded_length']}, last token), {m['steps']} steps{cache} | "
                          f"{jx['wall_s']:.1f} ({m['train_seconds']:.1f}) | {fmt_s(ref_s, ref_m)} | {ratio(ref_s, jx['wall_s'])} | "
                          f"{agree['max_abs_diff']:.2e} over {len(agree['points'])} points | {acc} |")
@@ -716,7 +727,7 @@ def report(results: dict) -> str:
             jx = cls["jaxft"]["bucket"]
             m = jx["metrics"]
             diff = f" ({100 * (m['test_accuracy'] - padded_test):+.2f} points vs padded)" if padded_test is not None else ""
-            cache = f", trunk_cache {m['trunk_cache']}" if "trunk_cache" in m else ""
+            cache = cache_note(m)
             lines.append(f"| classification, --pooling last-non-pad --padding bucket, {m['steps']} steps{cache} | "
                          f"{jx['wall_s']:.1f} ({m['train_seconds']:.1f}) | {fmt_s(ref_s, ref_m)} (the reference's recipe) | "
                          f"{ratio(ref_s, jx['wall_s'])} | n/a (other pooling) | test jaxft {100 * m['test_accuracy']:.2f}%{diff} |")
