@@ -145,7 +145,7 @@ class CausalSelfAttention(nn.Module):
         if query_index is not None and not cfg.lora_rank:  # q for the query rows only
             x_query = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
             q, kv = _PooledQKV(3 * cfg.emb_dim, cfg.qkv_bias, self.dtype, name="c_attn")(x, x_query)
-            q, k, v = q, *jnp.split(kv, 2, axis=-1)
+            k, v = jnp.split(kv, 2, axis=-1)
         else:
             qkv = _projection(cfg, 3 * cfg.emb_dim, "c_attn", self.dtype, use_bias=cfg.qkv_bias)(x)
             q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -221,10 +221,10 @@ def run_blocks(
     mask: jax.Array | None = None,
 ) -> jax.Array:
     """Blocks h_{first}..h_{stop-1} (stop: n_layers) on the residual stream x [B, T, D], inside
-    a module's compact method. With `pool_index` [B] (and stop n_layers), the result is only that position of each row,
-    [B, 1, D]: the last block computes one query per row (keys and values from every
-    position), so its output projection and MLP run on B rows instead of B*T; with no block
-    to run, the position is just picked."""
+    a module's compact method. With `pool_index` [B] (and stop n_layers), the result is only
+    that position of each row, [B, D]: the last block computes one query per row (keys and
+    values from every position), so its output projection and MLP run on B rows instead of
+    B*T; with no block to run, the position is just picked."""
     if mask is None:  # causal, [1, 1, T, T] (packed rows bring their own, see jaxft.packing)
         mask = (jnp.arange(x.shape[1])[:, None] >= jnp.arange(x.shape[1])[None, :])[None, None]
     block_cls = nn.remat(Block, static_argnums=(5,)) if remat else Block
@@ -236,7 +236,7 @@ def run_blocks(
         x, _ = block_cls(config, dtype, name=f"h_{i}")(x, mask, None, None, deterministic, last)
     if pool_index is not None and first == config.n_layers:
         x = jnp.take_along_axis(x, pool_index[:, None, None], axis=1)
-    return x
+    return x if pool_index is None else x[:, 0]
 
 
 class GPT2(nn.Module):
@@ -269,8 +269,6 @@ class GPT2(nn.Module):
 
         x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index)
         x = _layer_norm(cfg, "ln_f")(x)
-        if pool_index is not None:
-            x = x[:, 0]
         if return_hidden:
             return x
         if cfg.num_classes is not None:

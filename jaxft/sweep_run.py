@@ -102,10 +102,9 @@ def run_sweep(
     if plan.used:
         t0 = time.perf_counter()
         widths = trunk.needed_widths(recipe.pooling, lengths)  # only what the pooling reads
-        x = trunk.trunk_features(
+        x, positions = trunk.trunk_pass(
             config, optim.merge(trainables[0], frozen), tokens, plan.start_block, batch_size=settings.batch_size, widths=widths
         )
-        positions = trunk.computed_positions(tokens, widths)
         cache = {**plan.record(time.perf_counter() - t0, positions), "bytes": x.nbytes}
         log(f"Trunk cache: {plan.reason}; {len(tokens)} distinct examples x {tokens.shape[1]} positions, {trunk.gigabytes(x.nbytes)}, {cache['seconds']:.1f} s")
     else:

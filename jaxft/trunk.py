@@ -80,8 +80,6 @@ class _Suffix(nn.Module):
         cfg = self.config
         x = run_blocks(cfg, self.dtype, self.remat, hidden, self.start_block, True, pool_index)
         x = _layer_norm(cfg, "ln_f")(x)
-        if pool_index is not None:
-            x = x[:, 0]
         if cfg.num_classes is not None:
             out = _dense(cfg.num_classes, "cls_head", self.dtype)(x.astype(self.dtype))
         elif cfg.tie_embeddings:
@@ -168,8 +166,28 @@ def trunk_features(
     progress: bool | None = None,
     desc: str = "trunk features",
 ) -> np.ndarray:
-    """The frozen prefix's output for every row of `tokens` [N, T]: fp32 NumPy [N, T, D] in host
-    memory. Jitted, in batches of `batch_size` rows (default: about TOKENS_PER_CHUNK tokens);
+    """The frozen prefix's output for every row of `tokens` [N, T]: fp32 NumPy [N, T, D] (see
+    `trunk_pass`, which also says how many positions it computed)."""
+    return trunk_pass(
+        config, params, tokens, n_blocks, batch_size=batch_size, widths=widths, dtype=dtype, progress=progress, desc=desc
+    )[0]
+
+
+def trunk_pass(
+    config: GPTConfig,
+    params: Params,
+    tokens: np.ndarray,
+    n_blocks: int,
+    *,
+    batch_size: int | None = None,
+    widths: np.ndarray | None = None,
+    dtype: Any = jnp.float32,
+    progress: bool | None = None,
+    desc: str = "trunk features",
+) -> tuple[np.ndarray, int]:
+    """(the frozen prefix's output for every row of `tokens` [N, T]: fp32 NumPy [N, T, D] in host
+    memory, the positions computed: those of every distinct row, or with `widths` the slots of
+    its packed rows). Jitted, in batches of `batch_size` rows (default: about TOKENS_PER_CHUNK tokens);
     the last batch is padded so there is one compilation. With `widths` [N] (see
     `needed_widths`), row i is computed only up to position widths[i] and is zero after it:
     the rows are packed (jaxft.packing) into rows of T, about PACKED_TOKENS_PER_CALL per call.
@@ -186,8 +204,8 @@ def trunk_features(
     rows_of = rows_of.reshape(-1)
     if widths is not None:
         widths = _distinct_widths(widths, rows_of, len(tokens))
-    out = _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc)
-    return out if np.array_equal(rows_of, np.arange(n)) else out[rows_of]  # np.unique sorts the rows
+    out, positions = _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc)
+    return (out if np.array_equal(rows_of, np.arange(n)) else out[rows_of]), positions  # np.unique sorts the rows
 
 
 def _distinct_widths(widths: np.ndarray, rows_of: np.ndarray, n_distinct: int) -> np.ndarray:
@@ -197,7 +215,7 @@ def _distinct_widths(widths: np.ndarray, rows_of: np.ndarray, n_distinct: int) -
     return distinct
 
 
-def _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc) -> np.ndarray:
+def _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc) -> tuple[np.ndarray, int]:
     n, seq = tokens.shape
     sub = jax.device_put(prefix_params(config, params, n_blocks))
     out = np.zeros((n, seq, config.emb_dim), np.float32)
@@ -208,7 +226,7 @@ def _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progr
         packed = packing.pack(np.clip(widths, 1, seq), seq)
         batch_size = max(1, min(packed.rows, PACKED_TOKENS_PER_CALL // max(seq, 1)))
         inputs, store = packing.packed_rows(tokens, packed), functools.partial(packing.unpack, packing=packed, out=out)
-    total = len(inputs["tokens"])
+    total = len(inputs["tokens"])  # rows computed (the last call's filler rows not counted)
     starts = range(0, total, batch_size)
     bar = Progress(len(starts), desc, "rows", print, enabled=bool(progress or (progress is None and len(starts) > 20)))
     pending: tuple[slice, jax.Array] | None = None  # overlap: copy batch b-1 while b runs
@@ -224,7 +242,7 @@ def _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progr
         store(np.asarray(pending[1]), rows=pending[0])
         bar.update(pending[0].stop - pending[0].start)
     bar.close()
-    return out
+    return out, total * seq
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -336,12 +354,11 @@ def cache_splits(
         all_widths = np.concatenate([widths[name] for name in names])
     all_tokens = np.concatenate([_padded(x, seq) for x in tokens.values()])
     start = time.perf_counter()
-    features = trunk_features(config, params, all_tokens, chosen.start_block, batch_size=batch_size, widths=all_widths)
+    features, positions = trunk_pass(config, params, all_tokens, chosen.start_block, batch_size=batch_size, widths=all_widths)
     bounds = np.cumsum([0] + sizes)
     hidden = {name: features[a:b, : tokens[name].shape[1]] for name, a, b in zip(names, bounds[:-1], bounds[1:])}
     seconds = time.perf_counter() - start
     nbytes = features.nbytes
-    positions = computed_positions(all_tokens, all_widths)
     log(
         f"Trunk cache: {chosen.reason}; {rows} examples x {seq} positions ({positions / (rows * seq):.0%} of them computed), "
         f"{gigabytes(nbytes)} host memory, {seconds:.1f} s"
@@ -353,17 +370,6 @@ def _padded(tokens: np.ndarray, seq: int) -> np.ndarray:
     """tokens [N, T] widened to [N, seq] with token 0 (a wider split's width; causal attention:
     never read by the narrower split's positions)."""
     return tokens if tokens.shape[1] == seq else np.pad(tokens, ((0, 0), (0, seq - tokens.shape[1])))
-
-
-def computed_positions(tokens: np.ndarray, widths: np.ndarray | None) -> int:
-    """Positions `trunk_features(..., tokens, widths=widths)` computes: every position of each
-    distinct row, or with `widths` the slots of its packed rows (a last call's filler rows not
-    counted)."""
-    distinct, rows_of = np.unique(np.asarray(tokens), axis=0, return_inverse=True)
-    if widths is None:
-        return distinct.size
-    seq = distinct.shape[1]
-    return packing.pack(np.clip(_distinct_widths(widths, rows_of.reshape(-1), len(distinct)), 1, seq), seq).rows * seq
 
 
 def estimate_bytes(config: GPTConfig, rows: int, seq: int) -> int:

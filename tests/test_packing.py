@@ -61,8 +61,8 @@ def test_packed_trunk_features_equal_each_sequence_alone(n_blocks):
     for i, w in enumerate(widths):
         assert np.abs(packed[i, :w] - alone[i, :w]).max() <= 1e-6, i
         assert (packed[i, w:] == 0).all()
-    assert trunk.computed_positions(tokens, widths) == packing.pack(widths, 16).rows * 16 < 40 * 16
-    assert trunk.computed_positions(tokens, None) == 40 * 16
+    assert trunk.trunk_pass(TINY, params, tokens, n_blocks, widths=widths)[1] == packing.pack(widths, 16).rows * 16 < 40 * 16
+    assert trunk.trunk_pass(TINY, params, tokens, n_blocks)[1] == 40 * 16
 
 
 def test_repeated_texts_are_computed_once():
@@ -80,5 +80,5 @@ def test_repeated_texts_are_computed_once():
             assert np.abs(features[i, :cut] - alone[i, :cut]).max() <= 1e-6
         np.testing.assert_array_equal(features[0], features[2])
         np.testing.assert_array_equal(features[0], features[7])
-    assert trunk.computed_positions(tokens, None) == 5 * 16  # 5 distinct texts of 8
-    assert trunk.computed_positions(tokens, widths) == packing.pack(np.array([5, 9, 16, 3, 12]), 16).rows * 16
+    assert trunk.trunk_pass(TINY, params, tokens, 2)[1] == 5 * 16  # 5 distinct texts of 8
+    assert trunk.trunk_pass(TINY, params, tokens, 2, widths=widths)[1] == packing.pack(np.array([5, 9, 16, 3, 12]), 16).rows * 16
