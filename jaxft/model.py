@@ -14,6 +14,11 @@ Dense kernels are [in, out], the layout of the OpenAI and Hugging Face (Conv1D) 
 
 Attention takes an optional key/value cache (an explicit input and output of each block,
 so generation stays a pure function; jaxft.generate drives the blocks with it).
+
+`attention` chooses how causal self-attention is computed ("xla": explicit scores and
+softmax, the reference's arithmetic; "cudnn": cuDNN's fused flash-attention kernel, which
+never writes the [B, H, T, T] scores; "auto": cudnn on a GPU with bf16/fp16 compute, else xla).
+Only plain causal self-attention is fused; caches, pooled queries and packed rows stay explicit.
 """
 
 from __future__ import annotations
@@ -31,6 +36,19 @@ from .config import GPTConfig
 Params = dict[str, Any]
 
 _INIT_STD = 0.02
+ATTENTIONS = ("auto", "xla", "cudnn")
+
+
+def fused_attention(attention: str, dtype: Any) -> str | None:
+    """The `jax.nn.dot_product_attention` implementation for an `attention` setting, or None for
+    the explicit scores and softmax ("auto": cudnn on a GPU with 16-bit compute, where cuDNN's
+    fused kernel exists; it has no fp32 path)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTIONS)}")
+    if attention == "auto":
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if half and jax.default_backend() == "gpu" else None
+    return None if attention == "xla" else attention
 
 
 class _Dense(nn.Dense):
@@ -129,6 +147,9 @@ class _PooledQKV(nn.Module):
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
     dtype: Any = jnp.float32
+    # Plain causal attention by jax.nn.dot_product_attention with this implementation (see
+    # fused_attention); None: explicit scores, mask and softmax (caches, pooled queries, packing).
+    fused: str | None = None
 
     @nn.compact
     def __call__(
@@ -156,20 +177,25 @@ class CausalSelfAttention(nn.Module):
         if query_index is not None:  # one query per row, at query_index [B]; keys: every position
             mask = (jnp.arange(seq)[None, :] <= query_index[:, None])[:, None, None, :]  # causal, [B, 1, 1, T]
 
-        if layer_cache is not None:
-            k_cache, v_cache = layer_cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            layer_cache = (k, v)
+        if self.fused and query_index is None and layer_cache is None:  # no [B, H, T, T] scores in memory
+            if not deterministic and cfg.drop_rate > 0:
+                raise ValueError(f"attention {self.fused!r} has no attention dropout: use --attention xla with --drop-rate")
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, implementation=self.fused)
+        else:
+            if layer_cache is not None:
+                k_cache, v_cache = layer_cache
+                start = (0, cache_index, 0, 0)
+                k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+                v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+                layer_cache = (k, v)
 
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        # A finite minimum instead of -inf keeps fully masked rows (pad queries) NaN-free;
-        # for every other row exp(min - max) underflows to exactly 0, as -inf would.
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = nn.Dropout(cfg.drop_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+            # A finite minimum instead of -inf keeps fully masked rows (pad queries) NaN-free;
+            # for every other row exp(min - max) underflows to exactly 0, as -inf would.
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1)
+            weights = nn.Dropout(cfg.drop_rate)(weights, deterministic=deterministic)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
         out = out.reshape(batch, q.shape[1], cfg.emb_dim)
         proj_std = _INIT_STD / math.sqrt(2 * cfg.n_layers)
         return _projection(cfg, cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(out), layer_cache
@@ -191,6 +217,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     config: GPTConfig
     dtype: Any = jnp.float32
+    fused: str | None = None  # see CausalSelfAttention
 
     @nn.compact
     def __call__(self, x, mask, layer_cache, cache_index, deterministic, query_index=None):
@@ -198,7 +225,7 @@ class Block(nn.Module):
         comes out, [B, 1, D]: its attention still reads every key, but the output projection and
         the MLP run on B rows instead of B*T (all a classifier reading one position needs)."""
         cfg = self.config
-        h, layer_cache = CausalSelfAttention(cfg, self.dtype, name="attn")(
+        h, layer_cache = CausalSelfAttention(cfg, self.dtype, self.fused, name="attn")(
             _layer_norm(cfg, "ln_1")(x).astype(self.dtype), mask, layer_cache, cache_index, deterministic, query_index
         )
         if query_index is not None:
@@ -219,21 +246,25 @@ def run_blocks(
     pool_index: jax.Array | None = None,
     stop: int | None = None,
     mask: jax.Array | None = None,
+    fused: str | None = None,
 ) -> jax.Array:
     """Blocks h_{first}..h_{stop-1} (stop: n_layers) on the residual stream x [B, T, D], inside
     a module's compact method. With `pool_index` [B] (and stop n_layers), the result is only
     that position of each row, [B, D]: the last block computes one query per row (keys and
     values from every position), so its output projection and MLP run on B rows instead of
-    B*T; with no block to run, the position is just picked."""
+    B*T; with no block to run, the position is just picked. `fused` (see `fused_attention`)
+    applies to plain causal attention only: not with a given mask."""
     if mask is None:  # causal, [1, 1, T, T] (packed rows bring their own, see jaxft.packing)
         mask = (jnp.arange(x.shape[1])[:, None] >= jnp.arange(x.shape[1])[None, :])[None, None]
+    else:
+        fused = None
     block_cls = nn.remat(Block, static_argnums=(5,)) if remat else Block
     stop = config.n_layers if stop is None else stop
     if pool_index is not None and stop != config.n_layers:
         raise ValueError("pool_index: only the model's last block can pool")
     for i in range(first, stop):
         last = pool_index if i == config.n_layers - 1 else None
-        x, _ = block_cls(config, dtype, name=f"h_{i}")(x, mask, None, None, deterministic, last)
+        x, _ = block_cls(config, dtype, fused, name=f"h_{i}")(x, mask, None, None, deterministic, last)
     if pool_index is not None and first == config.n_layers:
         x = jnp.take_along_axis(x, pool_index[:, None, None], axis=1)
     return x if pool_index is None else x[:, 0]
@@ -253,6 +284,7 @@ class GPT2(nn.Module):
     config: GPTConfig
     dtype: Any = jnp.float32  # compute dtype; parameters stay fp32
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
+    attention: str = "auto"  # see fused_attention (on a CPU, and for fp32 compute, always "xla")
 
     @nn.compact
     def __call__(
@@ -267,7 +299,8 @@ class GPT2(nn.Module):
         x = wte(tokens) + wpe(positions)
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
-        x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index)
+        fused = fused_attention(self.attention, self.dtype)
+        x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index, fused=fused)
         x = _layer_norm(cfg, "ln_f")(x)
         if return_hidden:
             return x
@@ -305,12 +338,14 @@ def apply(
     dropout_key: jax.Array | None = None,
     dtype: Any = jnp.float32,
     remat: bool = False,
+    attention: str = "auto",
     **kwargs: Any,
 ) -> Any:
     """Run the model: fp32 logits [B, T, vocab or classes] (the final hidden state with
     `return_hidden=True`; with a cache, (logits, new cache)). Dropout is active only when
-    `dropout_key` is given; `dtype` is the compute dtype (parameters stay fp32)."""
-    model = GPT2(config, dtype=dtype, remat=remat)
+    `dropout_key` is given; `dtype` is the compute dtype (parameters stay fp32); `attention`
+    see `fused_attention`."""
+    model = GPT2(config, dtype=dtype, remat=remat, attention=attention)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     return model.apply({"params": params}, tokens, deterministic=dropout_key is None, rngs=rngs, **kwargs)
 

@@ -46,7 +46,9 @@ CHECKPOINTS_DIR = "checkpoints"
 STATUSES = ("running", "completed", "failed", "interrupted")
 UNFINISHED = ("running", "failed", "interrupted")
 # settings that may differ between a run and its resumption
-RESUMABLE_DIFFERENTLY = frozenset({"resume", "overwrite"})
+# Settings a run may resume with other values: the flags themselves, and how attention is
+# computed (the same function; a run started with cuDNN's kernel on a GPU may go on elsewhere).
+RESUMABLE_DIFFERENTLY = frozenset({"resume", "overwrite", "attention"})
 
 
 class RunDirError(Exception):

@@ -12,6 +12,7 @@ import jax
 from jax.sharding import Mesh
 
 from . import optim, sharding
+from .model import ATTENTIONS
 
 TRAINABLE_HELP = "head | last-block | last-N-blocks (e.g. last-2-blocks) | all | lora"
 
@@ -48,6 +49,8 @@ class TrainerSettings:
     remat: bool = setting(False, "recompute each block's activations in the backward pass (less memory)")
     seed: int = setting(123, "seed of the data order, head initialisation and dropout")
     dtype: str = setting("float32", "compute dtype; parameters and optimizer state stay float32, loss and softmax are float32", choices=("float32", "bfloat16"))
+    attention: str = setting("auto", "causal attention: xla (explicit scores, the reference's arithmetic), cudnn (fused flash "
+                             "attention, NVIDIA GPUs, bfloat16), auto (cudnn on a GPU with bfloat16, else xla)", choices=ATTENTIONS)
     mesh: str | None = setting(None, "device mesh 'data=D,fsdp=F' (default: every device on data; one device: no mesh)", group="devices")
     progress: bool = setting(True, "a progress bar per epoch (plain lines when not on a terminal)", group="output")
     checkpoint_every: int | None = setting(None, "write a checkpoint every this many optimizer steps (default: at every epoch end)", group="output")
@@ -77,6 +80,8 @@ class TrainerSettings:
             raise ValueError(f"lora-rank must be >= 0, got {self.lora_rank}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop-rate must be in [0, 1), got {self.drop_rate}")
+        if self.attention == "cudnn" and (self.dtype != "bfloat16" or self.drop_rate > 0):
+            raise ValueError("attention cudnn needs --dtype bfloat16 and no dropout (--drop-rate 0): use --attention auto or xla")
         optim.check_trainable(self.trainable)
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")

@@ -62,6 +62,7 @@ def classification_metrics(
     dtype: Any = jnp.float32,
     remat: bool = False,
     start_block: int | None = None,
+    attention: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(weighted mean loss, {loss, correct, count}) for a classification batch. With
     `start_block`, the batch carries the cached residual stream `hidden` [B, T, D] after block
@@ -70,7 +71,7 @@ def classification_metrics(
     # One position per row (all but mean pooling): the last block computes only that query.
     index = losses.pool_index(pooling, batch.get("lengths"), *inputs.shape[:2])
     if start_block is None:
-        logits = _forward(config, params, inputs, dropout_key, dtype, remat, pool_index=index)
+        logits = _forward(config, params, inputs, dropout_key, dtype, remat, pool_index=index, attention=attention)
     else:
         logits = trunk.suffix_apply(config, params, inputs, start_block, dtype=dtype, remat=remat, pool_index=index)
     pooled = logits if index is not None else losses.pool(logits, batch.get("lengths"), pooling)
@@ -82,14 +83,20 @@ def classification_metrics(
 
 
 def lm_metrics(
-    config: GPTConfig, params: Params, batch: Batch, dropout_key: jax.Array | None = None, dtype: Any = jnp.float32, remat: bool = False
+    config: GPTConfig,
+    params: Params,
+    batch: Batch,
+    dropout_key: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+    attention: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean next-token loss over non-ignored targets, {loss, tokens}).
 
     The head and its cross-entropy run in chunks of rows from the final-norm hidden states
     (`losses.lm_head_loss`): the values of logits -> masked cross-entropy, without the fp32
     [B, T, vocab] logits or their gradient ever in memory whole."""
-    hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True)
+    hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True, attention=attention)
     if config.tie_embeddings:  # the model's wte.attend: fp32 whatever the compute dtype
         head, layout, head_dtype = params["wte"]["embedding"], "vd", jnp.promote_types(dtype, jnp.float32)
     else:
@@ -107,12 +114,14 @@ def make_steps(
     dtype: Any = jnp.float32,
     remat: bool = False,
     start_block: int | None = None,
+    attention: str = "auto",
 ) -> tuple[Callable, Callable]:
     """jit-compiled (train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> metrics).
 
     task: "classification" or "lm". Gradients flow to the trainable tree only.
     start_block (classification only): batches carry a cached frozen trunk's output `hidden`
     instead of `tokens` (see jaxft.trunk); blocks before start_block must be frozen.
+    attention: "auto", "xla" or "cudnn" (see jaxft.model.fused_attention).
     """
     if start_block is not None and task != "classification":
         raise ValueError("start_block (a cached frozen trunk) is for classification only")
@@ -121,9 +130,9 @@ def make_steps(
     if task == "classification":
         if pooling not in losses.POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
-        metrics_fn = functools.partial(classification_metrics, config, pooling, start_block=start_block)
+        metrics_fn = functools.partial(classification_metrics, config, pooling, start_block=start_block, attention=attention)
     elif task == "lm":
-        metrics_fn = functools.partial(lm_metrics, config)
+        metrics_fn = functools.partial(lm_metrics, config, attention=attention)
     else:
         raise ValueError(f"unknown task {task!r}: 'classification' or 'lm'")
 

@@ -293,7 +293,9 @@ def fit(
     del params  # the state holds its own copy
     options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
     dtype = jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32
-    train_step, eval_step = make_steps(config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, **options)
+    train_step, eval_step = make_steps(
+        config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, attention=settings.attention, **options
+    )
     if mesh is not None:  # parameters and optimizer state sharded by the rules, batches by rows
         state = sharding.shard_tree(state, mesh)
         train_step, eval_step = sharding.shard_steps(train_step, eval_step, mesh, state)

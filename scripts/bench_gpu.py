@@ -93,7 +93,7 @@ import torch  # noqa: E402
 import bench_train as bt  # noqa: E402  (scripts/bench_train.py: shared models, batches and runners)
 from jaxft import generate as gen  # noqa: E402
 from jaxft.config import GPTConfig  # noqa: E402
-from jaxft.model import init_params, param_count  # noqa: E402
+from jaxft.model import fused_attention, init_params, param_count  # noqa: E402
 
 EOS = 50256
 # The sections in their default order, with their weights: each gets its weight's share of the time
@@ -305,14 +305,14 @@ def generation_section(config: GPTConfig, args, deadline: Deadline, budget_s: fl
 # --------------------------------------------------------------------------- many devices, MFU, trunk cache
 
 
-def _lm_step(config: GPTConfig, params: dict, host_batch: dict, dtype, spec: str | None, devices: list):
+def _lm_step(config: GPTConfig, params: dict, host_batch: dict, dtype, spec: str | None, devices: list, attention: str = "auto"):
     """(compiled step, state, device batch) for the all-trainable LM step: on devices[0] (spec None)
     or on a mesh over `devices` (sharding.make_mesh / shard_tree / shard_steps / global_batch)."""
     from jaxft import optim, sharding, steps
 
     opt = optim.adamw(bt.LR, bt.WEIGHT_DECAY)
     state = steps.init_state(params, optim.trainable_mask(config, params, "all"), opt)
-    train_step, eval_step = steps.make_steps(config, opt, "lm", dtype=dtype)
+    train_step, eval_step = steps.make_steps(config, opt, "lm", dtype=dtype, attention=attention)
     if spec is None:
         state = jax.device_put(state, devices[0])
         batch = jax.device_put({k: jnp.asarray(v) for k, v in host_batch.items()}, devices[0])
@@ -464,23 +464,27 @@ def mfu_section(size: GPTConfig, shapes: list[tuple[int, int]], args, deadline: 
           + (f"peak {peak / 1e12:.0f} TFLOP/s dense bf16 ({matched})" if peak else "peak unknown (no ratio; --peak-tflops sets it)"))
     print(f"  {MFU_FORMULA}")
     needed = 5.0
-    for b, seq in shapes:
-        label = f"{size.name} bf16 {b}x{seq}"
+    variants = [(attention, shape) for shape in shapes for attention in args.mfu_attention.split(",")]
+    for attention, (b, seq) in variants:
+        impl = fused_attention(attention, jnp.bfloat16) or "xla"
+        label = f"{size.name} bf16 {b}x{seq}, attention {attention} ({impl})"
         if deadline.elapsed() > section_end - needed:
-            rows.append({"section": "mfu", "shape": [b, seq], "skipped": "time budget"})
+            rows.append({"section": "mfu", "shape": [b, seq], "attention": impl, "skipped": "time budget"})
             print(f"  {label}: skipped (time budget)")
             continue
         flops, n = model_flops(config, params, b, seq)
         try:
-            compiled, state, batch, compile_s = _lm_step(config, params, bt.lm_batch(config, b, seq, args.seed), jnp.bfloat16, None, [device])
+            compiled, state, batch, compile_s = _lm_step(config, params, bt.lm_batch(config, b, seq, args.seed), jnp.bfloat16, None,
+                                                         [device], attention)
             share = max(1.0, min(args.mesh_time_s, section_end - deadline.elapsed() - 2))
             step_s, timed, first_loss, state = _time_pipelined(compiled, state, batch, args.steps, share)
         except Exception as exc:  # noqa: BLE001  (out of memory: say so, try the next shape)
-            rows.append({"section": "mfu", "shape": [b, seq], "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
+            rows.append({"section": "mfu", "shape": [b, seq], "attention": impl,
+                         "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
             print(f"  {label}: FAILED ({rows[-1]['skipped']})")
             _free()
             continue
-        row = {"section": "mfu", "model": size.name, "shape": [b, seq], "step_ms": 1e3 * step_s, "model_flops": flops,
+        row = {"section": "mfu", "model": size.name, "shape": [b, seq], "attention": impl, "step_ms": 1e3 * step_s, "model_flops": flops,
                "matmul_params": n, "achieved_tflops": flops / step_s / 1e12, "peak_tflops": peak / 1e12 if peak else None,
                "peak_source": matched, "mfu": flops / step_s / peak if peak else None, "compile_s": compile_s,
                "steps_timed": timed, "tokens_per_s": b * seq / step_s, "first_loss": first_loss, "device_kind": device.device_kind}
@@ -497,7 +501,7 @@ def mfu_section(size: GPTConfig, shapes: list[tuple[int, int]], args, deadline: 
         best = max(measured, key=lambda r: r["mfu"])
         hopper = any(k in device.device_kind for k in ("H100", "H200", "H800"))
         goal = f"; goal >= 45% on an H100-class card: {'met' if best['mfu'] >= 0.45 else 'NOT met'}" if hopper else ""
-        print(f"  best: {100 * best['mfu']:.1f}% at {best['shape'][0]}x{best['shape'][1]}{goal}")
+        print(f"  best: {100 * best['mfu']:.1f}% at {best['shape'][0]}x{best['shape'][1]}, attention {best['attention']}{goal}")
     return rows
 
 
@@ -661,15 +665,15 @@ def extra_tables(rows: list[dict]) -> list[str]:
     mfu = [r for r in rows if r["section"] == "mfu"]
     if mfu:
         lines += ["", f"MFU: {MFU_FORMULA}", "",
-                  "| instruction step, bf16, all trainable | batch | ms/step | model TFLOP/step | achieved TFLOP/s | peak TFLOP/s | MFU |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| instruction step, bf16, all trainable | attention | batch | ms/step | model TFLOP/step | achieved TFLOP/s | peak TFLOP/s | MFU |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in mfu:
             if "skipped" in r:
-                lines.append(f"| - | {r['shape'][0]}x{r['shape'][1]} | - | - | - | - | skipped: {r['skipped']} |")
+                lines.append(f"| - | {r.get('attention', '-')} | {r['shape'][0]}x{r['shape'][1]} | - | - | - | - | skipped: {r['skipped']} |")
                 continue
             peak = f"{r['peak_tflops']:.0f} ({r['peak_source']})" if r["peak_tflops"] else "peak unknown"
             ratio = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            lines.append(f"| {r['model']} | {r['shape'][0]}x{r['shape'][1]} | {r['step_ms']:.1f} | {r['model_flops'] / 1e12:.3g} | "
+            lines.append(f"| {r['model']} | {r['attention']} | {r['shape'][0]}x{r['shape'][1]} | {r['step_ms']:.1f} | {r['model_flops'] / 1e12:.3g} | "
                          f"{r['achieved_tflops']:.3g} | {peak} | {ratio} |")
     for r in (r for r in rows if r["section"] == "trunk"):
         if "skipped" in r:
@@ -696,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh-seq", type=int, default=512, help="tokens per row in the mesh section")
     parser.add_argument("--mesh-time-s", type=float, default=10.0, help="most seconds timing one mesh or MFU variant")
     parser.add_argument("--mfu-shapes", default="8x1024,16x1024", help="BATCHxSEQ shapes of the MFU step, tried in order")
+    parser.add_argument("--mfu-attention", default="auto,xla", help="attention settings of the MFU step, each tried at every shape "
+                        "(auto: cuDNN's fused kernel on a GPU; xla: explicit scores and softmax)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's peak dense bf16 TFLOP/s (default: from device_kind)")
     parser.add_argument("--trunk-steps", type=int, default=650, help="train steps of the trunk-cache recipe (650: 5 epochs of 130)")
     parser.add_argument("--trunk-dtype", choices=("float32", "bfloat16"), default="float32", help="the recipe's compute dtype")

@@ -68,6 +68,10 @@ for _path in (REPO, REPO / "tests", REPO / "scripts"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+# On a GPU this process (the reference, torch) and each jaxft command share the card: no process
+# may take 75% of it up front, as JAX does by default.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -87,6 +91,14 @@ from reference_gpt import GPTModel, config_dict, generate, generate_text_simple 
 
 PAD = 50256
 LR, WEIGHT_DECAY = 5e-5, 0.1
+# Where the reference's model runs (--ref-device); set once by main() before any race.
+REF_DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for the reference's queued GPU work, so that its clocks time the work itself."""
+    if REF_DEVICE.type == "cuda":
+        torch.cuda.synchronize(REF_DEVICE)
 
 
 # --------------------------------------------------------------------------- the clock of the reference side
@@ -101,8 +113,10 @@ class Meter:
 
     @contextmanager
     def clock(self, kind: str, units: float):
+        sync()
         t0 = time.perf_counter()
         yield
+        sync()
         self.seconds[kind] += time.perf_counter() - t0
         self.units[kind] += units
 
@@ -354,7 +368,7 @@ def reference_model(config: GPTConfig, params) -> torch.nn.Module:
     if config.num_classes is not None:
         model.out_head = torch.nn.Linear(config.emb_dim, config.num_classes)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params_to_state_dict(config, params).items()})
-    return model
+    return model.to(REF_DEVICE)
 
 
 def make_checkpoint(config: GPTConfig, seed: int, directory: Path):
@@ -498,7 +512,7 @@ def classification_race(args, config, params, tokenizer, work_dir: Path, ckpt: P
     train_loader = loader(SpamDataset(data.train), bs, shuffle=True, seed=seed)
     val_loader = loader(SpamDataset(data.validation), bs, shuffle=False, seed=seed)
     test_loader = loader(SpamDataset(data.test), bs, shuffle=False, seed=seed)
-    device = torch.device("cpu")
+    device = REF_DEVICE
     run_final = ref_steps == jaxft_steps or args.ref_final
     quiet = (lambda s: None) if args.quiet_reference else (lambda s: print("  [reference] " + s, flush=True))
 
@@ -518,6 +532,7 @@ def classification_race(args, config, params, tokenizer, work_dir: Path, ckpt: P
         train_loader.batch_sampler.set_epoch(epochs)  # a fresh shuffle; jaxft's is permutation(n, seed, epochs)
         final = {f"{name}_accuracy": calc_accuracy_loader(dl, model, device)
                  for name, dl in (("train", train_loader), ("validation", val_loader), ("test", test_loader))}
+    sync()
     ref_wall = time.perf_counter() - t0
     ref = {"initial_train_loss": init_train, "initial_validation_loss": init_val, "eval_steps": eval_steps,
            "eval_train_losses": tl, "eval_validation_losses": vl, "epoch_train_accuracy": ta, "epoch_validation_accuracy": va,
@@ -601,10 +616,10 @@ def instruct_race(args, config, params, tokenizer, work_dir: Path, ckpt: Path, r
     METER.__init__()
     torch.manual_seed(seed)
     model = reference_model(config, params)  # the reference's separate out_head, a copy of wte
-    collate = partial(custom_collate_fn, device="cpu", allowed_max_length=1024)
+    collate = partial(custom_collate_fn, device=REF_DEVICE, allowed_max_length=1024)
     train_loader = loader(InstructionDataset(train_ids), bs, shuffle=True, seed=seed, collate_fn=collate)
     val_loader = loader(InstructionDataset(val_ids), bs, shuffle=False, seed=seed, collate_fn=collate)
-    device = torch.device("cpu")
+    device = REF_DEVICE
     quiet = (lambda s: None) if args.quiet_reference else (lambda s: print("  [reference] " + s, flush=True))
 
     load_before = load_average()
@@ -619,17 +634,19 @@ def instruct_race(args, config, params, tokenizer, work_dir: Path, ckpt: Path, r
     tl, vl, track, tokens_seen, eval_steps = train_model_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=epochs, eval_freq=eval_freq, eval_iter=eval_iter,
         start_context=idata.format_prompt(splits.validation[0], "alpaca"), tokenizer=tokenizer, max_steps=ref_steps, log=quiet)
+    sync()
     train_loop_s = time.perf_counter() - t_train
     model.eval()
     responses = []
     for entry in splits.test[:n_prompts]:  # chapter 7, 7.2, one prompt at a time
         input_text = idata.format_prompt(entry, "alpaca")
-        idx = text_to_token_ids(input_text, tokenizer)
+        idx = text_to_token_ids(input_text, tokenizer).to(REF_DEVICE)
         with METER.clock("response", 1):
             token_ids = generate(model=model, idx=idx, max_new_tokens=args.max_new_tokens, context_size=config.context_length, eos_id=PAD)
         generated_text = token_ids_to_text(token_ids, tokenizer)
         responses.append({"prompt_tokens": idx.shape[1], "new_tokens": token_ids.shape[1] - idx.shape[1],
                           "response": generated_text[len(input_text):].replace("### Response:", "").strip()})
+    sync()
     ref_wall = time.perf_counter() - t0
     ref = {"initial_train_loss": init_train, "initial_validation_loss": init_val, "eval_steps": eval_steps,
            "eval_train_losses": tl, "eval_validation_losses": vl, "eval_tokens_seen": track, "tokens_seen": tokens_seen,
@@ -759,6 +776,9 @@ def report(results: dict) -> str:
                      f"{ref['train_loop_s']:.1f} s) and {ref['prompts_run']} of {ins['split_sizes'][2]} prompts; its whole recipe "
                      f"({ins['whole_recipe_steps']} steps) is {fmt_s(ref['whole_recipe_no_responses_s'])} s without responses, "
                      f"{fmt_s(ref['whole_recipe_with_responses_s'])} s with them (extrapolated unless everything ran).")
+    devices = results["machine"].get("devices")
+    if devices:
+        notes.append(f"devices: the reference on {devices['reference']}, jaxft on {devices['jaxft']}.")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
@@ -789,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--work-dir", type=Path, default=None, help="checkpoint and run outputs (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=Path("bench_recipes.json"), help="JSON file with everything")
+    parser.add_argument("--ref-device", default="cpu", help="torch device of the reference's model: cpu (default), cuda, "
+                        "or auto (cuda when torch sees a GPU); jaxft runs on jax's default backend")
     parser.add_argument("--quiet-reference", action="store_true", help="do not print the reference loops' log lines")
     args = parser.parse_args(argv)
     if args.quick:
@@ -801,6 +823,14 @@ def main(argv: list[str] | None = None) -> int:
         args.ref_prompts = None
     args.races = {r.strip() for r in args.races.split(",") if r.strip()}
     args.jaxft_root = args.jaxft_root.resolve()
+    global REF_DEVICE
+    if args.ref_device == "auto":
+        args.ref_device = "cuda" if torch.cuda.is_available() else "cpu"
+    REF_DEVICE = torch.device(args.ref_device)
+    if REF_DEVICE.type == "cuda":  # TF32 matmuls, as JAX's default on NVIDIA cards: the same arithmetic
+        torch.set_float32_matmul_precision("high")
+    accelerators = {"reference": torch.cuda.get_device_name(REF_DEVICE) if REF_DEVICE.type == "cuda" else "cpu",
+                    "jaxft": f"{jax.devices()[0].device_kind} ({jax.default_backend()})"}
 
     started = time.perf_counter()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_recipes_"))
@@ -809,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# jaxft recipe race {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores usable; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), jax {jax.__version__}; load average {load_average()}")
+    print(f"devices: the reference on {accelerators['reference']}, jaxft on {accelerators['jaxft']}")
     print(f"model: {config.name}: {config.emb_dim} wide, {config.n_layers} layers, {config.n_heads} heads, vocab "
           f"{config.vocab_size}, context {config.context_length}; random weights; work dir {work_dir}", flush=True)
     ckpt = work_dir / "base-model"
@@ -816,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = jaxft.get_tokenizer()
     results: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
                                "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-                                           "torch": torch.__version__, "jax": jax.__version__, "load_start": load_average()},
+                                           "torch": torch.__version__, "jax": jax.__version__, "load_start": load_average(),
+                                           "devices": accelerators},
                                "model": config.to_dict()}
     if args.races & {"cls", "bucket"}:
         classification_race(args, config, params, tokenizer, work_dir, ckpt, results)

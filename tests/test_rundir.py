@@ -129,7 +129,8 @@ def test_overwrite_clears_a_run_directory(tmp_path):
 def test_resume_continues_an_unfinished_run(tmp_path):
     out = tmp_path / "out"
     finished_run(out, "interrupted", checkpoint_steps=(3, 6), reason="SIGINT")
-    settings = {**SETTINGS, "resume": True, "shape": [1, 2]}  # `resume` may differ; a tuple equals its list
+    # `resume` may differ, and `attention` (missing from runs that started before it existed); a tuple equals its list
+    settings = {**SETTINGS, "resume": True, "attention": "cudnn", "shape": [1, 2]}
     assert check(out, command="classify", settings=settings, resume=True) == "resume"
     with start(out, settings=settings, resume=True) as run:
         assert run.mode == "resume" and run.latest_checkpoint() == 6

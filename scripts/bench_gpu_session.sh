@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU benchmark as one prepared, time-bounded command, for a lent GPU machine (the device
+# tool runs it in the repository root with $OUT set; its files come back from there):
+#   1. scripts/bench_gpu.py: the gpt2-medium bf16 instruction step's MFU (cuDNN fused attention
+#      and explicit attention) and the classification recipe with and without the trunk cache;
+#   2. scripts/bench_recipes.py: the classification recipe end to end, jaxft's commands against
+#      the reference's training loop on the same GPU (padded, and last-non-pad + buckets);
+#   3. scripts/bench_gpu.py: the train steps against the reference (fp32 and bf16), with the time left.
+# Each part has a deadline inside the whole one (TOTAL_S, default 480 s) and writes JSON and a log
+# under $OUT as it goes. QUICK=1: tiny shapes, for checking the script on any machine.
+set -u
+OUT=${OUT:-/tmp/bench_gpu_session}
+TOTAL_S=${TOTAL_S:-480}
+PYTHON=${PYTHON:-python3}
+QUICK=${QUICK:+--quick}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+left() { echo $((TOTAL_S - SECONDS)); }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
+  $PYTHON -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available())"
+} 2>&1 | tee "$OUT/machine.txt"
+
+part1=$(( $(left) * 45 / 100 ))
+echo "== 1. MFU and the trunk cache ($part1 s)"
+XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.85} timeout -k 10 "$part1" \
+  $PYTHON scripts/bench_gpu.py $QUICK --sections mfu,trunk --mfu-shapes 16x1024,8x1024 --budget-s $((part1 - 35)) \
+  --out "$OUT/bench_gpu_mfu.json" 2>&1 | tee "$OUT/bench_gpu_mfu.log"
+
+part2=$(( $(left) * 65 / 100 ))
+echo "== 2. the classification race against the reference ($part2 s)"
+timeout -k 10 "$part2" $PYTHON scripts/bench_recipes.py $QUICK --races cls,bucket --ref-device auto --quiet-reference \
+  --work-dir /tmp/bench_recipes_gpu --out "$OUT/bench_recipes_gpu.json" 2>&1 | tee "$OUT/bench_recipes_gpu.log"
+
+part3=$(( $(left) - 5 ))
+echo "== 3. train steps against the reference ($part3 s)"
+if [ "$part3" -gt 40 ]; then
+  timeout -k 10 "$part3" $PYTHON scripts/bench_gpu.py $QUICK --sections cls-train,lm-train --budget-s $((part3 - 30)) \
+    --out "$OUT/bench_gpu_steps.json" 2>&1 | tee "$OUT/bench_gpu_steps.log"
+fi
+echo "== done in $SECONDS s"
