@@ -39,6 +39,14 @@ _INIT_STD = 0.02
 ATTENTIONS = ("auto", "xla", "cudnn")
 
 
+def segment_mask(segments: jax.Array) -> jax.Array:
+    """The attention mask of packed rows (jaxft.packing) [B, T] of segment ids: causal within a
+    segment, closed across segments, [B, 1, T, T]."""
+    seq = segments.shape[1]
+    causal = jnp.arange(seq)[:, None] >= jnp.arange(seq)[None, :]
+    return (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
+
+
 def fused_attention(attention: str, dtype: Any) -> str | None:
     """The `jax.nn.dot_product_attention` implementation for an `attention` setting, or None for
     the explicit scores and softmax ("auto": cudnn on a GPU with 16-bit compute, where cuDNN's
@@ -275,7 +283,8 @@ class GPT2(nn.Module):
     `return_hidden`, the final LayerNorm's output [B, T, d] instead.
 
     tokens: int [B, T] at positions 0..T-1, each attending to every earlier token, as the
-    reference does. With `pool_index` [B], only that position of each row comes out ([B, vocab
+    reference does; or packed rows (jaxft.packing) with their `positions` and `segments` [B, T],
+    each token attending to the earlier ones of its segment. With `pool_index` [B], only that position of each row comes out ([B, vocab
     or classes]; [B, d] hidden): what a classifier reads, for a fraction of the last block's
     cost (see `run_blocks`). (Decoding with a key/value cache runs the blocks directly: see
     jaxft.generate.)
@@ -288,11 +297,20 @@ class GPT2(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, *, deterministic: bool = True, return_hidden: bool = False, pool_index: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        *,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+        pool_index: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         batch, seq = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        mask = None if segments is None else segment_mask(segments)
 
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
@@ -300,7 +318,7 @@ class GPT2(nn.Module):
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
         fused = fused_attention(self.attention, self.dtype)
-        x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index, fused=fused)
+        x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index, mask=mask, fused=fused)
         x = _layer_norm(cfg, "ln_f")(x)
         if return_hidden:
             return x

@@ -91,12 +91,14 @@ def lm_metrics(
     remat: bool = False,
     attention: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(mean next-token loss over non-ignored targets, {loss, tokens}).
+    """(mean next-token loss over non-ignored targets, {loss, tokens}). A batch of packed rows
+    (jaxft.packing.pack_lm_batch) also carries `positions` and `segments`.
 
     The head and its cross-entropy run in chunks of rows from the final-norm hidden states
     (`losses.lm_head_loss`): the values of logits -> masked cross-entropy, without the fp32
     [B, T, vocab] logits or their gradient ever in memory whole."""
-    hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True, attention=attention)
+    packed = {key: batch[key] for key in ("positions", "segments") if key in batch}  # packed rows (jaxft.packing)
+    hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True, attention=attention, **packed)
     if config.tie_embeddings:  # the model's wte.attend: fp32 whatever the compute dtype
         head, layout, head_dtype = params["wte"]["embedding"], "vd", jnp.promote_types(dtype, jnp.float32)
     else:

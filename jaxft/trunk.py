@@ -33,7 +33,7 @@ import numpy as np
 from . import packing
 from .config import GPTConfig
 from .progress import Progress
-from .model import Params, _dense, _layer_norm, run_blocks
+from .model import Params, _dense, _layer_norm, run_blocks, segment_mask
 
 TOKENS_PER_CHUNK = 8192  # rows per feature batch: about this many tokens (at least one row)
 # Packed rows are all real tokens: small calls keep the activations in cache (gpt2-small on 2
@@ -55,12 +55,9 @@ class _Prefix(nn.Module):
         segments [B, T], each token attending to the earlier ones of its segment."""
         cfg = self.config
         batch, seq = tokens.shape
-        mask = None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        if segments is not None:
-            causal = jnp.arange(seq)[:, None] >= jnp.arange(seq)[None, :]
-            mask = (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]  # [B, 1, T, T]
+        mask = None if segments is None else segment_mask(segments)
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
         x = wte(tokens) + wpe(positions)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from .. import generate as gen
-from .. import sources, train
+from .. import packing, sources, train
 from ..config import GPTConfig, canonical_name, is_size_name
 from ..data import instruct as data
 from ..data.batching import num_batches
@@ -25,7 +25,8 @@ from ..model import Params
 from ..tokenizer import get_tokenizer
 from ..fileio import write_json
 from ..resume import hash_arrays
-from ..settings import TrainerSettings, setting
+from ..losses import IGNORE_INDEX
+from ..settings import TrainerSettings, run_mesh, setting
 from ..responses import generate_responses, sample_text
 from .common import resolve_model
 
@@ -49,6 +50,8 @@ class InstructRecipe:
     mask_prompt: bool = setting(False, "also ignore the instruction and input tokens in the loss", group="data")
     allowed_max_length: int = setting(data.DEFAULT_MAX_LENGTH, "truncate examples to this many tokens (capped at the context length)", group="data")
     bucket_multiple: int = setting(32, "pad batch widths up to multiples of this (few static shapes)", group="data")
+    pack: bool = setting(False, "pack each batch's examples into as few rows as fit (a row width chosen from the data, a "
+                         "multiple of --bucket-multiple; per-example positions and attention): the same loss on fewer positions", group="data")
     limit: int | None = setting(None, "use only the first N entries (then split 85/10/5)", group="data")
     max_new_tokens: int = setting(256, "response length limit (greedy, eos stop)", group="responses")
     response_batch_size: int = setting(8, "prompts per generation batch", group="responses")
@@ -137,19 +140,36 @@ class InstructionTask(train.Task):
         self.sample_prompt = data.format_prompt(splits.validation[0], recipe.style)
         self.samples: list[str] = []
         self.compiled_before = gen.compilations()
+        self.row_width, self.row_multiple = None, 1
+        if recipe.pack:  # one row width for the run, chosen from every training batch; rows split evenly over a mesh
+            mesh = run_mesh(recipe.trainer.mesh)
+            self.row_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+            lengths = [packing.lm_lengths(targets, IGNORE_INDEX) for split, shuffle, epochs in
+                       (("train", True, range(recipe.trainer.epochs)), ("validation", False, [0]), ("test", False, [0]))
+                       for epoch in epochs for _, targets in self._collated(split, shuffle=shuffle, epoch=epoch)]
+            self.row_width = packing.choose_row_width(lengths, recipe.bucket_multiple)
 
-    def _batches(self, split: str, *, shuffle: bool, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    def _collated(self, split: str, *, shuffle: bool, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # Training: shuffled, drop_last (the reference's loader). Evaluation: in order, the short
-        # final batch filled with ignored rows so it has the training batch shape.
+        # final batch filled with ignored rows so it has the training batch shape. Packed: the
+        # reference's tight batches, packed by _batches.
         recipe = self.recipe
-        for inputs, targets in data.instruction_batches(
+        return data.instruction_batches(
             self.parts[split], recipe.trainer.batch_size, shuffle=shuffle, drop_last=shuffle, seed=recipe.trainer.seed,
             epoch=epoch, mask_prompt=recipe.mask_prompt, allowed_max_length=self.max_length,
-            bucket_multiple=recipe.bucket_multiple, fill_last_batch=not shuffle,
-        ):
+            bucket_multiple=None if recipe.pack else recipe.bucket_multiple, fill_last_batch=not shuffle and not recipe.pack,
+        )
+
+    def _batches(self, split: str, *, shuffle: bool, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        for inputs, targets in self._collated(split, shuffle=shuffle, epoch=epoch):
+            if self.row_width is None:
+                batch = {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
+            else:
+                batch = packing.pack_lm_batch(inputs.astype(np.int32), targets.astype(np.int32), self.row_width,
+                                              row_multiple=self.row_multiple, pad_id=data.PAD_ID, ignore_index=IGNORE_INDEX)
             if shuffle:
-                self.batch_shapes.add(inputs.shape)
-            yield {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
+                self.batch_shapes.add(batch["inputs"].shape)
+            yield batch
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         return self._batches("train", shuffle=True, epoch=epoch)
@@ -161,6 +181,8 @@ class InstructionTask(train.Task):
         return num_batches(len(self.splits.train), self.recipe.trainer.batch_size, drop_last=True)
 
     def seen(self, batch: dict[str, np.ndarray]) -> int:
+        if "segments" in batch:  # packed: examples x the longest example's length
+            return packing.reference_numel(batch["segments"])
         return int(np.prod(data.tight_shape(batch["targets"])))  # the reference's input_batch.numel()
 
     def describe(self, config: GPTConfig, params: Params, trainable: Params) -> str:
