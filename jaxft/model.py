@@ -152,6 +152,13 @@ class _PooledQKV(nn.Module):
         return q.reshape(*x_query.shape[:-1], n), kv.reshape(*x.shape[:-1], 2 * n)
 
 
+def _pick(x: jax.Array, index: jax.Array, row: jax.Array | None) -> jax.Array:
+    """x [B, T, ...] at position index[q] of row q (or of row row[q]): [Q, 1, ...]."""
+    if row is None:
+        return jnp.take_along_axis(x, index.reshape(-1, *[1] * (x.ndim - 1)), axis=1)
+    return x[row, index][:, None]
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
     dtype: Any = jnp.float32
@@ -168,22 +175,30 @@ class CausalSelfAttention(nn.Module):
         cache_index: jax.Array | None,
         deterministic: bool,
         query_index: jax.Array | None = None,
+        query_row: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """With `query_index` [Q]: one query per sequence, at that position of row b (or of row
+        query_row[q] of packed rows, whose `segments` [rows, T] then close the attention)."""
         cfg = self.config
         batch, seq, _ = x.shape
         if query_index is not None and not cfg.lora_rank:  # q for the query rows only
-            x_query = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+            x_query = _pick(x, query_index, query_row)
             q, kv = _PooledQKV(3 * cfg.emb_dim, cfg.qkv_bias, self.dtype, name="c_attn")(x, x_query)
             k, v = jnp.split(kv, 2, axis=-1)
         else:
             qkv = _projection(cfg, 3 * cfg.emb_dim, "c_attn", self.dtype, use_bias=cfg.qkv_bias)(x)
             q, k, v = jnp.split(qkv, 3, axis=-1)
             if query_index is not None:
-                q = jnp.take_along_axis(q, query_index[:, None, None], axis=1)
-        q = q.reshape(batch, q.shape[1], cfg.n_heads, cfg.head_dim)
+                q = _pick(q, query_index, query_row)
+        q = q.reshape(q.shape[0], q.shape[1], cfg.n_heads, cfg.head_dim)
         k, v = (t.reshape(batch, seq, cfg.n_heads, cfg.head_dim) for t in (k, v))
-        if query_index is not None:  # one query per row, at query_index [B]; keys: every position
-            mask = (jnp.arange(seq)[None, :] <= query_index[:, None])[:, None, None, :]  # causal, [B, 1, 1, T]
+        if query_index is not None:  # one query per sequence, at query_index [Q]; keys: every earlier position
+            mask = (jnp.arange(seq)[None, :] <= query_index[:, None])[:, None, None, :]  # causal, [Q, 1, 1, T]
+            if query_row is not None:  # packed rows: each query's row, and of it only its own segment
+                k, v, rows = k[query_row], v[query_row], segments[query_row]
+                own = rows == jnp.take_along_axis(rows, query_index[:, None], axis=1)
+                mask = mask & own[:, None, None, :]
 
         if self.fused and query_index is None and layer_cache is None:  # no [B, H, T, T] scores in memory
             if not deterministic and cfg.drop_rate > 0:
@@ -204,7 +219,7 @@ class CausalSelfAttention(nn.Module):
             weights = jax.nn.softmax(scores, axis=-1)
             weights = nn.Dropout(cfg.drop_rate)(weights, deterministic=deterministic)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
-        out = out.reshape(batch, q.shape[1], cfg.emb_dim)
+        out = out.reshape(q.shape[0], q.shape[1], cfg.emb_dim)
         proj_std = _INIT_STD / math.sqrt(2 * cfg.n_layers)
         return _projection(cfg, cfg.emb_dim, "c_proj", self.dtype, std=proj_std)(out), layer_cache
 
@@ -228,16 +243,17 @@ class Block(nn.Module):
     fused: str | None = None  # see CausalSelfAttention
 
     @nn.compact
-    def __call__(self, x, mask, layer_cache, cache_index, deterministic, query_index=None):
+    def __call__(self, x, mask, layer_cache, cache_index, deterministic, query_index=None, query_row=None, segments=None):
         """x [B, T, D] -> ([B, T, D], cache). With `query_index` [B], only that position of each row
         comes out, [B, 1, D]: its attention still reads every key, but the output projection and
-        the MLP run on B rows instead of B*T (all a classifier reading one position needs)."""
+        the MLP run on B rows instead of B*T (all a classifier reading one position needs). Packed
+        rows (jaxft.packing) add `query_row` [Q] and `segments`: [Q, 1, D], one per sequence."""
         cfg = self.config
         h, layer_cache = CausalSelfAttention(cfg, self.dtype, self.fused, name="attn")(
-            _layer_norm(cfg, "ln_1")(x).astype(self.dtype), mask, layer_cache, cache_index, deterministic, query_index
+            _layer_norm(cfg, "ln_1")(x).astype(self.dtype), mask, layer_cache, cache_index, deterministic, query_index, query_row, segments
         )
         if query_index is not None:
-            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+            x = _pick(x, query_index, query_row)
         x = x + nn.Dropout(cfg.drop_rate)(h, deterministic=deterministic)
         h = MLP(cfg, self.dtype, name="mlp")(_layer_norm(cfg, "ln_2")(x).astype(self.dtype))
         x = x + nn.Dropout(cfg.drop_rate)(h, deterministic=deterministic)
@@ -255,13 +271,19 @@ def run_blocks(
     stop: int | None = None,
     mask: jax.Array | None = None,
     fused: str | None = None,
+    pool_row: jax.Array | None = None,
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Blocks h_{first}..h_{stop-1} (stop: n_layers) on the residual stream x [B, T, D], inside
     a module's compact method. With `pool_index` [B] (and stop n_layers), the result is only
     that position of each row, [B, D]: the last block computes one query per row (keys and
     values from every position), so its output projection and MLP run on B rows instead of
     B*T; with no block to run, the position is just picked. `fused` (see `fused_attention`)
-    applies to plain causal attention only: not with a given mask."""
+    applies to plain causal attention only: not with a given mask. Packed rows (jaxft.packing)
+    come with their `segments` [B, T] (the mask follows from them) and, when pooling, `pool_row`
+    [Q]: sequence q is read at position pool_index[q] of row pool_row[q], and the result is [Q, D]."""
+    if segments is not None:
+        mask = segment_mask(segments)
     if mask is None:  # causal, [1, 1, T, T] (packed rows bring their own, see jaxft.packing)
         mask = (jnp.arange(x.shape[1])[:, None] >= jnp.arange(x.shape[1])[None, :])[None, None]
     else:
@@ -271,10 +293,10 @@ def run_blocks(
     if pool_index is not None and stop != config.n_layers:
         raise ValueError("pool_index: only the model's last block can pool")
     for i in range(first, stop):
-        last = pool_index if i == config.n_layers - 1 else None
-        x, _ = block_cls(config, dtype, fused, name=f"h_{i}")(x, mask, None, None, deterministic, last)
+        pooled = (pool_index, pool_row, segments) if i == config.n_layers - 1 else (None, None, None)
+        x, _ = block_cls(config, dtype, fused, name=f"h_{i}")(x, mask, None, None, deterministic, *pooled)
     if pool_index is not None and first == config.n_layers:
-        x = jnp.take_along_axis(x, pool_index[:, None, None], axis=1)
+        x = _pick(x, pool_index, pool_row)
     return x if pool_index is None else x[:, 0]
 
 

@@ -116,3 +116,23 @@ def reference_numel(segments: np.ndarray) -> int:
     lengths = np.concatenate(counts) if counts else np.zeros(0, np.int64)
     lengths = lengths[lengths > 0]
     return int(len(lengths) * lengths.max()) if len(lengths) else 0
+
+
+def pack_pooled_batch(batch: dict[str, np.ndarray], widths: np.ndarray, row_width: int) -> dict[str, np.ndarray]:
+    """A classification batch of cached trunk outputs ({hidden [B, T, D], labels, weights, ...})
+    packed into rows of `row_width`: sequence i keeps its first widths[i] positions, and the
+    classifier reads the last of them. Returns {hidden [R, row_width, D], segments [R, row_width],
+    pool_row, pool_index, labels, weights} (the last four [B]), for steps.classification_metrics."""
+    widths = np.asarray(widths, np.int64)
+    packing = pack(widths, row_width)
+    hidden = batch["hidden"]
+    out = np.zeros((packing.rows, row_width, *hidden.shape[2:]), hidden.dtype)
+    segments = np.zeros((packing.rows, row_width), np.int32)
+    segment = np.zeros(packing.rows, np.int32)
+    for i in range(len(widths)):
+        r, a, w = packing.row[i], packing.offset[i], widths[i]
+        segment[r] += 1
+        out[r, a : a + w] = hidden[i, :w]
+        segments[r, a : a + w] = segment[r]
+    return {"hidden": out, "segments": segments, "pool_row": packing.row.astype(np.int32),
+            "pool_index": (packing.offset + widths - 1).astype(np.int32), "labels": batch["labels"], "weights": batch["weights"]}

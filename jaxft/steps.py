@@ -69,11 +69,13 @@ def classification_metrics(
     start_block-1 instead of `tokens`, and only the rest of the model runs (no dropout)."""
     inputs = batch["tokens"] if start_block is None else batch["hidden"]
     # One position per row (all but mean pooling): the last block computes only that query.
-    index = losses.pool_index(pooling, batch.get("lengths"), *inputs.shape[:2])
+    # Packed cached rows (jaxft.packing.pack_pooled_batch) say where each text's position is.
+    packed = {key: batch[key] for key in ("pool_row", "segments") if key in batch}
+    index = batch["pool_index"] if packed else losses.pool_index(pooling, batch.get("lengths"), *inputs.shape[:2])
     if start_block is None:
         logits = _forward(config, params, inputs, dropout_key, dtype, remat, pool_index=index, attention=attention)
     else:
-        logits = trunk.suffix_apply(config, params, inputs, start_block, dtype=dtype, remat=remat, pool_index=index)
+        logits = trunk.suffix_apply(config, params, inputs, start_block, dtype=dtype, remat=remat, pool_index=index, **packed)
     pooled = logits if index is not None else losses.pool(logits, batch.get("lengths"), pooling)
     weights = batch["weights"].astype(jnp.float32)
     per_example = optax.softmax_cross_entropy_with_integer_labels(pooled, batch["labels"])

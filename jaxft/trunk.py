@@ -73,9 +73,11 @@ class _Suffix(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, pool_index: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, hidden: jax.Array, pool_index: jax.Array | None = None, pool_row: jax.Array | None = None, segments: jax.Array | None = None
+    ) -> jax.Array:
         cfg = self.config
-        x = run_blocks(cfg, self.dtype, self.remat, hidden, self.start_block, True, pool_index)
+        x = run_blocks(cfg, self.dtype, self.remat, hidden, self.start_block, True, pool_index, pool_row=pool_row, segments=segments)
         x = _layer_norm(cfg, "ln_f")(x)
         if cfg.num_classes is not None:
             out = _dense(cfg.num_classes, "cls_head", self.dtype)(x.astype(self.dtype))
@@ -128,14 +130,18 @@ def suffix_apply(
     dtype: Any = jnp.float32,
     remat: bool = False,
     pool_index: jax.Array | None = None,
+    pool_row: jax.Array | None = None,
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """fp32 logits [B, T, classes or vocab] from the residual stream `hidden` [B, T, D] after
     block start_block-1 (the embeddings for start_block 0): the rest of `model.apply`. With
-    `pool_index` [B], only that position's logits, [B, classes or vocab], as model.apply's."""
+    `pool_index` [B], only that position's logits, [B, classes or vocab], as model.apply's.
+    Packed rows (jaxft.packing.pack_pooled_batch) add their `segments` [B, T] and `pool_row` [Q]:
+    sequence q's logits from position pool_index[q] of row pool_row[q], [Q, classes or vocab]."""
     if not 0 <= start_block <= config.n_layers:
         raise ValueError(f"start_block {start_block} outside 0..{config.n_layers}")
     module = _Suffix(config, start_block, dtype, remat)
-    return module.apply({"params": suffix_params(config, params, start_block)}, hidden, pool_index)
+    return module.apply({"params": suffix_params(config, params, start_block)}, hidden, pool_index, pool_row, segments)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))

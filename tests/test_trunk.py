@@ -190,10 +190,12 @@ def _train(trainable, cache, padding, pooling, n_steps=10, opt=None):
 
 @pytest.mark.parametrize(
     "trainable, padding, pooling",
-    [("head", "longest", "last"), ("last-block", "longest", "last"), ("last-2-blocks", "batch", "last-non-pad"), ("last-block", "bucket", "mean")],
+    [("head", "longest", "last"), ("last-block", "longest", "last"), ("last-2-blocks", "batch", "last-non-pad"), ("last-block", "bucket", "mean"),
+     ("last-block", "bucket", "last-non-pad"), ("last-2-blocks", "bucket", "first")],  # the last two: packed cached rows
 )
 def test_cached_training_equals_uncached(trainable, padding, pooling):
     task, options, cached, params_c, evals_c, logged = _train(trainable, None, padding, pooling)
+    assert task.packs() == (padding == "bucket" and pooling != "mean")
     _, no_options, plain, params_p, evals_p, _ = _train(trainable, False, padding, pooling)
     assert options == {"start_block": {"head": 3, "last-block": 2, "last-2-blocks": 1}[trainable]} and no_options == {}
     assert task.trunk_cache["used"] and task.trunk_cache["bytes"] == (40 + 11 + 9) * 20 * 32 * 4
@@ -214,6 +216,27 @@ def test_cached_training_equals_uncached(trainable, padding, pooling):
         assert np.abs(params_c[key] - params_p[key]).max() <= TOL, key
     initial = flatten(_classifier(seed=5)[1])
     assert np.abs(params_c["cls_head/kernel"] - initial["cls_head/kernel"]).max() > 1e-3  # SGD did train
+
+
+@pytest.mark.parametrize("pooling", ["last-non-pad", "first"])
+def test_packed_cached_batches_hold_each_text_up_to_its_pooled_position(pooling):
+    _, task = _task("last-block", None, padding="bucket", pooling=pooling)
+    config, params = _classifier()
+    task.step_options(config, params, optim.trainable_mask(config, params, "last-block"), lambda _: None)
+    _, plain = _task("last-block", False, padding="bucket", pooling=pooling)
+    slots = plain_slots = 0
+    for packed, token_batch in zip(task.train_batches(0), plain.train_batches(0)):
+        expected = np.asarray(trunk.prefix_apply(config, params, token_batch["tokens"], 2))
+        for i, (row, at) in enumerate(zip(packed["pool_row"], packed["pool_index"])):
+            width = token_batch["lengths"][i] if pooling == "last-non-pad" else 1
+            segment = packed["segments"][row] == packed["segments"][row, at]
+            cols = np.flatnonzero(segment)
+            assert len(cols) == width and cols[-1] == at  # the text's own positions, ending at the one read
+            assert np.abs(packed["hidden"][row, cols] - expected[i, :width]).max() <= TOL
+        np.testing.assert_array_equal(packed["labels"], token_batch["labels"])
+        slots, plain_slots = slots + packed["hidden"].shape[0] * packed["hidden"].shape[1], plain_slots + token_batch["tokens"].size
+        assert packed["hidden"].shape[1] == 20  # rows of the padded width: few shapes
+    assert slots < plain_slots
 
 
 @pytest.mark.parametrize("pooling", ["last", "last-non-pad"])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import losses, sources, train, trunk
+from .. import losses, packing, sources, train, trunk
 from ..classifier import Classifier
 from ..config import GPTConfig
 from ..data import batching, labeled, spam
@@ -29,7 +29,7 @@ from ..model import Params
 from ..plots import plot_values
 from ..tokenizer import PAD_ID
 from ..resume import hash_arrays
-from ..settings import TrainerSettings, setting
+from ..settings import TrainerSettings, run_mesh, setting
 from .common import resolve_model
 
 
@@ -181,10 +181,23 @@ class ClassificationTask(train.Task):
         arrays = getattr(self.data, name).arrays()
         if self.hidden is not None:
             arrays = {"hidden": self.hidden[name], "labels": arrays["labels"], "lengths": arrays["lengths"]}
-        return batching.classification_batches(
+        batches = batching.classification_batches(
             arrays, self.recipe.trainer.batch_size, shuffle=shuffle, drop_last=shuffle,
             seed=self.recipe.trainer.seed, epoch=epoch, padding=self.recipe.padding, pad_id=PAD_ID,
         )
+        return map(self._pack, batches) if self.packs() else batches
+
+    def packs(self) -> bool:
+        """Whether cached bucketed batches are packed rows (jaxft.packing.pack_pooled_batch): with
+        the trunk cache, a pooling that reads one real position, and one device. Each text keeps
+        the positions up to the one read, so the trainable blocks compute fewer positions, in a
+        few shapes (rows of the padded width), with the same losses."""
+        return (self.hidden is not None and self.recipe.padding == "bucket" and self.pooling in ("last-non-pad", "first")
+                and run_mesh(self.recipe.trainer.mesh) is None)
+
+    def _pack(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        widths = np.maximum(batch["lengths"], 1) if self.pooling == "last-non-pad" else np.ones(len(batch["lengths"]), np.int64)
+        return packing.pack_pooled_batch(batch, widths, self.data.max_length)
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         return self._batches("train", shuffle=True, epoch=epoch)
