@@ -55,7 +55,8 @@ class ClassifierRecipe:
     test: str | None = setting(None, "test CSV (Label,Text)", group="data")
     normalize_labels: bool = setting(False, "fold labels that differ only by case or surrounding spaces (default: refuse them)", group="data")
     pooling: str = setting("last", "which position's logits classify: last (the reference), last-non-pad, first or mean", group="model", choices=losses.POOLINGS)
-    padding: str = setting("longest", "pad to the longest training text, the longest in each batch, or 16-token buckets", group="data", choices=PADDINGS)
+    padding: str = setting("longest", "pad to the longest training text, the longest in each batch, or 16-token buckets (with the trunk cache and "
+                           "last-non-pad or first pooling: cached texts packed several to a row)", group="data", choices=PADDINGS)
     max_length: int | None = setting(None, "pad/truncate to this many tokens (default: the longest training text)", group="data")
     trunk_cache: bool | None = setting(
         None,
