@@ -218,12 +218,17 @@ def test_cached_training_equals_uncached(trainable, padding, pooling):
     assert np.abs(params_c["cls_head/kernel"] - initial["cls_head/kernel"]).max() > 1e-3  # SGD did train
 
 
-@pytest.mark.parametrize("pooling", ["last-non-pad", "first"])
-def test_packed_cached_batches_hold_each_text_up_to_its_pooled_position(pooling):
-    _, task = _task("last-block", None, padding="bucket", pooling=pooling)
+def _cached_and_plain(padding, pooling):
+    """(config, params, a task with the last block's trunk cached, the same task uncached)."""
+    _, task = _task("last-block", None, padding=padding, pooling=pooling)
     config, params = _classifier()
     task.step_options(config, params, optim.trainable_mask(config, params, "last-block"), lambda _: None)
-    _, plain = _task("last-block", False, padding="bucket", pooling=pooling)
+    return config, params, task, _task("last-block", False, padding=padding, pooling=pooling)[1]
+
+
+@pytest.mark.parametrize("pooling", ["last-non-pad", "first"])
+def test_packed_cached_batches_hold_each_text_up_to_its_pooled_position(pooling):
+    config, params, task, plain = _cached_and_plain("bucket", pooling)
     slots = plain_slots = 0
     for packed, token_batch in zip(task.train_batches(0), plain.train_batches(0)):
         expected = np.asarray(trunk.prefix_apply(config, params, token_batch["tokens"], 2))
@@ -241,10 +246,7 @@ def test_packed_cached_batches_hold_each_text_up_to_its_pooled_position(pooling)
 
 @pytest.mark.parametrize("pooling", ["last", "last-non-pad"])
 def test_batches_carry_the_cached_rows_in_the_token_order(pooling):
-    _, task = _task("last-block", None, padding="batch", pooling=pooling)
-    config, params = _classifier()
-    task.step_options(config, params, optim.trainable_mask(config, params, "last-block"), lambda _: None)
-    _, plain = _task("last-block", False, padding="batch", pooling=pooling)
+    config, params, task, plain = _cached_and_plain("batch", pooling)
     lengths = np.concatenate([getattr(task.data, name).lengths for name in classify.SPLITS])
     if pooling == "last":  # the last position (padding included) is read: every position computed
         assert task.trunk_cache["positions"] == 60 * 20
