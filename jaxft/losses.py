@@ -64,6 +64,15 @@ def masked_lm_loss_terms(logits: jax.Array, targets: jax.Array, ignore_index: in
 
 HEAD_LAYOUTS = ("dv", "vd")  # lm_head/kernel [d, vocab]; wte/embedding [vocab, d] (the tied head)
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk at most (128 MiB in fp32): 667 rows of GPT-2's vocabulary
+# On a GPU or TPU, fewer and larger chunks keep the card busy: on an H200 the gpt2-medium bf16 step
+# at 16 x 1024 took 116.0 ms with 667-row chunks, 110.7 ms with 5,341 and 108.7 ms with one chunk
+# (scripts/bench_step_parts.py; BENCHMARKS.md). 2^30 logits (4 GiB in fp32) is one chunk there.
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 30
+
+
+def chunk_elements() -> int:
+    """The default logits per chunk of `lm_head_loss` on the default backend."""
+    return CHUNK_ELEMENTS if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
 
 
 def _head_logits(h: jax.Array, head: jax.Array, layout: str, dtype) -> jax.Array:
@@ -172,7 +181,7 @@ def lm_head_loss(
     """(mean next-token loss over targets != ignore_index, their count), from final-norm hidden states.
 
     The values of `masked_lm_loss_terms(logits, targets)` (as a mean) with logits = hidden @ head, computed
-    in equal chunks of at most `chunk_rows` rows (default: CHUNK_ELEMENTS // vocab): neither
+    in equal chunks of at most `chunk_rows` rows (default: `chunk_elements()` // vocab): neither
     the fp32 [rows, vocab] logits nor their gradient is ever in memory whole. Under
     `jax.grad` the forward pass also computes the gradients, from each chunk's logits while
     they are at hand, so the head costs its three matmuls and nothing is recomputed; the
@@ -189,6 +198,6 @@ def lm_head_loss(
     t = targets.reshape(-1)
     if chunk_rows is None:
         vocab = head.shape[1] if head_layout == "dv" else head.shape[0]
-        chunk_rows = max(1, CHUNK_ELEMENTS // vocab)
+        chunk_rows = max(1, chunk_elements() // vocab)
     loss = _head_ce_mean(h, head, t, head_layout, jnp.dtype(dtype), int(chunk_rows), int(ignore_index))
     return loss, (t != ignore_index).sum()

@@ -8,8 +8,8 @@ step against its parts, each compiled and timed alone in one run.
                 blocks-xla: the same with explicit attention (scores and softmax), to see the fused kernel's share
   head          losses.lm_head_loss alone on [rows, d] hidden states, forward and backward
 
-The head's chunk size is varied (losses.CHUNK_ELEMENTS: logits per chunk), for the head alone and
-for the whole step: on a GPU with memory to spare, fewer and larger chunks may keep the card busier.
+The head's chunk size is varied (logits per chunk; the default is losses.chunk_elements()), for the
+head alone and for the whole step: on a GPU with memory to spare, fewer and larger chunks keep the card busier.
 
     python scripts/bench_step_parts.py --out $OUT/parts.json                 # gpt2-medium 16x1024 (a GPU)
     python scripts/bench_step_parts.py --size 64x2x2 --shape 4x64 --quick    # any machine
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="gpt2-medium")
     parser.add_argument("--shape", default="16x1024", help="BATCHxSEQ")
     parser.add_argument("--attention", default="auto")
-    parser.add_argument("--chunks", default=f"{losses.CHUNK_ELEMENTS},{1 << 28},{1 << 40}",
-                        help="CHUNK_ELEMENTS values (logits per chunk) to try; 2^40: one chunk")
+    parser.add_argument("--chunks", default=f"{losses.CHUNK_ELEMENTS},{1 << 28},{losses.ACCELERATOR_CHUNK_ELEMENTS}",
+                        help="logits per chunk to try (the CPU default, 2^28, the GPU/TPU default)")
     parser.add_argument("--parts", default="head,blocks,blocks-xla,step,step-chunks,gradient",
                         help="in this order: head (every --chunks value), blocks, blocks-xla, step, step-chunks (the step at "
                         "the other --chunks values), gradient")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# LM step parts: {config.name}, {b}x{seq}, bf16, attention {args.attention} ({impl}), on {device.device_kind}; "
           f"model TFLOP/step {flops / 1e12:.3g}" + (f", peak {peak / 1e12:.0f}" if peak else ""), flush=True)
     rows: list[dict] = []
-    default_chunk = losses.CHUNK_ELEMENTS
+    default_chunk = losses.chunk_elements()  # this backend's: the "step" and "gradient" parts
 
     def record(name: str, result: dict, **extra) -> None:
         row = {"part": name, **extra, **result}
@@ -102,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     mask = optim.trainable_mask(config, params, "all")
 
     def full_step(chunk: int) -> dict:
-        losses.CHUNK_ELEMENTS = chunk  # read when the step is traced
+        saved = losses.chunk_elements
+        losses.chunk_elements = lambda: chunk  # read when the step is traced
         try:
             state = steps.init_state(params, mask, opt)
             train_step, _ = steps.make_steps(config, opt, "lm", dtype=dtype, attention=args.attention)
             return timed(train_step, (state, batch), repeats, min(10.0, left()))
         finally:
-            losses.CHUNK_ELEMENTS = default_chunk
+            losses.chunk_elements = saved
 
     for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
         if left() < 0:

@@ -157,3 +157,19 @@ def test_bf16_compute_stays_close():
         ours = float(jax.jit(lambda p: _ours(config, p, batch, jnp.bfloat16))(params))
         plain = float(jax.jit(lambda p: _plain(config, p, batch, jnp.bfloat16))(params))
         assert ours == pytest.approx(plain, rel=1e-2)
+
+
+def test_accelerators_default_to_larger_chunks(monkeypatch):
+    """667-row chunks on a CPU (memory); on a GPU or TPU one chunk of up to 2^30 logits, which was
+    faster on an H200 (BENCHMARKS.md). The default is what lm_head_loss uses when not told."""
+    vocab = 50257
+    assert losses.chunk_elements() // vocab == 667  # this machine: a CPU
+    seen = []
+    real = losses._head_ce_mean
+    monkeypatch.setattr(losses, "_head_ce_mean", lambda *args: seen.append(args[5]) or real(*args))
+    hidden, head = jnp.ones((2, 3, 4)), jnp.ones((4, vocab)) * 0.01
+    targets = jnp.zeros((2, 3), jnp.int32)
+    for backend, rows in (("cpu", 667), ("gpu", (1 << 30) // vocab), ("tpu", (1 << 30) // vocab)):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        losses.lm_head_loss(hidden, head, targets, head_layout="dv")
+        assert seen[-1] == rows
