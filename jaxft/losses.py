@@ -75,15 +75,19 @@ def chunk_elements() -> int:
     return CHUNK_ELEMENTS if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
 
 
-def _head_logits(h: jax.Array, head: jax.Array, layout: str, dtype) -> jax.Array:
-    """fp32 logits [rows, vocab] of final-norm hidden states h [rows, d], as the model's head computes them."""
+def _head_logits(h: jax.Array, head: jax.Array, layout: str, dtype, vocab: int | None = None) -> jax.Array:
+    """fp32 logits [rows, vocab] of final-norm hidden states h [rows, d], as the model's head computes them.
+    A head padded beyond `vocab` columns gives -inf there: they add nothing to the softmax."""
     spec = "nd,dv->nv" if layout == "dv" else "nd,vd->nv"
-    return jnp.einsum(spec, h.astype(dtype), head.astype(dtype)).astype(jnp.float32)
+    logits = jnp.einsum(spec, h.astype(dtype), head.astype(dtype)).astype(jnp.float32)
+    if vocab is not None and logits.shape[-1] > vocab:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+    return logits
 
 
-def _chunk_loss(h, head, targets, valid, layout, dtype):
+def _chunk_loss(h, head, targets, valid, layout, dtype, vocab=None):
     """(sum of one chunk's token losses, exp(logits - row max), its row sums): the last two for the gradient."""
-    logits = _head_logits(h, head, layout, dtype)
+    logits = _head_logits(h, head, layout, dtype, vocab)
     # jax.nn.logsumexp, spelled out so that the gradient below can reuse its pieces.
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -123,25 +127,25 @@ def _chunks(h, targets, chunk_rows, ignore_index):
     return h.reshape(n, size, h.shape[1]), safe.reshape(n, size), valid.reshape(n, size), valid.sum()
 
 
-def _mean_loss(h, head, targets, layout, dtype, chunk_rows, ignore_index):
+def _mean_loss(h, head, targets, layout, dtype, chunk_rows, ignore_index, vocab=None):
     hc, tc, vc, count = _chunks(h, targets, chunk_rows, ignore_index)
-    totals = jax.lax.map(lambda a: _chunk_loss(a[0], head, a[1], a[2], layout, dtype)[0], (hc, tc, vc))
+    totals = jax.lax.map(lambda a: _chunk_loss(a[0], head, a[1], a[2], layout, dtype, vocab)[0], (hc, tc, vc))
     return totals.sum() / jnp.maximum(count, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _head_ce_mean(h, head, targets, layout, dtype, chunk_rows, ignore_index):
-    return _mean_loss(h, head, targets, layout, dtype, chunk_rows, ignore_index)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _head_ce_mean(h, head, targets, layout, dtype, chunk_rows, ignore_index, vocab):
+    return _mean_loss(h, head, targets, layout, dtype, chunk_rows, ignore_index, vocab)
 
 
-def _head_ce_mean_fwd(h, head, targets, layout, dtype, chunk_rows, ignore_index):
+def _head_ce_mean_fwd(h, head, targets, layout, dtype, chunk_rows, ignore_index, vocab):
     """Loss and gradients in one pass over the chunks: the gradient of the mean needs only
     each chunk's own logits, so they are never recomputed and never all in memory."""
     hc, tc, vc, count = _chunks(h, targets, chunk_rows, ignore_index)
     grad_scale = 1.0 / jnp.maximum(count, 1)  # d(mean)/d(sum), as autodiff of sum / count computes it
 
     def chunk(x, t, v):
-        total, shifted, sumexp = _chunk_loss(x, head, t, v, layout, dtype)
+        total, shifted, sumexp = _chunk_loss(x, head, t, v, layout, dtype, vocab)
         dh, dhead = _chunk_grads(x, head, t, shifted, sumexp, jnp.where(v, grad_scale, 0.0), layout, dtype)
         return total, dh, dhead
 
@@ -160,7 +164,7 @@ def _head_ce_mean_fwd(h, head, targets, layout, dtype, chunk_rows, ignore_index)
     return loss, (dh[: h.shape[0]], dhead.astype(head.dtype))
 
 
-def _head_ce_mean_bwd(layout, dtype, chunk_rows, ignore_index, res, g):
+def _head_ce_mean_bwd(layout, dtype, chunk_rows, ignore_index, vocab, res, g):
     dh, dhead = res
     return g * dh, g * dhead, None
 
@@ -177,6 +181,7 @@ def lm_head_loss(
     dtype=jnp.float32,
     chunk_rows: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    vocab_multiple: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(mean next-token loss over targets != ignore_index, their count), from final-norm hidden states.
 
@@ -191,13 +196,19 @@ def lm_head_loss(
     hidden: [..., d] (fp32, the model's `return_hidden=True` output); head: [d, vocab]
     (head_layout "dv": an untied lm_head/kernel) or [vocab, d] ("vd": the tied
     wte/embedding); targets: int [...]; dtype: the head matmul's compute dtype.
+    vocab_multiple: pad the head's vocabulary with zero columns to a multiple of this for the
+    matmuls (GPT-2's 50,257 is odd; cuBLAS prefers multiples of 64), their logits masked to -inf:
+    the same loss and gradients (to rounding). Not yet the default anywhere (not yet timed on a GPU).
     """
     if head_layout not in HEAD_LAYOUTS:
         raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")
     h = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
     t = targets.reshape(-1)
+    vocab = head.shape[1] if head_layout == "dv" else head.shape[0]
+    extra = -vocab % vocab_multiple if vocab_multiple else 0
+    if extra:  # the pad's gradient is sliced away by jnp.pad's transpose
+        head = jnp.pad(head, ((0, 0), (0, extra)) if head_layout == "dv" else ((0, extra), (0, 0)))
     if chunk_rows is None:
-        vocab = head.shape[1] if head_layout == "dv" else head.shape[0]
-        chunk_rows = max(1, chunk_elements() // vocab)
-    loss = _head_ce_mean(h, head, t, head_layout, jnp.dtype(dtype), int(chunk_rows), int(ignore_index))
+        chunk_rows = max(1, chunk_elements() // (vocab + extra))
+    loss = _head_ce_mean(h, head, t, head_layout, jnp.dtype(dtype), int(chunk_rows), int(ignore_index), vocab if extra else None)
     return loss, (t != ignore_index).sum()

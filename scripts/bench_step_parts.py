@@ -6,7 +6,8 @@ step against its parts, each compiled and timed alone in one run.
   gradient      the same loss's gradient without the optimizer update (step - gradient = AdamW)
   blocks        embeddings + blocks + final norm, forward and backward, no head (a sum of squares as loss);
                 blocks-xla: the same with explicit attention (scores and softmax), to see the fused kernel's share
-  head          losses.lm_head_loss alone on [rows, d] hidden states, forward and backward
+  head          losses.lm_head_loss alone on [rows, d] hidden states, forward and backward;
+                head-padded: the same with the vocabulary padded to a multiple of 64 (masked columns)
 
 The head's chunk size is varied (logits per chunk; the default is losses.chunk_elements()), for the
 head alone and for the whole step: on a GPU with memory to spare, fewer and larger chunks keep the card busier.
@@ -59,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--chunks", default=f"{losses.CHUNK_ELEMENTS},{1 << 28},{losses.ACCELERATOR_CHUNK_ELEMENTS}",
                         help="logits per chunk to try (the CPU default, 2^28, the GPU/TPU default)")
-    parser.add_argument("--parts", default="head,blocks,blocks-xla,step,step-chunks,gradient",
-                        help="in this order: head (every --chunks value), blocks, blocks-xla, step, step-chunks (the step at "
-                        "the other --chunks values), gradient")
+    parser.add_argument("--parts", default="head,head-padded,blocks,blocks-xla,step,step-chunks,gradient",
+                        help="in this order: head and head-padded (every --chunks value), blocks, blocks-xla, step, step-chunks "
+                        "(the step at the other --chunks values), gradient")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting new parts after this many seconds")
     parser.add_argument("--quick", action="store_true", help="few repeats (a check that the script works)")
@@ -116,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {part}: skipped (time budget)")
             rows.append({"part": part, "skipped": "time budget"})
             continue
-        if part == "head":
+        if part in ("head", "head-padded"):
+            multiple = 64 if part == "head-padded" else None
             for chunk in chunks:
                 rows_per_chunk = max(1, chunk // config.vocab_size)
-                fn = jax.grad(lambda h, w, c=rows_per_chunk: losses.lm_head_loss(h, w, targets, head_layout="dv", dtype=dtype, chunk_rows=c)[0],
-                              argnums=(0, 1))
-                record(f"head, {rows_per_chunk} rows/chunk", timed(fn, (hidden, head), repeats, min(5.0, left())), chunk_elements=chunk)
+                fn = jax.grad(lambda h, w, c=rows_per_chunk, m=multiple: losses.lm_head_loss(
+                    h, w, targets, head_layout="dv", dtype=dtype, chunk_rows=c, vocab_multiple=m)[0], argnums=(0, 1))
+                label = f"{part}, {rows_per_chunk} rows/chunk"
+                record(label, timed(fn, (hidden, head), repeats, min(5.0, left())), chunk_elements=chunk, vocab_multiple=multiple)
         elif part in ("blocks", "blocks-xla"):
             attention = "xla" if part == "blocks-xla" else args.attention
 

@@ -99,9 +99,10 @@ def test_model_hidden_states_in_small_chunks(name):
 
 
 @pytest.mark.parametrize("layout", losses.HEAD_LAYOUTS)
-@pytest.mark.parametrize("chunk_rows", [1, 5, 12, 36, 1000])
-def test_chunk_sizes_pad_and_agree(layout, chunk_rows):
-    """36 rows in chunks of 1, 5 (padded to 40), 12, 36 and more than there are rows."""
+@pytest.mark.parametrize("chunk_rows, vocab_multiple", [(1, None), (5, None), (12, None), (36, None), (1000, None), (5, 64), (1000, 8)])
+def test_chunk_sizes_pad_and_agree(layout, chunk_rows, vocab_multiple):
+    """36 rows in chunks of 1, 5 (padded to 40), 12, 36 and more than there are rows; and with the
+    vocabulary of 97 padded to 128 or 104 (masked columns: the same loss and gradients)."""
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.standard_normal((3, 12, 32)), jnp.float32)
     head = jnp.asarray(rng.standard_normal((32, 97) if layout == "dv" else (97, 32)), jnp.float32)
@@ -113,7 +114,7 @@ def test_chunk_sizes_pad_and_agree(layout, chunk_rows):
         return total / jnp.maximum(count, 1)
 
     def ours(h, w):
-        return losses.lm_head_loss(h, w, targets, head_layout=layout, chunk_rows=chunk_rows)[0]
+        return losses.lm_head_loss(h, w, targets, head_layout=layout, chunk_rows=chunk_rows, vocab_multiple=vocab_multiple)[0]
 
     want = jax.value_and_grad(plain, argnums=(0, 1))(hidden, head)
     got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(hidden, head)
