@@ -15,10 +15,9 @@ Dense kernels are [in, out], the layout of the OpenAI and Hugging Face (Conv1D) 
 Attention takes an optional key/value cache (an explicit input and output of each block,
 so generation stays a pure function; jaxft.generate drives the blocks with it).
 
-`attention` chooses how causal self-attention is computed ("xla": explicit scores and
-softmax, the reference's arithmetic; "cudnn": cuDNN's fused flash-attention kernel, which
-never writes the [B, H, T, T] scores; "auto": cudnn on a GPU with bf16/fp16 compute, else xla).
-Only plain causal self-attention is fused; caches, pooled queries and packed rows stay explicit.
+`attention` chooses how causal self-attention is computed (see jaxft.attention: "xla", "cudnn"
+or "auto"). Only plain causal self-attention is fused; caches, pooled queries and packed rows
+stay explicit.
 """
 
 from __future__ import annotations
@@ -31,34 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .attention import fused_attention, segment_mask
 from .config import GPTConfig
 
 Params = dict[str, Any]
 
 _INIT_STD = 0.02
-ATTENTIONS = ("auto", "xla", "cudnn")
-
-
-def segment_mask(segments: jax.Array) -> jax.Array:
-    """The attention mask of packed rows (jaxft.packing) [B, T] of segment ids: causal within a
-    segment, closed across segments, [B, 1, T, T]."""
-    seq = segments.shape[1]
-    causal = jnp.arange(seq)[:, None] >= jnp.arange(seq)[None, :]
-    return (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
-
-
-def fused_attention(attention: str, dtype: Any) -> str | None:
-    """The `jax.nn.dot_product_attention` implementation for an `attention` setting, or None for
-    the explicit scores and softmax ("auto": cudnn on a GPU with 16-bit compute, where cuDNN's
-    fused kernel exists; it has no fp32 path)."""
-    if attention not in ATTENTIONS:
-        raise ValueError(f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTIONS)}")
-    if attention == "auto":
-        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return "cudnn" if half and jax.default_backend() == "gpu" else None
-    return None if attention == "xla" else attention
-
-
 class _Dense(nn.Dense):
     """nn.Dense (same parameters) that multiplies [..., in] inputs as one [rows, in] matrix.
 

@@ -12,7 +12,7 @@ import jax
 from jax.sharding import Mesh
 
 from . import optim, sharding
-from .model import ATTENTIONS
+from .attention import ATTENTIONS
 
 TRAINABLE_HELP = "head | last-block | last-N-blocks (e.g. last-2-blocks) | all | lora"
 

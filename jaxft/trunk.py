@@ -33,7 +33,8 @@ import numpy as np
 from . import packing
 from .config import GPTConfig
 from .progress import Progress
-from .model import Params, _dense, _layer_norm, run_blocks, segment_mask
+from .attention import segment_mask
+from .model import Params, _dense, _layer_norm, run_blocks
 
 TOKENS_PER_CHUNK = 8192  # rows per feature batch: about this many tokens (at least one row)
 # Packed rows are all real tokens: small calls keep the activations in cache (gpt2-small on 2

@@ -93,7 +93,8 @@ import torch  # noqa: E402
 import bench_train as bt  # noqa: E402  (scripts/bench_train.py: shared models, batches and runners)
 from jaxft import generate as gen  # noqa: E402
 from jaxft.config import GPTConfig  # noqa: E402
-from jaxft.model import fused_attention, init_params, param_count  # noqa: E402
+from jaxft.attention import fused_attention  # noqa: E402
+from jaxft.model import init_params, param_count  # noqa: E402
 
 EOS = 50256
 # The sections in their default order, with their weights: each gets its weight's share of the time

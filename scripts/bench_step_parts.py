@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import bench_train as bt  # noqa: E402
 from bench_gpu import model_flops, peak_flops  # noqa: E402
 from jaxft import losses, optim, steps  # noqa: E402
-from jaxft.model import fused_attention  # noqa: E402
+from jaxft.attention import fused_attention  # noqa: E402
 
 
 def timed(fn, args: tuple, repeats: int, budget_s: float) -> dict:
