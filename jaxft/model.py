@@ -36,6 +36,8 @@ from .config import GPTConfig
 Params = dict[str, Any]
 
 _INIT_STD = 0.02
+
+
 class _Dense(nn.Dense):
     """nn.Dense (same parameters) that multiplies [..., in] inputs as one [rows, in] matrix.
 
@@ -283,9 +285,9 @@ class GPT2(nn.Module):
 
     tokens: int [B, T] at positions 0..T-1, each attending to every earlier token, as the
     reference does; or packed rows (jaxft.packing) with their `positions` and `segments` [B, T],
-    each token attending to the earlier ones of its segment. With `pool_index` [B], only that position of each row comes out ([B, vocab
-    or classes]; [B, d] hidden): what a classifier reads, for a fraction of the last block's
-    cost (see `run_blocks`). (Decoding with a key/value cache runs the blocks directly: see
+    each token attending to the earlier ones of its segment. With `pool_index` [B], only that
+    position of each row comes out ([B, vocab or classes]; [B, d] hidden): what a classifier
+    reads, for a fraction of the last block's cost (see `run_blocks`). (Decoding with a key/value cache runs the blocks directly: see
     jaxft.generate.)
     """
 
@@ -309,7 +311,6 @@ class GPT2(nn.Module):
         batch, seq = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        mask = None if segments is None else segment_mask(segments)
 
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
@@ -317,7 +318,7 @@ class GPT2(nn.Module):
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
         fused = fused_attention(self.attention, self.dtype)
-        x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index, mask=mask, fused=fused)
+        x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index, fused=fused, segments=segments)
         x = _layer_norm(cfg, "ln_f")(x)
         if return_hidden:
             return x

@@ -2,15 +2,17 @@
 
 Used by the frozen-trunk cache (jaxft.trunk) for poolings that read only a row's real tokens:
 1,494 SMS texts of 30.6 tokens on average fill 386 rows of 120 instead of 1,494, with one
-compiled shape; and by instruction batches (`pack_lm_batch`, `finetune-instruct --pack`): each
-step's examples in as few rows as fit, the same examples and the same loss per step. In a packed row every sequence keeps its own positions (0, 1, ...) and a
-segment id; the attention mask is causal within a segment and closed across segments, so each
-token's output is that of its sequence alone (to float rounding).
+compiled shape; by its cached training batches (`pack_pooled_batch`); and by instruction batches
+(`pack_lm_batch`, `finetune-instruct --pack`): each step's examples in as few rows as fit, the
+same examples and the same loss per step. In a packed row every sequence keeps its own
+positions (0, 1, ...) and a segment id; the attention mask is causal within a segment and
+closed across segments, so each token's output is that of its sequence alone (to float rounding).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -49,11 +51,12 @@ def pack(widths: np.ndarray, row_width: int) -> Packing:
     return Packing(row, offset, widths, rows, row_width)
 
 
-def packed_rows(tokens: np.ndarray, packing: Packing, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """The packed arrays, each [rows, row_width]: tokens (pad_id in empty slots), positions
-    (0.. within each sequence) and segments (1.. per sequence within its row, 0 = empty)."""
+def packed_rows(tokens: np.ndarray, packing: Packing, pad_id: Any = 0, dtype: Any = np.int32) -> dict[str, np.ndarray]:
+    """The packed arrays, each [rows, row_width]: tokens (pad_id in empty slots; `tokens` [N, T, ...]
+    may carry trailing dimensions, which the packed tokens keep, in `dtype`), positions (0.. within
+    each sequence) and segments (1.. per sequence within its row, 0 = empty)."""
     shape = (packing.rows, packing.row_width)
-    out = {"tokens": np.full(shape, pad_id, np.int32), "positions": np.zeros(shape, np.int32), "segments": np.zeros(shape, np.int32)}
+    out = {"tokens": np.full(shape + tokens.shape[2:], pad_id, dtype), "positions": np.zeros(shape, np.int32), "segments": np.zeros(shape, np.int32)}
     segment = np.zeros(packing.rows, np.int32)
     for i in range(len(packing.width)):
         r, a, w = packing.row[i], packing.offset[i], packing.width[i]
@@ -123,16 +126,7 @@ def pack_pooled_batch(batch: dict[str, np.ndarray], widths: np.ndarray, row_widt
     packed into rows of `row_width`: sequence i keeps its first widths[i] positions, and the
     classifier reads the last of them. Returns {hidden [R, row_width, D], segments [R, row_width],
     pool_row, pool_index, labels, weights} (the last four [B]), for steps.classification_metrics."""
-    widths = np.asarray(widths, np.int64)
     packing = pack(widths, row_width)
-    hidden = batch["hidden"]
-    out = np.zeros((packing.rows, row_width, *hidden.shape[2:]), hidden.dtype)
-    segments = np.zeros((packing.rows, row_width), np.int32)
-    segment = np.zeros(packing.rows, np.int32)
-    for i in range(len(widths)):
-        r, a, w = packing.row[i], packing.offset[i], widths[i]
-        segment[r] += 1
-        out[r, a : a + w] = hidden[i, :w]
-        segments[r, a : a + w] = segment[r]
-    return {"hidden": out, "segments": segments, "pool_row": packing.row.astype(np.int32),
-            "pool_index": (packing.offset + widths - 1).astype(np.int32), "labels": batch["labels"], "weights": batch["weights"]}
+    rows = packed_rows(batch["hidden"], packing, 0.0, batch["hidden"].dtype)
+    return {"hidden": rows["tokens"], "segments": rows["segments"], "pool_row": packing.row.astype(np.int32),
+            "pool_index": (packing.offset + packing.width - 1).astype(np.int32), "labels": batch["labels"], "weights": batch["weights"]}

@@ -45,7 +45,6 @@ RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"
 STATUSES = ("running", "completed", "failed", "interrupted")
 UNFINISHED = ("running", "failed", "interrupted")
-# settings that may differ between a run and its resumption
 # Settings a run may resume with other values: the flags themselves, and how attention is
 # computed (the same function; a run started with cuDNN's kernel on a GPU may go on elsewhere).
 RESUMABLE_DIFFERENTLY = frozenset({"resume", "overwrite", "attention"})

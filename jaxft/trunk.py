@@ -33,7 +33,6 @@ import numpy as np
 from . import packing
 from .config import GPTConfig
 from .progress import Progress
-from .attention import segment_mask
 from .model import Params, _dense, _layer_norm, run_blocks
 
 TOKENS_PER_CHUNK = 8192  # rows per feature batch: about this many tokens (at least one row)
@@ -58,11 +57,10 @@ class _Prefix(nn.Module):
         batch, seq = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        mask = None if segments is None else segment_mask(segments)
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
         x = wte(tokens) + wpe(positions)
-        return run_blocks(cfg, self.dtype, False, x, 0, True, stop=self.n_blocks, mask=mask)
+        return run_blocks(cfg, self.dtype, False, x, 0, True, stop=self.n_blocks, segments=segments)
 
 
 class _Suffix(nn.Module):

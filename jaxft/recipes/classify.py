@@ -164,6 +164,7 @@ class ClassificationTask(train.Task):
         self.train_accs: list[float] = []
         self.val_accs: list[float] = []
         self.hidden: dict[str, np.ndarray] | None = None  # split -> cached trunk output [N, T, D]
+        self.one_device = run_mesh(recipe.trainer.mesh) is None  # packed batches only there (rows differ in number)
         self.trunk_cache: dict[str, Any] = trunk.CachePlan(False, "not planned (no step_options call)", 0, 0).record()
 
     def step_options(self, config: GPTConfig, params: Params, mask: Params, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -194,7 +195,7 @@ class ClassificationTask(train.Task):
         the positions up to the one read, so the trainable blocks compute fewer positions, in a
         few shapes (rows of the padded width), with the same losses."""
         return (self.hidden is not None and self.recipe.padding == "bucket" and self.pooling in ("last-non-pad", "first")
-                and run_mesh(self.recipe.trainer.mesh) is None)
+                and self.one_device)
 
     def _pack(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         widths = np.maximum(batch["lengths"], 1) if self.pooling == "last-non-pad" else np.ones(len(batch["lengths"]), np.int64)
