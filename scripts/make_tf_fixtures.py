@@ -25,13 +25,14 @@ Then it checks the other direction: bundles written by jaxft's `tf_bundle.write_
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,14 @@ def ensure_tensorflow(venv: Path) -> None:
 
 
 def load_tf_bundle():
-    """jaxft/weights/tf_bundle.py by path: it needs only NumPy, so jax is not required here."""
-    spec = importlib.util.spec_from_file_location("jaxft_tf_bundle", REPO / "jaxft" / "weights" / "tf_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    """jaxft.weights.tf_bundle without jax: it and the modules it imports (crc32c, tf_index,
+    fileio) need only NumPy, but jaxft's package __init__ files import jax. Stand-ins for the two
+    packages (empty modules with the right __path__) let its relative imports resolve."""
+    for name, path in (("jaxft", REPO / "jaxft"), ("jaxft.weights", REPO / "jaxft" / "weights")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(path)]
+        sys.modules[name] = package
+    return importlib.import_module("jaxft.weights.tf_bundle")
 
 
 def gpt2_tensors(hparams: dict[str, int], seed: int, dtype) -> dict[str, np.ndarray]:
@@ -192,7 +195,7 @@ def check_our_writer(tf, tb, name: str, tensors: dict[str, np.ndarray], tf_dir: 
                 assert list(tensors[key].shape) == shape and same_bits(value, tensors[key]), f"{name}: {key} differs in TF"
             restored = tf_restore(tf, tensors, prefix)
             assert all(same_bits(restored[k], tensors[k]) for k in tensors), f"{name}: Saver.restore differs"
-            data_blocks = _count_data_blocks(tb, prefix)
+            data_blocks = _count_data_blocks(prefix)
             if block_size == 262144:
                 for suffix in (".index", ".data-00000-of-00001"):
                     identical = Path(f"{prefix}{suffix}").read_bytes() == (tf_dir / f"model.ckpt{suffix}").read_bytes()
@@ -204,11 +207,12 @@ def check_our_writer(tf, tb, name: str, tensors: dict[str, np.ndarray], tf_dir: 
                   + ("; files byte-identical to TF's" if block_size == 262144 else ""))
 
 
-def _count_data_blocks(tb, prefix: Path) -> int:
+def _count_data_blocks(prefix: Path) -> int:
+    index = importlib.import_module("jaxft.weights.tf_index")  # loaded by load_tf_bundle
     table = Path(f"{prefix}.index").read_bytes()
-    _, pos = tb._read_handle(table[-48:], 0, "footer")
-    index_handle, _ = tb._read_handle(table[-48:], pos, "footer")
-    return sum(1 for _ in tb._block_entries(tb._read_block(table, index_handle, prefix, "index"), prefix, "index"))
+    _, pos = index._read_handle(table[-48:], 0, "footer")
+    index_handle, _ = index._read_handle(table[-48:], pos, "footer")
+    return sum(1 for _ in index._block_entries(index._read_block(table, index_handle, prefix, "index"), prefix, "index"))
 
 
 def main() -> None:
@@ -223,9 +227,10 @@ def main() -> None:
 
     tf.compat.v1.disable_eager_execution()
     tb = load_tf_bundle()
+    crc = importlib.import_module("jaxft.weights.crc32c")
     if not args.fast_crc:
-        tb.CRC32C_BACKEND = "numpy"  # check the pure implementation against TensorFlow's
-    print(f"TensorFlow {tf.__version__}; CRC32C backend of tf_bundle: {tb.CRC32C_BACKEND}")
+        crc.CRC32C_BACKEND = "numpy"  # check the pure implementation against TensorFlow's
+    print(f"TensorFlow {tf.__version__}; CRC32C backend of tf_bundle: {crc.CRC32C_BACKEND}")
 
     tiny = {"n_vocab": 96, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
     tiny16 = {"n_vocab": 50, "n_ctx": 8, "n_embd": 12, "n_head": 3, "n_layer": 1}

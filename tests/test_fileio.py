@@ -233,22 +233,3 @@ def test_atomic_dir_under_a_file(tmp_path):
     with pytest.raises(WriteError, match=f"^{tmp_path / 'runs' / 'model'}: cannot write: {tmp_path / 'runs'} is not a directory$"):
         with atomic_dir(tmp_path / "runs" / "model"):
             pytest.fail("the block must not run")
-
-
-def test_tf_bundle_loads_by_path_without_its_package(tmp_path):
-    """scripts/make_tf_fixtures.py loads tf_bundle.py alone (no jax): it must still write."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    import jaxft.weights.tf_bundle as packaged
-
-    spec = importlib.util.spec_from_file_location("standalone_tf_bundle", Path(packaged.__file__))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        module.write_bundle(tmp_path / "model.ckpt", {"a": np.arange(3.0)})
-        assert module.read_bundle(tmp_path / "model.ckpt")["a"].tolist() == [0.0, 1.0, 2.0]
-    finally:
-        del sys.modules[spec.name]

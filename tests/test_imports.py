@@ -1,5 +1,5 @@
 """The package's import graph has no cycle, and no module imports another of jaxft's inside a
-function to dodge one (the one exception: tf_bundle's fallback for scripts that load it alone)."""
+function to dodge one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jaxft"
-LATE_IMPORT_ALLOWED = {"jaxft.weights.tf_bundle"}  # loaded by path from scripts/make_tf_fixtures.py
 
 
 def _module_name(path: Path) -> str:
@@ -107,5 +106,5 @@ def test_the_cycle_check_finds_a_cycle():
 
 def test_no_late_imports_of_jaxft_modules():
     _, late = _graph()
-    offenders = {name: lines for name, lines in late.items() if lines and name not in LATE_IMPORT_ALLOWED}
+    offenders = {name: lines for name, lines in late.items() if lines}
     assert not offenders, f"jaxft imports inside functions: {offenders}"

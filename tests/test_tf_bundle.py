@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import ml_dtypes
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxft.config import GPTConfig
+from jaxft.weights import crc32c as crc_impl
 from jaxft.weights import tf_bundle
 from jaxft.weights.common import WeightsError, expected_shapes, flatten, unflatten
 from jaxft.weights.openai import load_openai_checkpoint, save_openai_checkpoint, variable_map
@@ -52,15 +56,15 @@ def test_crc32c_known_vectors():
     assert crc32c(bytes(32), backend="numpy") == 0x8A9136AA
     assert crc32c(b"\xff" * 32, backend="numpy") == 0x62A8AB43
     assert crc32c(bytes(range(32)), backend="numpy") == 0x46DD794E
-    assert tf_bundle.unmask_crc(tf_bundle.mask_crc(0xE3069283)) == 0xE3069283
-    assert tf_bundle.mask_crc(0) == 0xA282EAD8
+    assert crc_impl.unmask_crc(crc_impl.mask_crc(0xE3069283)) == 0xE3069283
+    assert crc_impl.mask_crc(0) == 0xA282EAD8
 
 
 @pytest.mark.parametrize("size", [1, 63, 64, 129, 3 * 64 + 5, 5000, 70_001, 1_100_003])
 def test_crc32c_lanes_match_bytewise(size, monkeypatch):
-    monkeypatch.setattr(tf_bundle, "_CHUNK", 1 << 19)  # several chunks for the largest size
+    monkeypatch.setattr(crc_impl, "_CHUNK", 1 << 19)  # several chunks for the largest size
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
-    expected = tf_bundle._raw_scalar(0xFFFFFFFF, data) ^ 0xFFFFFFFF
+    expected = crc_impl._raw_scalar(0xFFFFFFFF, data) ^ 0xFFFFFFFF
     assert crc32c(data, backend="numpy") == expected
     half = size // 2  # extending a running CRC equals one pass
     assert crc32c(data[half:], crc32c(data[:half], backend="numpy"), backend="numpy") == expected
@@ -73,11 +77,11 @@ def test_crc32c_fast_backend_dispatch(monkeypatch):
     def extend(crc, buf):
         assert isinstance(buf, bytes)
         calls.append(len(buf))
-        return tf_bundle._crc32c_numpy(np.frombuffer(buf, np.uint8), crc)
+        return crc_impl._crc32c_numpy(np.frombuffer(buf, np.uint8), crc)
 
-    monkeypatch.setattr(tf_bundle, "CRC32C_BACKEND", "stand-in")
-    monkeypatch.setattr(tf_bundle, "_FAST_EXTEND", extend)
-    monkeypatch.setattr(tf_bundle, "_CHUNK", 1000)
+    monkeypatch.setattr(crc_impl, "CRC32C_BACKEND", "stand-in")
+    monkeypatch.setattr(crc_impl, "_FAST_EXTEND", extend)
+    monkeypatch.setattr(crc_impl, "_CHUNK", 1000)
     data = np.random.default_rng(0).integers(0, 256, 3001, dtype=np.uint8)
     assert crc32c(data) == crc32c(data, backend="numpy") == crc32c(data.tobytes(), backend="numpy")
     assert calls == [1000, 1000, 1000, 1]
@@ -401,3 +405,25 @@ def test_public_api_reads_and_writes_openai_tf(tmp_path):
     jaxft.export(config, params, tmp_path / "again", "openai-tf")
     for file in ("model.ckpt.index", DATA):  # float32 in, float32 out: the same bytes as TF wrote
         assert (tmp_path / "again" / file).read_bytes() == (FIXTURES / "openai-tiny" / file).read_bytes()
+
+
+def test_make_tf_fixtures_loads_tf_bundle_without_jax(tmp_path):
+    """scripts/make_tf_fixtures.py runs in a TensorFlow environment without jax: the bundle
+    modules it loads must import, write and read with jax unimportable."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_tf_fixtures.py"
+    prefix = tmp_path / "model.ckpt"
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        import numpy as np
+        sys.modules["jax"] = None  # any import of jax now raises ImportError
+        spec = importlib.util.spec_from_file_location("make_tf_fixtures", {str(script)!r})
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        tb = script.load_tf_bundle()
+        tb.write_bundle({str(prefix)!r}, {{"a": np.arange(3.0)}})
+        assert tb.read_bundle({str(prefix)!r})["a"].tolist() == [0.0, 1.0, 2.0]
+        assert tb.crc32c(b"123456789") == 0xE3069283
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
