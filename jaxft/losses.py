@@ -198,7 +198,8 @@ def lm_head_loss(
     wte/embedding); targets: int [...]; dtype: the head matmul's compute dtype.
     vocab_multiple: pad the head's vocabulary with zero columns to a multiple of this for the
     matmuls (GPT-2's 50,257 is odd; cuBLAS prefers multiples of 64), their logits masked to -inf:
-    the same loss and gradients (to rounding). Not yet the default anywhere (not yet timed on a GPU).
+    the same loss and gradients (to rounding). `finetune-instruct --head-vocab-multiple` sets it;
+    not a default (scripts/bench_step_parts.py's step-padded part times it on a GPU).
     """
     if head_layout not in HEAD_LAYOUTS:
         raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {head_layout!r}")

@@ -45,9 +45,10 @@ RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"
 STATUSES = ("running", "completed", "failed", "interrupted")
 UNFINISHED = ("running", "failed", "interrupted")
-# Settings a run may resume with other values: the flags themselves, and how attention is
-# computed (the same function; a run started with cuDNN's kernel on a GPU may go on elsewhere).
-RESUMABLE_DIFFERENTLY = frozenset({"resume", "overwrite", "attention"})
+# Settings a run may resume with other values: the flags themselves, and how attention and the
+# LM head's loss are computed (the same functions; a run started with cuDNN's kernel and a padded
+# head on a GPU may go on elsewhere).
+RESUMABLE_DIFFERENTLY = frozenset({"resume", "overwrite", "attention", "head_vocab_multiple"})
 
 
 class RunDirError(Exception):

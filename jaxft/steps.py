@@ -92,20 +92,22 @@ def lm_metrics(
     dtype: Any = jnp.float32,
     remat: bool = False,
     attention: str = "auto",
+    vocab_multiple: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean next-token loss over non-ignored targets, {loss, tokens}). A batch of packed rows
     (jaxft.packing.pack_lm_batch) also carries `positions` and `segments`.
 
     The head and its cross-entropy run in chunks of rows from the final-norm hidden states
     (`losses.lm_head_loss`): the values of logits -> masked cross-entropy, without the fp32
-    [B, T, vocab] logits or their gradient ever in memory whole."""
+    [B, T, vocab] logits or their gradient ever in memory whole. `vocab_multiple`: the head's
+    matmuls on a vocabulary padded to a multiple of this (masked columns: the same loss)."""
     packed = {key: batch[key] for key in ("positions", "segments") if key in batch}  # packed rows (jaxft.packing)
     hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True, attention=attention, **packed)
     if config.tie_embeddings:  # the model's wte.attend: fp32 whatever the compute dtype
         head, layout, head_dtype = params["wte"]["embedding"], "vd", jnp.promote_types(dtype, jnp.float32)
     else:
         head, layout, head_dtype = params["lm_head"]["kernel"], "dv", dtype
-    loss, count = losses.lm_head_loss(hidden, head, batch["targets"], head_layout=layout, dtype=head_dtype)
+    loss, count = losses.lm_head_loss(hidden, head, batch["targets"], head_layout=layout, dtype=head_dtype, vocab_multiple=vocab_multiple)
     return loss, {"loss": loss, "tokens": count}
 
 
@@ -119,6 +121,7 @@ def make_steps(
     remat: bool = False,
     start_block: int | None = None,
     attention: str = "auto",
+    vocab_multiple: int | None = None,
 ) -> tuple[Callable, Callable]:
     """jit-compiled (train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> metrics).
 
@@ -126,17 +129,21 @@ def make_steps(
     start_block (classification only): batches carry a cached frozen trunk's output `hidden`
     instead of `tokens` (see jaxft.trunk); blocks before start_block must be frozen.
     attention: "auto", "xla" or "cudnn" (see jaxft.model.fused_attention).
+    vocab_multiple (lm only): pad the LM head's vocabulary to a multiple of this in the loss (see
+    `losses.lm_head_loss`; the same loss and gradients).
     """
     if start_block is not None and task != "classification":
         raise ValueError("start_block (a cached frozen trunk) is for classification only")
     if start_block is not None and config.drop_rate > 0:
         raise ValueError(f"start_block: a cached trunk needs dropout off (drop rate {config.drop_rate})")
+    if vocab_multiple is not None and (task != "lm" or vocab_multiple < 1):
+        raise ValueError(f"vocab_multiple: a positive multiple for the lm task, got {vocab_multiple!r} for {task!r}")
     if task == "classification":
         if pooling not in losses.POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
         metrics_fn = functools.partial(classification_metrics, config, pooling, start_block=start_block, attention=attention)
     elif task == "lm":
-        metrics_fn = functools.partial(lm_metrics, config, attention=attention)
+        metrics_fn = functools.partial(lm_metrics, config, attention=attention, vocab_multiple=vocab_multiple)
     else:
         raise ValueError(f"unknown task {task!r}: 'classification' or 'lm'")
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark as one prepared, time-bounded command, for a lent GPU machine (the device
 # tool runs it in the repository root with $OUT set; its files come back from there):
+#   0. scripts/bench_step_parts.py: the gpt2-medium bf16 LM step with and without the padded head
+#      vocabulary (--head-vocab-multiple 64), and the head and the blocks alone: where the MFU goes;
 #   1. scripts/bench_gpu.py: the gpt2-medium bf16 instruction step's MFU (cuDNN fused attention
 #      and explicit attention) and the classification recipe with and without the trunk cache;
 #   2. scripts/bench_recipes.py: the classification recipe end to end, jaxft's commands against
@@ -21,10 +23,16 @@ left() { echo $((TOTAL_S - SECONDS)); }
   $PYTHON -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/machine.txt"
 
-part1=$(( $(left) * 45 / 100 ))
+part0=$(( $(left) * 25 / 100 ))
+echo "== 0. the LM step's parts ($part0 s)"
+XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.85} timeout -k 10 "$part0" \
+  $PYTHON scripts/bench_step_parts.py ${QUICK:+--quick --size 64x2x2 --shape 4x64} --parts step,step-padded,head,head-padded,blocks \
+  --budget-s $((part0 - 30)) --out "$OUT/step_parts.json" 2>&1 | tee "$OUT/step_parts.log"
+
+part1=$(( $(left) * 40 / 100 ))
 echo "== 1. MFU and the trunk cache ($part1 s)"
 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.85} timeout -k 10 "$part1" \
-  $PYTHON scripts/bench_gpu.py $QUICK --sections mfu,trunk --mfu-shapes 16x1024,8x1024 --budget-s $((part1 - 35)) \
+  $PYTHON scripts/bench_gpu.py $QUICK --sections mfu,trunk --mfu-shapes 16x1024 --budget-s $((part1 - 35)) \
   --out "$OUT/bench_gpu_mfu.json" 2>&1 | tee "$OUT/bench_gpu_mfu.log"
 
 part2=$(( $(left) * 65 / 100 ))

@@ -2,7 +2,9 @@
 """Where the LM train step's time goes (bf16 compute, all trainable, AdamW, one device): the whole
 step against its parts, each compiled and timed alone in one run.
 
-  step          the train step of steps.make_steps (what scripts/bench_gpu.py's MFU section times)
+  step          the train step of steps.make_steps (what scripts/bench_gpu.py's MFU section times);
+                step-padded: the same with the head's vocabulary padded to a multiple of 64
+                (`finetune-instruct --head-vocab-multiple 64`)
   gradient      the same loss's gradient without the optimizer update (step - gradient = AdamW)
   blocks        embeddings + blocks + final norm, forward and backward, no head (a sum of squares as loss);
                 blocks-xla: the same with explicit attention (scores and softmax), to see the fused kernel's share
@@ -60,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--chunks", default=f"{losses.CHUNK_ELEMENTS},{1 << 28},{losses.ACCELERATOR_CHUNK_ELEMENTS}",
                         help="logits per chunk to try (the CPU default, 2^28, the GPU/TPU default)")
-    parser.add_argument("--parts", default="head,head-padded,blocks,blocks-xla,step,step-chunks,gradient",
-                        help="in this order: head and head-padded (every --chunks value), blocks, blocks-xla, step, step-chunks "
-                        "(the step at the other --chunks values), gradient")
+    parser.add_argument("--parts", default="head,head-padded,step,step-padded,blocks,blocks-xla,step-chunks,gradient",
+                        help="in this order: head and head-padded (every --chunks value), step, step-padded, blocks, blocks-xla, "
+                        "step-chunks (the step at the other --chunks values), gradient")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting new parts after this many seconds")
     parser.add_argument("--quick", action="store_true", help="few repeats (a check that the script works)")
@@ -102,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     opt = optim.adamw(bt.LR, bt.WEIGHT_DECAY)
     mask = optim.trainable_mask(config, params, "all")
 
-    def full_step(chunk: int) -> dict:
+    def full_step(chunk: int, vocab_multiple: int | None = None) -> dict:
         saved = losses.chunk_elements
         losses.chunk_elements = lambda: chunk  # read when the step is traced
         try:
             state = steps.init_state(params, mask, opt)
-            train_step, _ = steps.make_steps(config, opt, "lm", dtype=dtype, attention=args.attention)
+            train_step, _ = steps.make_steps(config, opt, "lm", dtype=dtype, attention=args.attention, vocab_multiple=vocab_multiple)
             return timed(train_step, (state, batch), repeats, min(10.0, left()))
         finally:
             losses.chunk_elements = saved
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             record("gradient (no optimizer)", timed(fn, (params,), repeats, min(5.0, left())))
         elif part == "step":
             record(f"step, {max(1, default_chunk // config.vocab_size)} rows/chunk", full_step(default_chunk), chunk_elements=default_chunk)
+        elif part == "step-padded":
+            record(f"step, head padded to 64s, {max(1, default_chunk // (config.vocab_size + 63))} rows/chunk",
+                   full_step(default_chunk, 64), chunk_elements=default_chunk, vocab_multiple=64)
         elif part == "step-chunks":
             for chunk in chunks:
                 if chunk != default_chunk and left() > 0:

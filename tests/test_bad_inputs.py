@@ -156,6 +156,7 @@ CASES = [
     # ---- finetune-instruct
     ("fi-lr-inf", [*FI, "--lr", "inf"], 2, "lr must be finite", None),
     ("fi-limit-0", [*FI, "--limit", "0"], 2, "limit must be >= 1", None),
+    ("fi-head-vocab-multiple-0", [*FI, "--head-vocab-multiple", "0"], 2, "head-vocab-multiple must be >= 1", None),
     ("fi-unknown-style", [*FI, "--style", "chatml"], 2, "invalid choice: 'chatml'", None),
     ("fi-data-with-download", [*FI, "--download"], 2, "give one or the other", None),
     ("fi-data-malformed-json", [*FI, "--data", "{in}/malformed.json"], 2, "malformed.json", None),

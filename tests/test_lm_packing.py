@@ -106,21 +106,24 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 
 def test_finetune_instruct_pack_trains_as_the_unpacked_run(shared_data, tmp_path):
     """Both commands on the real data (a tiny random model, 6 steps): the same losses at every
-    step and evaluation, the same tokens seen, fewer positions per batch."""
+    step and evaluation, the same tokens seen, fewer positions per batch. So does a third run
+    whose loss pads the head's vocabulary (--head-vocab-multiple 64: 50,257 -> 50,304 columns)."""
     (tmp_path / "hparams.json").write_text(json.dumps({"n_vocab": 50257, "n_ctx": 128, "n_embd": 32, "n_head": 4, "n_layer": 2}))
     common = ["finetune-instruct", "--data", str(shared_data / "instruction-data.json"), "--model", str(tmp_path / "hparams.json"),
               "--init", "random", "--epochs", "1", "--max-steps", "6", "--eval-freq", "3", "--eval-iter", "2", "--lr", "1e-3",
               "--no-responses", "--bucket-multiple", "8", "--limit", "200"]
     metrics = {}
-    for name, extra in (("plain", []), ("packed", ["--pack"])):
+    for name, extra in (("plain", []), ("packed", ["--pack"]), ("padded-head", ["--head-vocab-multiple", "64"])):
         code, _, err = _cli([*common, *extra, "--out", str(tmp_path / name)])
         assert code == 0, err
         metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
-    plain, packed = metrics["plain"], metrics["packed"]
-    for key in ("train_step_losses", "eval_train_losses", "eval_validation_losses"):
-        np.testing.assert_allclose(packed[key], plain[key], atol=2e-6, rtol=0)
-    for key in ("validation_loss", "test_loss"):
-        np.testing.assert_allclose(packed[key], plain[key], atol=2e-6, rtol=0)
-    assert packed["tokens_seen"] == plain["tokens_seen"]
+    plain, packed, padded = metrics["plain"], metrics["packed"], metrics["padded-head"]
+    for other in (packed, padded):
+        for key in ("train_step_losses", "eval_train_losses", "eval_validation_losses"):
+            np.testing.assert_allclose(other[key], plain[key], atol=2e-6, rtol=0)
+        for key in ("validation_loss", "test_loss"):
+            np.testing.assert_allclose(other[key], plain[key], atol=2e-6, rtol=0)
+        assert other["tokens_seen"] == plain["tokens_seen"]
+    assert padded["recipe"]["head_vocab_multiple"] == 64 and plain["recipe"]["head_vocab_multiple"] is None
     slots = lambda m: sum(r * w for r, w in m["train_batch_shapes"])
     assert packed["recipe"]["pack"] is True and slots(packed) < slots(plain)

@@ -129,8 +129,9 @@ def test_overwrite_clears_a_run_directory(tmp_path):
 def test_resume_continues_an_unfinished_run(tmp_path):
     out = tmp_path / "out"
     finished_run(out, "interrupted", checkpoint_steps=(3, 6), reason="SIGINT")
-    # `resume` may differ, and `attention` (missing from runs that started before it existed); a tuple equals its list
-    settings = {**SETTINGS, "resume": True, "attention": "cudnn", "shape": [1, 2]}
+    # `resume` may differ, and `attention` and `head_vocab_multiple` (missing from runs that started
+    # before they existed); a tuple equals its list
+    settings = {**SETTINGS, "resume": True, "attention": "cudnn", "head_vocab_multiple": 64, "shape": [1, 2]}
     assert check(out, command="classify", settings=settings, resume=True) == "resume"
     with start(out, settings=settings, resume=True) as run:
         assert run.mode == "resume" and run.latest_checkpoint() == 6

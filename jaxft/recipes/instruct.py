@@ -46,6 +46,8 @@ class InstructRecipe:
 
     trainer: TrainerSettings = field(default_factory=_trainer_defaults)
     tie_head: bool = setting(False, "keep the LM head tied to wte (default: a separate head, as the reference's GPTModel)", group="model")
+    head_vocab_multiple: int | None = setting(None, "in the training loss, pad the LM head's vocabulary to a multiple of this "
+                                              "(masked: the same loss; GPT-2's 50,257 is odd, GPU matmuls prefer multiples of 64)", group="model")
     style: str = setting("alpaca", "prompt style", group="data", choices=tuple(sorted(data.PROMPT_STYLES)))
     mask_prompt: bool = setting(False, "also ignore the instruction and input tokens in the loss", group="data")
     allowed_max_length: int = setting(data.DEFAULT_MAX_LENGTH, "truncate examples to this many tokens (capped at the context length)", group="data")
@@ -71,6 +73,8 @@ class InstructRecipe:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.head_vocab_multiple is not None and self.head_vocab_multiple < 1:
+            raise ValueError(f"head-vocab-multiple must be >= 1, got {self.head_vocab_multiple}")
 
 
 def untie_head(config: GPTConfig, params: Params) -> tuple[GPTConfig, Params]:
@@ -148,6 +152,11 @@ class InstructionTask(train.Task):
                        (("train", True, range(recipe.trainer.epochs)), ("validation", False, [0]), ("test", False, [0]))
                        for epoch in epochs for _, targets in self._collated(split, shuffle=shuffle, epoch=epoch)]
             self.row_width = packing.choose_row_width(lengths, recipe.bucket_multiple)
+
+    def step_options(self, config: GPTConfig, params: Params, mask: Params, log: Callable[[str], None]) -> dict[str, Any]:
+        """`make_steps`' vocab_multiple, when --head-vocab-multiple asks for one."""
+        multiple = self.recipe.head_vocab_multiple
+        return {} if multiple is None else {"vocab_multiple": multiple}
 
     def _collated(self, split: str, *, shuffle: bool, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # Training: shuffled, drop_last (the reference's loader). Evaluation: in order, the short
