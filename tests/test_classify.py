@@ -110,8 +110,21 @@ def test_padding_rows_do_not_change_eval_metrics():
 # --------------------------------------------------------------------------- parity with torch
 
 
-def test_twenty_steps_match_the_torch_reference():
-    """Same weights, head, batches: jaxft vs a torch loop written like the reference's."""
+def _reference_logits(ref, tokens: np.ndarray, pooling: str, pad_id: int) -> torch.Tensor:
+    """The reference's classifier logits: the last position (its recipe), or its follow-up
+    experiment's "flexible" variant, the last token before the padding (mask = input != pad)."""
+    logits = ref(torch.from_numpy(tokens).long())
+    if pooling == "last":
+        return logits[:, -1, :]
+    last = (torch.from_numpy(tokens) != pad_id).sum(dim=1) - 1
+    return logits[torch.arange(len(tokens)), last]
+
+
+@pytest.mark.parametrize("pooling", ["last", "last-non-pad"])
+def test_twenty_steps_match_the_torch_reference(pooling):
+    """Same weights, head, batches: jaxft vs a torch loop written like the reference's; with
+    last-non-pad pooling, against the reference's "flexible" variant (texts padded with pad_id
+    after their lengths, as its loader pads them)."""
     ref = random_reference_model(TINY, seed=3)
     torch.manual_seed(7)
     ref.out_head = torch.nn.Linear(TINY.emb_dim, 2)  # the reference's new head
@@ -124,17 +137,19 @@ def test_twenty_steps_match_the_torch_reference():
     mask = optim.trainable_mask(config, params, "last-block")
     opt = optim.adamw(5e-5, 0.1)
     state = train.init_state(params, mask, opt)
-    step, _ = train.make_steps(config, opt, "classification")
+    step, _ = train.make_steps(config, opt, "classification", pooling=pooling)
     torch_opt = torch.optim.AdamW(ref.parameters(), lr=5e-5, weight_decay=0.1)
 
     rs = np.random.RandomState(0)
+    pad_id = TINY.vocab_size - 1
     ref.train()
     loss_diffs = []
     for _ in range(20):
-        batch = _batch(rs)
+        batch = _batch(rs, vocab=pad_id)  # texts never contain pad_id
+        batch["tokens"][np.arange(batch["tokens"].shape[1]) >= batch["lengths"][:, None]] = pad_id
         state, metrics = step(state, batch)
         torch_opt.zero_grad()
-        logits = ref(torch.from_numpy(batch["tokens"]).long())[:, -1, :]
+        logits = _reference_logits(ref, batch["tokens"], pooling, pad_id)
         loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["labels"]).long())
         loss.backward()
         torch_opt.step()
