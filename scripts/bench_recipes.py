@@ -390,8 +390,9 @@ def recipe_head(config: GPTConfig, params, num_classes: int, seed: int):
 
 
 def run_jaxft(name: str, command: str, flags: list[str], out_dir: Path, root: Path, log_dir: Path) -> dict[str, Any]:
-    """Run `python -m jaxft.cli.app COMMAND FLAGS --out OUT_DIR`; its wall time and metrics.json."""
-    argv = [sys.executable, "-m", "jaxft.cli.app", command, *flags, "--out", str(out_dir)]
+    """Run `python -m jaxft COMMAND FLAGS --out OUT_DIR --overwrite` (OUT_DIR is scratch: a rerun in
+    the same --work-dir replaces the last run's); its wall time and metrics.json."""
+    argv = [sys.executable, "-m", "jaxft", command, *flags, "--out", str(out_dir), "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log_path = log_dir / f"{name}.log"
     print(f"[jaxft {name}] {shlex.join(argv[1:])}", flush=True)
