@@ -154,6 +154,16 @@ def build_pool(datas: Sequence[Any], seeds: Sequence[int]) -> tuple[np.ndarray, 
     return tokens, pool_lengths, runs
 
 
+def row_widths(runs: Sequence[RunRows], n_rows: int) -> np.ndarray:
+    """Per pool row, the widest padded length among the runs that use it [n_rows]: all of the row
+    that "last" pooling (a run's last position, padding included) ever reads."""
+    widths = np.zeros(n_rows, np.int64)
+    for run in runs:
+        for rows in run.rows.values():
+            np.maximum.at(widths, rows, run.width)
+    return widths
+
+
 def batches(runs: Sequence[RunRows], split: str, batch_size: int, padding: str, *, shuffle: bool, epoch: int = 0) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """Each run's batches of `split` as `ClassificationTask` makes them (same order, same cut), stacked:
     ({rows, labels, weights [K, B], eff [K]}, the step's width = the widest run's)."""

@@ -22,7 +22,20 @@ from .lora import add_lora
 from .plots import plot_values
 from .recipes.classify import ClassifierRecipe, Classifier, encode_splits, load_frames, with_classifier_head
 from .recipes.common import resolve_model
-from .sweep import SPLITS, batches, build_pool, check_memory, evaluate, expand, init_states, make_sweep_steps, run_bytes, _count
+from .sweep import SPLITS, batches, build_pool, check_memory, evaluate, expand, init_states, make_sweep_steps, row_widths, run_bytes, _count
+
+def _trunk_by_width(config, params, tokens: np.ndarray, n_blocks: int, widths: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+    """`trunk.trunk_pass` for rows read up to different long widths (seeds whose training texts
+    pad to 120, 139 or 216 tokens): each width's rows computed at that width (one compiled shape
+    per width), zeros after it. Such widths do not pack (two rarely fit in one row of the widest)."""
+    out = np.zeros((*tokens.shape, config.emb_dim), np.float32)
+    total = 0
+    for width in np.unique(widths):
+        rows = np.flatnonzero(widths == width)
+        out[rows, :width], positions = trunk.trunk_pass(config, params, tokens[rows, :width], n_blocks, batch_size=batch_size)
+        total += positions
+    return out, total
+
 
 SEED_WITH_RANDOM_INIT = (
     "cannot sweep seed with --init random: the seed also draws the random model, so the runs would share no frozen trunk; "
@@ -102,9 +115,11 @@ def run_sweep(
     if plan.used:
         t0 = time.perf_counter()
         widths = trunk.needed_widths(recipe.pooling, lengths)  # only what the pooling reads
-        x, positions = trunk.trunk_pass(
-            config, optim.merge(trainables[0], frozen), tokens, plan.start_block, batch_size=settings.batch_size, widths=widths
-        )
+        params = optim.merge(trainables[0], frozen)
+        if widths is None:  # "last": each row up to the widest run that reads it
+            x, positions = _trunk_by_width(config, params, tokens, plan.start_block, row_widths(rows, len(tokens)), settings.batch_size)
+        else:
+            x, positions = trunk.trunk_pass(config, params, tokens, plan.start_block, batch_size=settings.batch_size, widths=widths)
         cache = {**plan.record(time.perf_counter() - t0, positions), "bytes": x.nbytes}
         log(f"Trunk cache: {plan.reason}; {len(tokens)} distinct examples x {tokens.shape[1]} positions, {trunk.gigabytes(x.nbytes)}, {cache['seconds']:.1f} s")
     else:

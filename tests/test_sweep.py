@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import jaxft
-from jaxft import sweep, train
+from jaxft import sweep, sweep_run, train, trunk
 from jaxft.config import GPTConfig
 from jaxft.model import init_params
 from jaxft.recipes import classify
@@ -130,6 +130,28 @@ def test_seeds_split_one_file_differently_and_still_match(tmp_path, monkeypatch,
     widths = {m["padded_length"] for m in result["runs"].values()}
     assert (tmp_path / "sweep" / "runs" / "seed=5_lr=0.001" / "data" / "train.csv").exists()
     print(f"padded widths of the runs: {sorted(widths)}")
+
+
+def test_last_pooling_rows_are_computed_up_to_the_widest_run_that_reads_them():
+    """Seeds pad to different widths: with "last" pooling a pool row is read up to the widest run
+    that uses it, so each width's rows are computed at that width (fewer positions), equal to
+    the full-width pass there, and zero after it."""
+    config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_layers=2, n_heads=4)
+    params = init_params(config, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(0).integers(0, 97, (7, 20)).astype(np.int32)
+
+    def run(rows, width):
+        empty = np.zeros(0, np.int64)
+        return sweep.RunRows({"train": np.array(rows), "validation": empty, "test": empty}, {}, {}, width, 1)
+
+    widths = sweep.row_widths([run([0, 1, 2], 12), run([2, 3, 4, 5, 6], 20), run([1], 9)], len(tokens))
+    assert widths.tolist() == [12, 12, 20, 20, 20, 20, 20]
+    x, positions = sweep_run._trunk_by_width(config, params, tokens, 1, widths, batch_size=4)
+    full, full_positions = trunk.trunk_pass(config, params, tokens, 1, batch_size=4)
+    assert positions == 2 * 12 + 5 * 20 < full_positions == 7 * 20
+    np.testing.assert_allclose(x[:2, :12], full[:2, :12], atol=1e-6, rtol=0)
+    assert not x[:2, 12:].any()
+    np.testing.assert_allclose(x[2:], full[2:], atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- refusals
