@@ -24,7 +24,9 @@ from .recipes.classify import ClassifierRecipe, Classifier, encode_splits, load_
 from .recipes.common import resolve_model
 from .sweep import SPLITS, batches, build_pool, check_memory, evaluate, expand, init_states, make_sweep_steps, row_widths, run_bytes, _count
 
-def _trunk_by_width(config, params, tokens: np.ndarray, n_blocks: int, widths: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+def _trunk_by_width(
+    config, params, tokens: np.ndarray, n_blocks: int, widths: np.ndarray, batch_size: int, progress: bool | None = None
+) -> tuple[np.ndarray, int]:
     """`trunk.trunk_pass` for rows read up to different long widths (seeds whose training texts
     pad to 120, 139 or 216 tokens): each width's rows computed at that width (one compiled shape
     per width), zeros after it. Such widths do not pack (two rarely fit in one row of the widest)."""
@@ -32,7 +34,9 @@ def _trunk_by_width(config, params, tokens: np.ndarray, n_blocks: int, widths: n
     total = 0
     for width in np.unique(widths):
         rows = np.flatnonzero(widths == width)
-        out[rows, :width], positions = trunk.trunk_pass(config, params, tokens[rows, :width], n_blocks, batch_size=batch_size)
+        out[rows, :width], positions = trunk.trunk_pass(
+            config, params, tokens[rows, :width], n_blocks, batch_size=batch_size, progress=progress, desc=f"trunk features ({width} positions)"
+        )
         total += positions
     return out, total
 
@@ -116,10 +120,11 @@ def run_sweep(
         t0 = time.perf_counter()
         widths = trunk.needed_widths(recipe.pooling, lengths)  # only what the pooling reads
         params = optim.merge(trainables[0], frozen)
+        progress = None if settings.progress else False  # --no-progress: no bar here either
         if widths is None:  # "last": each row up to the widest run that reads it
-            x, positions = _trunk_by_width(config, params, tokens, plan.start_block, row_widths(rows, len(tokens)), settings.batch_size)
+            x, positions = _trunk_by_width(config, params, tokens, plan.start_block, row_widths(rows, len(tokens)), settings.batch_size, progress)
         else:
-            x, positions = trunk.trunk_pass(config, params, tokens, plan.start_block, batch_size=settings.batch_size, widths=widths)
+            x, positions = trunk.trunk_pass(config, params, tokens, plan.start_block, batch_size=settings.batch_size, widths=widths, progress=progress)
         cache = {**plan.record(time.perf_counter() - t0, positions), "bytes": x.nbytes}
         log(f"Trunk cache: {plan.reason}; {len(tokens)} distinct examples x {tokens.shape[1]} positions, {trunk.gigabytes(x.nbytes)}, {cache['seconds']:.1f} s")
     else:

@@ -318,6 +318,20 @@ def test_run_falls_back_where_the_cache_is_not_exact_or_too_big(tmp_path, tokeni
     assert not metrics["trunk_cache"]["used"] and reason in metrics["trunk_cache"]["reason"]
 
 
+def test_the_cache_pass_shows_progress_unless_turned_off(capsys):
+    """Over 20 batches the trunk pass reports its progress (plain lines off a terminal);
+    `progress=False` (what --no-progress passes) silences it, and only the summary is logged."""
+    config, params = _classifier()
+    split = _split(np.random.RandomState(0), 48)
+    mask = optim.trainable_mask(config, params, "last-block")
+    for progress, shown in ((None, True), (False, False)):
+        logged = []
+        trunk.cache_splits(config, params, mask, {"train": split.tokens}, enabled=True, batch_size=2, max_bytes=1e9,
+                           log=logged.append, progress=progress)
+        assert ("trunk features:" in capsys.readouterr().out) == shown
+        assert len(logged) == 1 and logged[0].startswith("Trunk cache:")
+
+
 def test_cli_turns_the_cache_off():
     from jaxft.cli.classify import register
     import argparse

@@ -176,6 +176,7 @@ class ClassificationTask(train.Task):
             enabled=self.recipe.trunk_cache is not False, batch_size=self.recipe.trainer.batch_size,
             max_bytes=self.recipe.trunk_cache_max_gb * 1e9, log=log,
             widths={name: trunk.needed_widths(self.pooling, getattr(self.data, name).lengths) for name in SPLITS},
+            progress=None if self.recipe.trainer.progress else False,  # --no-progress: no bar here either
         )
         return {} if start_block is None else {"start_block": start_block}
 
