@@ -24,6 +24,7 @@ from .recipes.classify import ClassifierRecipe, Classifier, encode_splits, load_
 from .recipes.common import resolve_model
 from .sweep import SPLITS, batches, build_pool, check_memory, evaluate, expand, init_states, make_sweep_steps, row_widths, run_bytes, _count
 
+
 def _trunk_by_width(
     config, params, tokens: np.ndarray, n_blocks: int, widths: np.ndarray, batch_size: int, progress: bool | None = None
 ) -> tuple[np.ndarray, int]:
