@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "step":
             record(f"step, {max(1, default_chunk // config.vocab_size)} rows/chunk", full_step(default_chunk), chunk_elements=default_chunk)
         elif part == "step-padded":
-            record(f"step, head padded to 64s, {max(1, default_chunk // (config.vocab_size + 63))} rows/chunk",
+            padded_vocab = -(-config.vocab_size // 64) * 64
+            record(f"step, head padded to {padded_vocab}, {max(1, default_chunk // padded_vocab)} rows/chunk",
                    full_step(default_chunk, 64), chunk_elements=default_chunk, vocab_multiple=64)
         elif part == "step-chunks":
             for chunk in chunks:
