@@ -160,10 +160,11 @@ def test_train_steps_with_a_padded_vocabulary_equal_the_plain_ones(name):
     Adam's normalisation turns rounding-level differences into update-sized ones.)"""
     config = CONFIGS[name]
     params, batch = _params(config), _batch(config)
-    grads = {m: jax.grad(lambda p, m=m: steps.lm_metrics(config, p, batch, vocab_multiple=m)[0])(params) for m in (None, 50)}
+    loss = {m: (lambda p, m=m: steps.lm_metrics(config, p, batch, vocab_multiple=m)[0]) for m in (None, 50)}
+    grads = {m: jax.grad(fn)(params) for m, fn in loss.items()}
     _assert_close(grads[50], grads[None], "gradient")
     padded_head = re.compile(r"\[36,100\]")  # the logits of the 3 x 12 rows, 97 columns padded to 100
-    traced = {m: str(jax.make_jaxpr(lambda p, m=m: steps.lm_metrics(config, p, batch, vocab_multiple=m)[0])(params)) for m in (None, 50)}
+    traced = {m: str(jax.make_jaxpr(fn)(params)) for m, fn in loss.items()}
     assert padded_head.search(traced[50]) and not padded_head.search(traced[None])
     opt = optim.adamw(1e-3, 0.1)
     mask = optim.trainable_mask(config, params, "all")
