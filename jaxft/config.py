@@ -136,7 +136,7 @@ def from_hparams(hparams: dict[str, Any] | str | Path, **overrides: Any) -> GPTC
     if not isinstance(hparams, dict):
         source = str(hparams)
         try:
-            hparams = json.loads(Path(hparams).read_text())
+            hparams = json.loads(Path(hparams).read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{source}: file not found") from None
         except json.JSONDecodeError as exc:

@@ -144,7 +144,7 @@ def load_responses(path: str | os.PathLike, response_key: str = "model_response"
     """Read a responses file (a JSON list of {instruction, input, output, <response_key>})."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     if not isinstance(data, list):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -24,15 +24,11 @@ def plot_values(
     Points are spread evenly over 0..num_epochs (and 0..total_seen), as the reference's
     `torch.linspace` does.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
     n = len(train_values)
     epochs = np.linspace(0, num_epochs, n)
     seen = np.linspace(0, total_seen, n)
-    fig, ax1 = plt.subplots(figsize=(5, 3))
+    fig = new_figure(figsize=(5, 3))
+    ax1 = fig.subplots()
     ax1.plot(epochs, train_values, label=f"Training {label}")
     ax1.plot(epochs, val_values, linestyle="-.", label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
@@ -44,9 +40,21 @@ def plot_values(
     fig.tight_layout()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{label}-plot.pdf", out_dir / f"{label}-plot.png"]
+    return save_figure(fig, out_dir / f"{label}-plot")
+
+
+def new_figure(**options: Any) -> Any:
+    """A matplotlib Figure of its own, outside pyplot: drawing files never switches the caller's
+    backend (a notebook's plots keep showing) nor leaves a figure open in pyplot's registry."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
+def save_figure(fig: Any, stem: Path) -> list[Path]:
+    """`stem`.pdf and `stem`.png, each written atomically (a crash never leaves a truncated plot)."""
+    paths = [stem.with_name(stem.name + ".pdf"), stem.with_name(stem.name + ".png")]
     for path in paths:
-        with atomic_file(path) as tmp:  # a crash never leaves a truncated plot
+        with atomic_file(path) as tmp:
             fig.savefig(tmp, format=path.suffix[1:], dpi=150 if path.suffix == ".png" else None)
-    plt.close(fig)
     return paths

@@ -19,7 +19,7 @@ from . import optim, train, trunk, weights
 from .data import spam
 from .fileio import atomic_file, write_json
 from .lora import add_lora
-from .plots import plot_values
+from .plots import new_figure, plot_values, save_figure
 from .recipes.classify import ClassifierRecipe, Classifier, encode_splits, load_frames, with_classifier_head
 from .recipes.common import resolve_model
 from .sweep import SPLITS, batches, build_pool, check_memory, evaluate, expand, init_states, make_sweep_steps, row_widths, run_bytes, _count
@@ -280,12 +280,8 @@ def write_summary(out_dir: Path, runs: list, results: dict[str, Any], diverged: 
 def plot_sweep(out_dir: Path, results: dict[str, Any]) -> list[Path]:
     """OUT/sweep-plot.{pdf,png}: validation loss at each evaluation and validation accuracy
     after each epoch, one line per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = new_figure(figsize=(10, 3.5))
+    ax1, ax2 = fig.subplots(1, 2)
     for name, m in results.items():
         ax1.plot(m["eval_steps"], m["eval_validation_losses"], label=name)
         ax2.plot(range(1, len(m["epoch_validation_accuracy"]) + 1), m["epoch_validation_accuracy"], marker="o", label=name)
@@ -295,9 +291,4 @@ def plot_sweep(out_dir: Path, results: dict[str, Any]) -> list[Path]:
     ax2.set_ylabel("Validation accuracy")
     ax2.legend(fontsize="x-small")
     fig.tight_layout()
-    paths = [out_dir / "sweep-plot.pdf", out_dir / "sweep-plot.png"]
-    for path in paths:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format=path.suffix[1:], dpi=150 if path.suffix == ".png" else None)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_dir / "sweep-plot")

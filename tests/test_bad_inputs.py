@@ -58,6 +58,8 @@ def inputs(tmp_path_factory) -> Path:
     (d / "not-a-state-dict.pth").write_bytes(b"this is no pickle, no zip: just text\n")
     # classification data
     (d / "empty.tsv").write_text("")
+    (d / "one-class.tsv").write_text("ham\thello\nham\tsee you\n")
+    (d / "header-line.tsv").write_text("Label\tText\n" + "ham\thello\nspam\twin now\n" * 60)  # a header read as data
     (d / "latin1.tsv").write_bytes("ham\tcaf\xe9 au lait\nspam\twin\n".encode("latin-1"))
     (d / "train.csv").write_text(LABELED_OK)
     (d / "unclosed.csv").write_text('Label,Text\nham,"hello there\nspam,win\n')
@@ -134,6 +136,7 @@ CASES = [
     # ---- finetune-classifier: data files
     ("fc-data-missing", [*FC, "--data", "{in}/nothing.tsv"], 2, "nothing.tsv", None),
     ("fc-data-empty", [*FC, "--data", "{in}/empty.tsv"], 2, "empty.tsv", None),
+    ("fc-data-one-class", [*FC, "--data", "{in}/one-class.tsv"], 2, "one class only ('ham')", None),
     ("fc-data-not-utf8", [*FC, "--data", "{in}/latin1.tsv"], 2, "latin1.tsv: line 1: undecodable bytes", None),
     ("fc-csv-unclosed-quote", [*FC, "--train", "{in}/unclosed.csv", "--validation", "{in}/train.csv", "--test", "{in}/train.csv"], 2,
      "unclosed.csv", None),
@@ -258,6 +261,19 @@ def test_bad_input(argv, code, message, setup, inputs, tmp_path, monkeypatch, ca
     assert message in line, line
     assert snapshot(tmp_path) == before, "the command created or changed something"
     assert snapshot(inputs) == inputs_before
+
+
+def test_a_data_warning_is_one_line_before_the_error(inputs, tmp_path, capsys):
+    """jaxft's own warnings print as `jaxft COMMAND: warning: ...`, one line, no file:line."""
+    argv = [*FC, "--data", "{in}/header-line.tsv"]
+    argv = [a.replace("{in}", str(inputs)).replace("{out}", str(tmp_path / "out")) for a in argv]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "jaxft finetune-classifier: warning: class 'Label' has only 1 row(s): balancing keeps 1 of every class (3 of 121 rows)",
+        f"jaxft finetune-classifier: error: {inputs / 'header-line.tsv'}: the validation split is empty (3 rows after balancing, "
+        "fractions (0.7, 0.1, 0.2); the smallest class, 'Label', has 1 row(s))",
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_matrix_covers_every_command():

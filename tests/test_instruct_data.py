@@ -391,3 +391,20 @@ def test_input_is_optional_and_extra_fields_kept(tmp_path):
     assert entries[0] == {"instruction": "a", "input": "", "output": "b"}
     assert entries[1]["model_response"] == "c" and entries[1]["input"] == ""
     assert load_entries(write(tmp_path, '[{"instruction": "a"}]'), require_output=False)[0]["input"] == ""
+
+
+def test_json_files_saved_with_a_byte_order_mark_are_read(tmp_path: Path):
+    """Windows editors start UTF-8 files with a byte-order mark: the instruction data, a responses
+    file for the judge and an hparams.json read as without it."""
+    from jaxft import judge
+    from jaxft.config import from_hparams
+
+    bom = b"\xef\xbb\xbf"
+    entries = [{"instruction": "Say hi.", "input": "", "output": "hi", "model_response": "hi"}]
+    data = tmp_path / "data.json"
+    data.write_bytes(bom + json.dumps(entries).encode())
+    assert instruct.load_entries(data)[0]["output"] == "hi"
+    assert judge.load_responses(data)[0]["model_response"] == "hi"
+    hparams = tmp_path / "hparams.json"
+    hparams.write_bytes(bom + b'{"n_vocab": 50257, "n_ctx": 128, "n_embd": 64, "n_head": 2, "n_layer": 2}')
+    assert from_hparams(hparams).emb_dim == 64

@@ -149,6 +149,32 @@ def test_sms_spam_download_with_other_bytes_is_refused_and_not_kept(server, tmp_
     assert not (dest / "SMSSpamCollection").exists()  # the next call downloads again
 
 
+def test_sms_spam_extraction_that_fails_leaves_no_file_to_skip_on(server, tmp_path, monkeypatch):
+    """The extracted file is the skip marker: a write that fails (or a run killed during it)
+    must leave none, so the next call extracts again instead of tripping over half a file."""
+    from jaxft import fileio
+
+    server.files["/sms.zip"] = _zip({"SMSSpamCollection": FAKE_COLLECTION})
+    dest = tmp_path / "data"
+    real_write = sources.atomic_write_bytes
+
+    def write_on_a_full_disk(path, data):  # the real write, with its final rename failing
+        def full_disk(src, dst):
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(fileio.os, "replace", full_disk)
+            real_write(path, data)
+
+    monkeypatch.setattr(sources, "atomic_write_bytes", write_on_a_full_disk)
+    with pytest.raises(fileio.WriteError, match="SMSSpamCollection: cannot write"):
+        sources.sms_spam_file(download=True, data_dir=dest, urls=[f"{server.url}/sms.zip"], sha256=sha256(FAKE_COLLECTION), progress=False)
+    assert sorted(p.name for p in dest.iterdir()) == [sources.SMS_SPAM_ZIP]  # no half file, no temporary
+    monkeypatch.setattr(sources, "atomic_write_bytes", real_write)
+    path = sources.sms_spam_file(download=True, data_dir=dest, urls=[f"{server.url}/sms.zip"], sha256=sha256(FAKE_COLLECTION), progress=False)
+    assert path.read_bytes() == FAKE_COLLECTION
+
+
 def test_sms_spam_files_already_there(tmp_path, shared_data):
     dest = tmp_path / "data"
     dest.mkdir()

@@ -233,6 +233,63 @@ def test_reference_parse_reports_a_quoted_empty_text(tmp_path: Path):
     assert spam.read_sms_collection(path, parse="exact")["Text"].tolist() == ["hi", '""']
 
 
+def test_reference_parse_reads_a_text_that_pandas_quoted_across_lines(tmp_path: Path):
+    frame = pd.DataFrame({"Label": ["ham", "spam", "ham", "spam"], "Text": ["Hello\nsee you at 5", "WIN cash", "ok", "free prize"]})
+    path = tmp_path / "multi.tsv"
+    frame.to_csv(path, sep="\t", header=False, index=False)  # the first text is written "Hello<newline>see you at 5", quoted
+    read = spam.read_sms_collection(path)
+    assert read["Text"].tolist() == frame["Text"].tolist() and read["Label"].tolist() == frame["Label"].tolist()
+    with pytest.raises(ValueError, match=r"multi.tsv: line 2: no tab"):  # line by line, as documented
+        spam.read_sms_collection(path, parse="exact")
+
+
+def test_old_mac_line_ends_split_lines_in_both_parses(tmp_path: Path):
+    path = tmp_path / "mac"
+    path.write_bytes(b"ham\thello\rspam\tWIN\rham\tok\rspam\tfree\r")
+    for parse in ("reference", "exact"):
+        assert spam.read_sms_collection(path, parse=parse)["Text"].tolist() == ["hello", "WIN", "ok", "free"], parse
+
+
+def test_a_csv_text_over_the_csv_modules_field_limit_is_read(tmp_path: Path):
+    path = tmp_path / "long.csv"
+    long_text = "win " * 40_000  # 160,000 characters: over csv's default limit of 131,072
+    path.write_text(f"Label,Text\nspam,{long_text}\nham,hi\n")
+    frame, names = labeled.read_labeled_csv(path)
+    assert names == ["ham", "spam"] and frame["Text"].tolist() == [long_text, "hi"]
+    assert csv.field_size_limit() == 131_072  # the process-wide limit is restored
+
+
+def test_one_class_or_a_stray_label_is_named(tmp_path: Path):
+    path = tmp_path / "one"
+    path.write_text("ham\ta\nham\tb\n")
+    with pytest.raises(ValueError, match=r"one: one class only \('ham'\): a classifier needs rows of at least 2 labels"):
+        spam.splits(path)
+    header = tmp_path / "header.tsv"  # a header line read as data makes a class of one row
+    header.write_text("Label\tText\n" + "".join(f"ham\th{i}\n" for i in range(60)) + "".join(f"spam\ts{i}\n" for i in range(60)))
+    with pytest.warns(spam.SmallClassWarning, match=r"class 'Label' has only 1 row\(s\): balancing keeps 1 of every class \(3 of 121 rows\)"):
+        with pytest.raises(ValueError, match=r"the validation split is empty .*the smallest class, 'Label', has 1 row"):
+            spam.splits(header)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the real collection's classes (747 and 4,825) balance without a warning
+        spam.balance(pd.DataFrame({"Label": ["ham"] * 48 + ["spam"] * 8, "Text": ["t"] * 56}), ["ham", "spam"])
+
+
+def test_write_splits_is_atomic(tmp_path: Path, real_splits: spam.Splits, monkeypatch):
+    from jaxft import fileio
+
+    paths = spam.write_splits(tmp_path, *real_splits.frames())
+    before = {name: path.read_bytes() for name, path in paths.items()}
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "replace", full_disk)
+    with pytest.raises(fileio.WriteError, match=r"train.csv: cannot write: .*No space left on device"):
+        spam.write_splits(tmp_path, real_splits.test, real_splits.test, real_splits.test)
+    assert {name: path.read_bytes() for name, path in paths.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv", "train.csv", "validation.csv"]  # no temporary left
+
+
 def test_empty_split_and_missing_file(tmp_path: Path):
     path = tmp_path / "tiny"
     path.write_text("ham\ta\nham\tb\nspam\tc\nspam\td\n")

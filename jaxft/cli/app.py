@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 import typing
+import warnings
 
 from ..distributed import DistributedError
 from ..download import DownloadError
@@ -52,6 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # for messages that repeat the command line
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+        return _run(args)
+
+
+def _one_line_warnings(command: str, default: typing.Callable) -> typing.Callable:
+    """jaxft's own warnings (texts cut to the context, a tiny class) as one line on stderr,
+    `jaxft COMMAND: warning: ...`, not Python's file:line and source line; others unchanged."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("jaxft."):
+            print(f"jaxft {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         use_compile_cache(getattr(args, "compile_cache", None))
         start_processes(args)

@@ -93,7 +93,7 @@ def load_entries(path: str | Path, *, require_output: bool = True) -> list[Entry
         raise IsADirectoryError(f"{path}: is a directory, expected a JSON file")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not JSON
     except UnicodeDecodeError as exc:
         raise InstructionDataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():

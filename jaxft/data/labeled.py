@@ -1,4 +1,5 @@
-"""Labeled text for classification: the `Label,Text` CSV reader and the rules for labels.
+"""Labeled text for classification: the readers (a `Label,Text` CSV; the SMS collection's
+`label<TAB>text` lines) and the rules for labels.
 
 Labels are class names (ids in sorted-name order, the reference's ham=0, spam=1) or integer
 class ids 0..K-1. Every problem is reported as one line naming the file and, where there is
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -169,6 +172,9 @@ def read_labeled_csv(
     texts: list[str] = []
     where: list[str] = []
     previous_end = 0
+    # csv refuses fields over 131,072 characters by default; a long text is cut to the context
+    # later, as in every other format. The limit is process-wide: restored below.
+    field_limit = csv.field_size_limit(sys.maxsize)
     try:
         for record in reader:
             start, previous_end = previous_end + 1, reader.line_num  # a quoted field may span lines
@@ -205,6 +211,8 @@ def read_labeled_csv(
             where.append(f"{path}: line {start}")
     except csv.Error as exc:
         raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
+    finally:
+        csv.field_size_limit(field_limit)
     if header is None:
         raise ValueError(f"{path}: file is empty (expected a header line 'Label,Text')")
     if not labels:
@@ -217,3 +225,97 @@ def read_labeled_csv(
     ids = label_ids(labels, names, where=where)
     frame = pd.DataFrame({"Label": ids, "Text": pd.Series(texts, dtype="str")})
     return frame, names
+
+
+# ----------------------------------------------------------------------------- the SMS collection's format
+
+SMS_SPAM_FILE = "SMSSpamCollection"
+# The reference renames the extracted file to this; accept it where it already exists.
+SMS_SPAM_FILE_REFERENCE = "SMSSpamCollection.tsv"
+
+Parse = Literal["reference", "seed", "exact"]  # "seed": the old name of "reference"
+
+
+def resolve_sms_spam_path(path: str | Path) -> Path:
+    """`path` itself, or the collection file inside a directory holding it."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (SMS_SPAM_FILE, SMS_SPAM_FILE_REFERENCE):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: directory has no {SMS_SPAM_FILE} (or {SMS_SPAM_FILE_REFERENCE})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _tsv_lines(path: Path, text: str) -> list[tuple[int, str, str]]:
+    """(line number, label, text) for every non-blank line of a `label<TAB>text` file."""
+    rows = []
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):  # pandas' line ends
+        if not line.strip():
+            continue  # blank lines hold no message (pandas skips them too)
+        label, tab, message = line.partition("\t")
+        if not tab:
+            raise ValueError(f"{path}: line {number}: no tab between label and text")
+        if not label.strip():
+            raise ValueError(f"{path}: line {number}: empty label")
+        if not message.strip():
+            raise ValueError(f"{path}: line {number}: empty text")
+        rows.append((number, label, message))
+    if not rows:
+        raise ValueError(f"{path}: file is empty (expected lines 'label<TAB>text')")
+    return rows
+
+
+def read_sms_collection(path: str | Path, parse: Parse = "reference", *, normalize_labels: bool = False) -> pd.DataFrame:
+    """The tab-separated collection as a DataFrame with string columns `Label`, `Text`.
+
+    `parse="reference"` (or its old name "seed"): pandas' default quote handling, as the
+    reference's `pd.read_csv(path, sep="\\t", header=None)` (5,572 rows on the real file), except
+    that texts such as "NA" stay text. `parse="exact"`: one row per line, quotes kept verbatim
+    (5,574 rows). A malformed line is reported with its line number (with pandas' quotes, where a
+    quoted text may span lines, the row's). Labels differing only by case or surrounding spaces are
+    refused unless `normalize_labels` (strip, lower-case).
+    """
+    path = resolve_sms_spam_path(path)
+    text = read_text(path)
+    if parse == "exact":
+        rows = _tsv_lines(path, text)
+        frame = pd.DataFrame(
+            {"Label": [label for _, label, _ in rows], "Text": [message for _, _, message in rows]}
+        ).astype({"Label": "str", "Text": "str"})
+        return _checked_labels(frame, path, normalize_labels)
+    if parse not in ("reference", "seed"):
+        raise ValueError(f"parse must be 'reference' (or 'seed') or 'exact', not {parse!r}")
+    try:
+        # na_filter=False: a message reading "NA" or "null" is text, not a missing value.
+        frame = pd.read_csv(
+            io.StringIO(text), sep="\t", header=None, names=["Label", "Text"], dtype=str, na_filter=False
+        )
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame()
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{path}: {exc}".replace("\n", " ")) from None
+    if frame.empty:
+        raise ValueError(f"{path}: file is empty (expected lines 'label<TAB>text')")
+    for column in ("Label", "Text"):
+        empty = np.flatnonzero(frame[column].fillna("").str.strip().eq("").to_numpy())
+        if len(empty):
+            if '"' not in text:
+                _tsv_lines(path, text)  # no quotes: rows are lines, so name the line and what is wrong
+            raise ValueError(
+                f"{path}: row {empty[0] + 1}: empty {column.lower()} after pandas' quote handling "
+                "(parse='exact' reads the line verbatim)"
+            )
+    return _checked_labels(frame, path, normalize_labels)
+
+
+def _checked_labels(frame: pd.DataFrame, path: Path, normalize: bool) -> pd.DataFrame:
+    if normalize:
+        return frame.assign(Label=frame["Label"].map(fold_label))
+    check_label_spellings(frame["Label"], path)  # " Ham " next to "ham": refused
+    return frame

@@ -5,7 +5,7 @@ file with pandas' default quote handling (5,572 rows: line 5,082 opens a double 
 closes and swallows the next two lines), undersample every class to the minority count
 (`random_state=seed`), map labels to ids, shuffle (`random_state=seed`) and cut 70 / 10 / 20 %.
 `parse="exact"` reads every line as one message instead (5,574 rows). The file itself comes from
-`jaxft.sources.sms_spam_file` (bundled, or downloaded); the CSV reader and the label rules are
+`jaxft.sources.sms_spam_file` (bundled, or downloaded); the readers (this TSV, a CSV) and the label rules are
 in `jaxft.data.labeled`.
 
 Encoding pads with `<|endoftext|>` (50256) to the longest training sequence; validation and test
@@ -14,117 +14,41 @@ are truncated or padded to that length; nothing is ever longer than the model's 
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from jaxft.data.labeled import (
-    check_label_spellings,
+from jaxft.data.labeled import (  # the readers; re-exported here, where they have always been named
+    SMS_SPAM_FILE,
+    SMS_SPAM_FILE_REFERENCE,
+    Parse,
     fold_label,
     infer_class_names,
     read_labeled_csv,
-    read_text,
+    read_sms_collection,
+    resolve_sms_spam_path,
 )
+from jaxft.fileio import atomic_write_text
 from jaxft.tokenizer import PAD_ID, encode_text
 
-SMS_SPAM_FILE = "SMSSpamCollection"
-# The reference renames the extracted file to this; accept it where it already exists.
-SMS_SPAM_FILE_REFERENCE = "SMSSpamCollection.tsv"
 SPLIT_NAMES = ("train", "validation", "test")
 CONTEXT_LENGTH = 1024
-
-Parse = Literal["reference", "seed", "exact"]  # "seed": the old name of "reference"
 
 
 class TruncationWarning(UserWarning):
     """Texts were cut to fit the model's context length (the count is in the message)."""
 
 
-def resolve_sms_spam_path(path: str | Path) -> Path:
-    """`path` itself, or the collection file inside a directory holding it."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (SMS_SPAM_FILE, SMS_SPAM_FILE_REFERENCE):
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{path}: directory has no {SMS_SPAM_FILE} (or {SMS_SPAM_FILE_REFERENCE})")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    return path
+class SmallClassWarning(UserWarning):
+    """Balancing cuts every class to one far smaller than the others (a stray label?)."""
 
 
-# ----------------------------------------------------------------------------- reading
-
-
-def _tsv_lines(path: Path, text: str) -> list[tuple[int, str, str]]:
-    """(line number, label, text) for every non-blank line of a `label<TAB>text` file."""
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue  # blank lines hold no message (pandas skips them too)
-        label, tab, message = line.partition("\t")
-        if not tab:
-            raise ValueError(f"{path}: line {number}: no tab between label and text")
-        if not label.strip():
-            raise ValueError(f"{path}: line {number}: empty label")
-        if not message.strip():
-            raise ValueError(f"{path}: line {number}: empty text")
-        rows.append((number, label, message))
-    if not rows:
-        raise ValueError(f"{path}: file is empty (expected lines 'label<TAB>text')")
-    return rows
-
-
-def read_sms_collection(path: str | Path, parse: Parse = "reference", *, normalize_labels: bool = False) -> pd.DataFrame:
-    """The tab-separated collection as a DataFrame with string columns `Label`, `Text`.
-
-    `parse="reference"` (or its old name "seed"): pandas' default quote handling, as the
-    reference's `pd.read_csv(path, sep="\\t", header=None)` (5,572 rows on the real file), except
-    that texts such as "NA" stay text. `parse="exact"`: one row per line, quotes kept verbatim
-    (5,574 rows). Every line is checked first, so a malformed one is reported with its line
-    number. Labels differing only by case or surrounding spaces are refused unless
-    `normalize_labels` (strip, lower-case).
-    """
-    path = resolve_sms_spam_path(path)
-    text = read_text(path)
-    rows = _tsv_lines(path, text)
-    if parse == "exact":
-        frame = pd.DataFrame(
-            {"Label": [label for _, label, _ in rows], "Text": [message for _, _, message in rows]}
-        ).astype({"Label": "str", "Text": "str"})
-        return _checked_labels(frame, path, normalize_labels)
-    if parse not in ("reference", "seed"):
-        raise ValueError(f"parse must be 'reference' (or 'seed') or 'exact', not {parse!r}")
-    try:
-        # na_filter=False: a message reading "NA" or "null" is text, not a missing value.
-        frame = pd.read_csv(
-            io.StringIO(text), sep="\t", header=None, names=["Label", "Text"], dtype=str, na_filter=False
-        )
-    except pd.errors.ParserError as exc:
-        raise ValueError(f"{path}: {exc}".replace("\n", " ")) from None
-    # A quoted field (e.g. `""`) can still come out empty: name the row, as lines no longer map.
-    for column in ("Label", "Text"):
-        empty = np.flatnonzero(frame[column].str.strip().eq("").to_numpy())
-        if len(empty):
-            raise ValueError(
-                f"{path}: row {empty[0] + 1}: empty {column.lower()} after pandas' quote handling "
-                "(parse='exact' reads the line verbatim)"
-            )
-    return _checked_labels(frame, path, normalize_labels)
-
-
-def _checked_labels(frame: pd.DataFrame, path: Path, normalize: bool) -> pd.DataFrame:
-    if normalize:
-        return frame.assign(Label=frame["Label"].map(fold_label))
-    check_label_spellings(frame["Label"], path)  # " Ham " next to "ham": refused
-    return frame
+SMALL_CLASS_RATIO = 50  # the largest class over 50x the smallest: SmallClassWarning
 
 
 # ----------------------------------------------------------------------------- balance and split
@@ -142,6 +66,16 @@ def balance(frame: pd.DataFrame, class_names: Sequence[str], seed: int = 123) ->
     if not present:
         raise ValueError("no rows to balance")
     minority = min(len(group) for group in present)
+    if minority * SMALL_CLASS_RATIO < max(len(group) for group in present):
+        # A stray label (a header line read as data, a typo) makes a tiny class, and balancing
+        # to it throws the data away: say so (the SMS collection's classes are 747 and 4,825).
+        smallest = next(name for name, group in zip(class_names, groups) if len(group) == minority)
+        warnings.warn(
+            f"class {smallest!r} has only {minority} row(s): balancing keeps {minority} of every class "
+            f"({minority * len(present)} of {len(frame)} rows)",
+            SmallClassWarning,
+            stacklevel=2,
+        )
     parts = [group.sample(minority, random_state=seed) if len(group) > minority else group for group in present]
     return pd.concat(parts)
 
@@ -208,6 +142,8 @@ def splits_with_classes(
             names = [fold_label(name) for name in class_names] if normalize_labels else list(class_names)
         else:
             names = infer_class_names(frame["Label"], source=path)
+    if len(names) < 2:
+        raise ValueError(f"{path}: one class only ({', '.join(map(repr, names))}): a classifier needs rows of at least 2 labels")
     mapping = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(frame["Label"]) - set(mapping))
     if unknown:
@@ -218,8 +154,10 @@ def splits_with_classes(
     parts = random_split(frame, train_frac, validation_frac, seed=seed)
     for name, part in zip(SPLIT_NAMES, parts):
         if len(part) == 0:
+            counts = frame["Label"].value_counts()
             raise ValueError(
-                f"{path}: the {name} split is empty ({len(frame)} rows after balancing, fractions {tuple(fractions)})"
+                f"{path}: the {name} split is empty ({len(frame)} rows after balancing, fractions {tuple(fractions)}; "
+                f"the smallest class, {names[int(counts.idxmin())]!r}, has {int(counts.min())} row(s))"
             )
     return Splits(*parts, class_names=names)
 
@@ -236,13 +174,13 @@ def splits(path: str | Path, seed: int = 123, **options: Any) -> tuple[pd.DataFr
 def write_splits(
     out_dir: str | Path, train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame
 ) -> dict[str, Path]:
-    """Write train.csv / validation.csv / test.csv (columns Label,Text, no index) as the reference does."""
+    """Write train.csv / validation.csv / test.csv (columns Label,Text, no index) as the reference
+    does, each atomically (a failed write leaves the earlier file, or none, and raises WriteError)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, frame in zip(SPLIT_NAMES, (train, validation, test)):
         paths[name] = out_dir / f"{name}.csv"
-        frame[["Label", "Text"]].to_csv(paths[name], index=False)
+        atomic_write_text(paths[name], frame[["Label", "Text"]].to_csv(index=False))
     return paths
 
 
