@@ -26,6 +26,7 @@ when a prompt is longer; `jaxft generate` does). The output equals the reference
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -269,8 +270,8 @@ def generate(
     prompts = _check_prompts(config, prompts, max_new_tokens)
     if not prompts:
         return []
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN is neither > 0 nor < 0: it acted greedy
+        raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
     sample = temperature > 0
     if sample and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: pass key=jax.random.key(seed)")

@@ -110,23 +110,23 @@ def parse_score(answer: str) -> int | None:
     """The 0..100 integer score in a judge's answer, or None when there is none.
 
     Accepts "85", "85.", "**85**", "Score: 85", "85/100", "85 out of 100", "My score is 85",
-    "On a scale from 0 to 100: 85". None for: no number, several candidate numbers, another
-    scale ("7/10"), decimals ("85.5"), values outside 0..100.
+    "On a scale from 0 to 100: 85", "Score: 90. It turns 1/4 cup into 4 tablespoons". None for: no
+    number, several candidate numbers, a score on another scale ("7/10", "Score: 8/10"), decimals
+    ("85.5"), values outside 0..100.
     """
     text = _MARKUP.sub("", answer)
     alone = _ALONE.match(text)
     if alone:
         return _in_range(alone.group(1))
-    fractions = _FRACTION.findall(text)
-    for numerator, denominator in fractions:
+    for numerator, denominator in _FRACTION.findall(text):
         if int(denominator) == 100:
             return _in_range(numerator)
-    if fractions:  # scored on another scale: not comparable
-        return None
     text = _SCALE.sub(" ", text)
     named = _SCORE_IS.search(text)
     if named:
-        return _in_range(named.group(1))
+        # "Score: 8/10" is another scale (not comparable); a fraction elsewhere ("1/4 cup") is text.
+        return None if _FRACTION.match(text, named.start(1)) else _in_range(named.group(1))
+    # A bare fraction ("7/10") has two numbers: ambiguous below, so None as well.
     numbers = _ANY_INT.findall(text)
     if len(numbers) == 1 and not re.search(r"\d\.\d", text):
         return _in_range(numbers[0])

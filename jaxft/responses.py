@@ -4,8 +4,9 @@ does; the reference's per-epoch sample."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import generate as gen
 from .config import GPTConfig
@@ -15,6 +16,11 @@ from .tokenizer import EOT_ID, encode_text
 
 Entry = dict[str, Any]
 SAMPLE_NEW_TOKENS = 50  # the reference's generate_and_print_sample after each epoch
+SHOWN_ENTRIES = 5  # entry indices a note names
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def encode_prompts(
@@ -46,11 +52,22 @@ def generate_responses(
     progress: bool = True,
     source: str | Path = "<data>",
     mesh: Any = None,
+    log: Callable[[str], None] = _stderr,
 ) -> list[str]:
     """The reference's response for every entry: greedy until eos or `max_new_tokens`, the text
     after the prompt with the style's response marker removed. Batched, KV-cached; with a
-    device `mesh`, each batch is split over its devices."""
+    device `mesh`, each batch is split over its devices. Prompts longer than the context
+    leaves beside `max_new_tokens` keep their last tokens: one note line says which, to `log`."""
     texts, prompts = encode_prompts(entries, tokenizer, style, config.context_length, source)
+    keep = gen.max_prompt_tokens(config, max_new_tokens)
+    cut = [i for i, ids in enumerate(prompts) if len(ids) > keep]
+    if cut:  # generate() cuts them silently; the responses then answer a prompt without its start
+        shown = ", ".join(map(str, cut[:SHOWN_ENTRIES])) + (", ..." if len(cut) > SHOWN_ENTRIES else "")
+        log(
+            f"note: {len(cut)} of {len(prompts)} prompts are longer than {keep} tokens (context length "
+            f"{config.context_length} - {max_new_tokens} new tokens); the model sees their last {keep} "
+            f"({'entry' if len(cut) == 1 else 'entries'} {shown})"
+        )
     new_tokens = gen.generate_batched(
         config, params, prompts, batch_size=batch_size, progress=progress, max_new_tokens=max_new_tokens, eos_id=EOT_ID,
         mesh=mesh,

@@ -185,6 +185,11 @@ def test_bad_arguments_give_clear_errors(reference):
         gen.generate(CONFIG, params, [[1, 97]], max_new_tokens=5)
     with pytest.raises(ValueError, match="top_p"):
         gen.generate(CONFIG, params, prompt, max_new_tokens=5, temperature=1.0, top_p=0.0, key=jax.random.key(0))
+    for temperature in (float("nan"), float("inf")):  # NaN compared as neither > 0 nor < 0: greedy, silently
+        with pytest.raises(ValueError, match=f"temperature must be >= 0 and finite, got {temperature}"):
+            gen.generate(CONFIG, params, prompt, max_new_tokens=5, temperature=temperature, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        gen.generate(CONFIG, params, prompt, max_new_tokens=5, temperature=1.0, top_p=float("nan"), key=jax.random.key(0))
     assert gen.generate(CONFIG, params, [], max_new_tokens=5) == []
 
 

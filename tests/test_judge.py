@@ -99,6 +99,11 @@ def test_prompt_is_the_seeds(entries):
         ("0", 0), ("100", 100), ("The score is: **78**\nReason: 3 points off.", 78),
         ("150", None), ("-5", None), ("85.5", None), ("7/10", None), ("85-90", None),
         ("Good response.", None), ("", None), ("It deserves 80 or 90", None),
+        # A fraction in the explanation is not a scale; one that is the score itself is.
+        ("Score: 90\n\nThe response correctly converts 1/4 cup to 4 tablespoons.", 90),
+        ("**Score: 75**\nIt gets 2 of the 3 steps right (2/3).", 75), ("Rating: 60. Half of 1/2 is 1/4.", 60),
+        ("Score: 8/10", None), ("Score: 8 / 10\nGood.", None), ("I'd rate it 7 out of 10.", None), ("7/10.", None),
+        ("It converts 1/4 cup to 4 tablespoons.", None), ("Score: 90/100. It uses 1/4 cup.", 90),
     ],
 )
 def test_parse_score(answer, score):

@@ -168,6 +168,48 @@ def test_export_errors(tmp_path):
         jaxft.export(CLASSIFIER, incomplete, tmp_path / "j", "jaxft")
 
 
+
+def _lora_model(config: GPTConfig) -> tuple[GPTConfig, dict]:
+    """A model with LoRA adapters whose B is non-zero (add_lora starts B at 0: no effect)."""
+    import jax
+
+    from jaxft.lora import add_lora
+
+    lcfg, lparams = add_lora(config, random_params(config), 2, 4.0, jax.random.key(1))
+    rng = np.random.default_rng(3)
+    for i in range(config.n_layers):
+        for group, name in (("attn", "c_attn"), ("mlp", "c_proj")):
+            layer = lparams[f"h_{i}"][group][name]
+            layer["lora_b"] = 0.5 * rng.standard_normal(layer["lora_b"].shape).astype(np.float32)
+    return lcfg, lparams
+
+
+def test_lora_model_to_openai_keeps_the_adapters(tmp_path, monkeypatch, capsys):
+    """`jaxft convert --to openai-tf` (and save_openai_checkpoint itself) fold the adapters in."""
+    import jaxft.cli
+    import jaxft.cli.app
+    from jaxft.lora import merge_lora
+    from jaxft.model import param_count
+    from jaxft.weights.openai import save_openai_checkpoint
+
+    lcfg, lparams = _lora_model(TINY)
+    mcfg, merged = merge_lora(lcfg, lparams)
+    ids = np.random.default_rng(0).integers(0, TINY.vocab_size, size=(2, 16))
+    want = np.asarray(jaxft.logits(mcfg, merged, ids))
+    assert np.abs(want - np.asarray(jaxft.logits(TINY, lparams, ids))).max() > 1e-2  # the adapters matter
+
+    jaxft.export(lcfg, lparams, tmp_path / "lora", "jaxft")
+    monkeypatch.setattr(jaxft.cli.app, "COMMAND_MODULES", ("jaxft.cli.weights",))
+    assert jaxft.cli.main(["convert", str(tmp_path / "lora"), str(tmp_path / "tf"), "--to", "openai-tf"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA adapters (rank 2) are merged" in out and f"{param_count(merged):,} parameters" in out
+    config, params = jaxft.load(tmp_path / "tf")
+    assert config.lora_rank == 0
+    np.testing.assert_allclose(np.asarray(jaxft.logits(config, params, ids)), want, rtol=0, atol=1e-5)
+
+    save_openai_checkpoint(lcfg, lparams, tmp_path / "direct")
+    np.testing.assert_allclose(np.asarray(jaxft.logits(*jaxft.load(tmp_path / "direct"), ids)), want, rtol=0, atol=1e-5)
+
 # --- format detection -------------------------------------------------------------------------
 
 

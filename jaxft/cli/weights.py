@@ -4,6 +4,7 @@ writable one) and `jaxft generate`."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from .. import generate as generation
 from .. import sources
 from ..config import GPTConfig
 from ..download import DownloadError
+from ..lora import merge_lora
 from ..model import param_count
 from ..settings import run_mesh
 from ..tokenizer import (
@@ -94,6 +96,11 @@ def run_convert(args: argparse.Namespace) -> int:
     metadata = None
     if source_format == "jaxft" and args.to == "jaxft":
         metadata = native.load_metadata(src if src.is_dir() else src.parent)
+    if config.lora_rank and args.to != "jaxft":
+        # Only jaxft holds adapters: fold them in first, so that the openai-tf writer (and the
+        # head re-tying before it) and the parameter count see the merged model.
+        print(f"note: the LoRA adapters (rank {config.lora_rank}) are merged into the kernels")
+        config, params = merge_lora(config, params)
     if args.to == "openai-tf":
         config, params = _retie_for_openai(config, params)
         written = save_openai_checkpoint(config, params, dst, vocab_dir=_vocab_dir_of(src))
@@ -116,7 +123,19 @@ def _tokenizer(args: argparse.Namespace):
         raise CLIError(str(exc)) from None
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Checked even when greedy decoding ignores them: a NaN temperature would act greedy,
+    a seed outside 64 bits would overflow in jax.random.key."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CLIError(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not -(2**63) <= args.seed < 2**63:
+        raise CLIError(f"--seed must be a signed 64-bit integer (-2**63 to 2**63 - 1), got {args.seed}")
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    _check_sampling_flags(args)  # before a big model loads
     config, params = load(args.model, resolve_config(args.config))
     if config.num_classes is not None:
         raise CLIError(
@@ -124,8 +143,6 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     if not args.prompt:
         raise CLIError("--prompt is empty: give some text to continue")
-    if args.temperature < 0:
-        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
     tokenizer = _tokenizer(args)
     prompt = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if max(prompt) >= config.vocab_size:

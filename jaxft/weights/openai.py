@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from ..config import GPTConfig, from_hparams
+from ..lora import merge_lora
 from ..model import Params
 from .common import WeightsError, check_params, flatten, to_float32, unflatten
 from .tf_bundle import list_bundle, read_bundle, resolve_prefix, write_bundle
@@ -148,6 +149,7 @@ def save_openai_checkpoint(
         )
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_FLOAT_DTYPES)}, got {dtype!r}")
+    config, params = merge_lora(config, params)  # the format holds plain kernels; adapters would be dropped
     vocab_files = []
     if vocab_dir is not None:
         vocab_files = [Path(vocab_dir) / name for name in VOCAB_FILES]
