@@ -18,19 +18,27 @@ parameter tree) are not stored and come back as None from the structure of `like
 
 from __future__ import annotations
 
+import contextlib
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from .fileio import to_strict_json
+from .fileio import WriteError, to_strict_json
 
 PyTree = Any
 
 
 class CheckpointMismatch(ValueError):
     """The checkpoint holds a differently shaped state (another model or --trainable); one line."""
+
+# Space a checkpoint needs beyond its arrays' bytes: TensorStore's index and files, the JSON record.
+SPACE_MARGIN = 1.05, 1 << 20
+_OS_REASONS = re.compile(r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system")
 
 COMMIT_FILE = "commit_success.txt"  # orbax's completeness marker, present in every finished step
 _STATE, _META = "state", "meta"
@@ -143,16 +151,38 @@ class Checkpointer:
         Checkpoints numbered `step` or later are deleted first: they belong to a run that
         was restored to an earlier step and continued, so they are no longer its future.
         """
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.reload()
         for later in [s for s in self._manager.all_steps() if s >= step]:
             self._manager.delete(later)
         names, leaves, _ = _named_leaves(state)
-        stored = _nest(names, [_storable(leaf) for leaf in leaves])
+        leaves = [_storable(leaf) for leaf in leaves]
+        self._check_space(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(np.shape(leaf))) for leaf in leaves))
+        stored = _nest(names, leaves)
         args = self._ocp.args.Composite(
             **{_STATE: self._ocp.args.StandardSave(stored), _META: self._ocp.args.JsonSave(to_strict_json(meta))}
         )
-        self._manager.save(int(step), args=args, force=True)  # the caller decides when to save
+        with self._as_write_error():
+            self._manager.save(int(step), args=args, force=True)  # the caller decides when to save
+
+    def _check_space(self, nbytes: int) -> None:
+        """Refuse up front a checkpoint the disk has no room for: a save that runs out of space
+        fails inside orbax's threads, with pages of their tracebacks before the error."""
+        needed = nbytes * SPACE_MARGIN[0] + SPACE_MARGIN[1]
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise WriteError(self.directory, f"No space left on device: a checkpoint needs about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+
+    @contextlib.contextmanager
+    def _as_write_error(self) -> Iterator[None]:
+        """A failed write (raised by orbax/TensorStore as ValueError or OSError, in a long message)
+        as one-line WriteError naming the directory: the CLI then exits 1, not 2."""
+        try:
+            yield
+        except Exception as exc:  # anything failing a save means the checkpoint was not written
+            text = " ".join(str(exc).split())
+            known = _OS_REASONS.search(text)
+            raise WriteError(self.directory, known.group(0) if known else text[:300]) from exc
 
     def all_steps(self) -> list[int]:
         """The complete checkpoints' steps, oldest first."""
@@ -222,13 +252,17 @@ class Checkpointer:
             )
 
     def wait(self) -> None:
-        """Block until a background save has finished (its checkpoint is then complete)."""
-        self._manager.wait_until_finished()
+        """Block until a background save has finished (its checkpoint is then complete); a
+        save that failed raises WriteError here."""
+        with self._as_write_error():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finish any background save and release the manager's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -10,7 +10,9 @@ records why it stopped, instead of dying mid-write.
     return exit_code(stop.requested)   # 130 for SIGINT, 143 for SIGTERM
 
 A second SIGINT (Ctrl-C again) while a stop is pending raises KeyboardInterrupt: the
-escape hatch when the graceful path hangs.
+escape hatch when the graceful path hangs. Outside such a block (loading, the trunk cache,
+the initial evaluation, the outputs), `terminate_raises` makes SIGTERM stop the command the way
+Ctrl-C does, with an exception, so that the run's record says why it ended.
 """
 
 from __future__ import annotations
@@ -38,6 +40,33 @@ class StopRequest:
     def name(self) -> str | None:
         """"SIGINT" / "SIGTERM" (for run.json's reason), or None."""
         return signal_name(self.requested) if self.requested is not None else None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a `catch_signals` block (under `terminate_raises`): handled wherever
+    Ctrl-C's KeyboardInterrupt is, with `signum` for the exit status (143)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises `Terminated` instead of killing the process silently
+    (its default), so `finally` blocks run and run.json records the interruption. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def signal_name(signum: int) -> str:

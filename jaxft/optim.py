@@ -13,6 +13,7 @@ whole (gradients of every leaf, an optimizer that skips the frozen ones).
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ def trainable_blocks(config: GPTConfig, trainable: str) -> tuple[int, ...] | Non
     if match:
         n = int(match.group(1))
         if not 1 <= n <= config.n_layers:
-            raise ValueError(f"trainable {trainable!r}: the model has {config.n_layers} blocks")
+            raise ValueError(f"trainable {trainable!r}: N must be 1 to {config.n_layers}, the model's blocks")
         return tuple(range(config.n_layers - n, config.n_layers))
     raise ValueError(
         f"unknown trainable selection {trainable!r}; choose head, last-block, last-N-blocks (e.g. last-2-blocks), all or lora"
@@ -113,15 +114,59 @@ def adamw(
     eps: float = 1e-8,
     grad_clip_norm: float | None = None,
     accumulation_steps: int = 1,
+    steps_per_epoch: int | None = None,
+    last_step: int | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with torch.optim.AdamW's defaults and semantics (decoupled decay of every
-    trainable leaf, eps outside the square root), optional clipping and gradient accumulation."""
+    trainable leaf, eps outside the square root), optional clipping and gradient accumulation
+    (`accumulate`: with `steps_per_epoch`, an epoch's last batches update too, as the reference's)."""
     opt = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     if grad_clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
     if accumulation_steps > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=accumulation_steps)
+        opt = accumulate(opt, accumulation_steps, steps_per_epoch, last_step)
     return opt
+
+
+class AccumulateState(NamedTuple):
+    steps: jax.Array  # batches seen (int32)
+    grads: optax.Updates  # the group's gradients so far, each divided by k
+    inner: optax.OptState
+
+
+def accumulate(
+    inner: optax.GradientTransformation, k: int, steps_per_epoch: int | None = None, last_step: int | None = None
+) -> optax.GradientTransformation:
+    """Gradient accumulation as the reference's follow-up experiments write it: each batch's loss
+    divided by k and its gradients summed; `inner` updates after every k-th batch of an epoch,
+    after the epoch's last batch (`steps_per_epoch`: a short group then counts /k too) and after
+    batch `last_step` (a run stopped by max-steps), and the other steps change nothing.
+    optax.MultiSteps instead carries a short group over into the next epoch and averages over
+    the batches it holds."""
+    if k < 1:
+        raise ValueError(f"accumulation steps must be >= 1, got {k}")
+
+    def init(params: optax.Params) -> AccumulateState:
+        return AccumulateState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map(jnp.zeros_like, params), inner.init(params))
+
+    def update(grads: optax.Updates, state: AccumulateState, params: optax.Params | None = None):
+        summed = jax.tree_util.tree_map(lambda a, g: a + g / k, state.grads, grads)
+        steps = state.steps + 1
+        in_epoch = steps % steps_per_epoch if steps_per_epoch else steps  # 0: the epoch's last batch
+        apply = in_epoch % k == 0
+        if last_step is not None:
+            apply = apply | (steps == last_step)
+
+        def step(_):
+            updates, inner_state = inner.update(summed, state.inner, params)
+            return updates, AccumulateState(steps, jax.tree_util.tree_map(jnp.zeros_like, summed), inner_state)
+
+        def hold(_):
+            return jax.tree_util.tree_map(jnp.zeros_like, summed), AccumulateState(steps, summed, state.inner)
+
+        return jax.lax.cond(apply, step, hold, None)
+
+    return optax.GradientTransformation(init, update)
 
 
 _TRAIN, _FREEZE = "train", "freeze"
@@ -149,8 +194,8 @@ def masked(optimizer: optax.GradientTransformation, mask: Params) -> optax.Gradi
     `update(grads, state, params)` take full trees, and gradients of frozen leaves are
     ignored (under `jax.jit` XLA drops their computation: a compiled step costs what the
     split one does). Wrap the inner optimizer, accumulation included
-    (`masked(adamw(accumulation_steps=4), mask)`): `optax.MultiSteps` then accumulates the
-    trainable gradients only, where `MultiSteps(masked(...))` would also keep an
+    (`masked(adamw(accumulation_steps=4), mask)`): `accumulate` then sums the
+    trainable gradients only, where `accumulate(masked(...))` would also keep an
     accumulator for every frozen leaf.
     """
     leaves = jax.tree_util.tree_leaves(mask)

@@ -56,6 +56,15 @@ class Progress:
                 f"{seen_s:,.1f} {self.unit}/s, ETA {eta:.0f} s" + ("" if loss is None else f", loss {loss:.3f}")
             )
 
+    def write(self, line: str) -> None:
+        """Log `line` (the reference's lines) with the bar cleared first and redrawn after: on a
+        terminal the bar (stderr) and the log (stdout) share the screen."""
+        if self.bar is None:
+            self.log(line)
+            return
+        with tqdm.external_write_mode():
+            self.log(line)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -16,6 +16,7 @@ import numpy as np
 from .checkpoint import Checkpointer
 from .fileio import to_strict_json
 from .interrupts import exit_code, signal_name
+from .rundir import RESUMABLE_DIFFERENTLY
 from .steps import TrainState
 
 if TYPE_CHECKING:  # annotations only: train imports this module
@@ -66,9 +67,10 @@ def _normalised(value: Any) -> Any:
 
 
 def _first_difference(saved: Any, current: Any, path: str = "") -> str | None:
-    """The dotted name of the first setting that differs (None: equal)."""
+    """The dotted name of the first setting that differs (None: equal), apart from those a run
+    may resume with other values (`rundir.RESUMABLE_DIFFERENTLY`, at any depth)."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current)):
+        for key in sorted((set(saved) | set(current)) - RESUMABLE_DIFFERENTLY):
             name = f"{path}.{key}" if path else str(key)
             if key not in saved or key not in current:
                 return name

@@ -53,7 +53,7 @@ class TrainerSettings:
                              "attention, NVIDIA GPUs, bfloat16), auto (cudnn on a GPU with bfloat16, else xla)", choices=ATTENTIONS)
     mesh: str | None = setting(None, "device mesh 'data=D,fsdp=F' (default: every device on data; one device: no mesh)", group="devices")
     progress: bool = setting(True, "a progress bar per epoch (plain lines when not on a terminal)", group="output")
-    checkpoint_every: int | None = setting(None, "write a checkpoint every this many optimizer steps (default: at every epoch end)", group="output")
+    checkpoint_every: int | None = setting(None, "write a checkpoint every this many training steps (batches; default: at every epoch end)", group="output")
     keep: int = setting(2, "how many of the newest checkpoints to keep", group="output")
     export_pth: bool = setting(False, "also write the reference's state dict (.pth)", group="output")
 
@@ -83,6 +83,10 @@ class TrainerSettings:
         if self.attention == "cudnn" and (self.dtype != "bfloat16" or self.drop_rate > 0):
             raise ValueError("attention cudnn needs --dtype bfloat16 and no dropout (--drop-rate 0): use --attention auto or xla")
         optim.check_trainable(self.trainable)
+        if not 0 <= self.seed < 2**32:  # NumPy's and pandas' generators take 32-bit seeds (the data order)
+            raise ValueError(f"seed must be 0 to 2**32 - 1, got {self.seed}")
+        if self.trainable == "lora" and not self.lora_rank:
+            raise ValueError("trainable lora trains LoRA adapters: give them a rank, --lora-rank R (e.g. 8)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         mesh = run_mesh(self.mesh)  # a mesh that needs more devices than exist: one line, now

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import steps
+from . import optim, steps
 from .config import GPTConfig
 from .data import batching
 from .data.batching import BUCKET_MULTIPLE
@@ -200,16 +200,17 @@ class SweepState(NamedTuple):
     rng: jax.Array  # [K, 2]
 
 
-def sweep_optimizer(settings: Any, lr: Any, weight_decay: Any) -> optax.GradientTransformation:
+def sweep_optimizer(settings: Any, lr: Any, weight_decay: Any, steps_per_epoch: int | None = None) -> optax.GradientTransformation:
     """`optim.adamw` with lr and weight decay as state (`optax.inject_hyperparams`): same
-    arithmetic, but one optimizer serves runs with different values."""
+    arithmetic, but one optimizer serves runs with different values (`steps_per_epoch`: see
+    `optim.accumulate`; the state does not depend on it)."""
     opt = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps"))(
         learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay
     )
     if settings.grad_clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(settings.grad_clip_norm), opt)
     if settings.accumulation_steps > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=settings.accumulation_steps)
+        opt = optim.accumulate(opt, settings.accumulation_steps, steps_per_epoch, settings.max_steps)
     return opt
 
 
@@ -223,7 +224,9 @@ def init_states(settings: Any, trainables: Sequence[Params], lrs: Sequence[float
     return SweepState(stacked, opt_state, jnp.zeros((k,), jnp.int32), rng)
 
 
-def make_sweep_steps(config: GPTConfig, settings: Any, pooling: str, start_block: int | None, shared: bool = False) -> tuple[Callable, Callable]:
+def make_sweep_steps(
+    config: GPTConfig, settings: Any, pooling: str, start_block: int | None, shared: bool = False, steps_per_epoch: int | None = None
+) -> tuple[Callable, Callable]:
     """jit(vmap) of `steps.make_steps`' train and eval steps:
     train_step(state, frozen, pool, batch, width) -> (state, metrics [K]) and
     eval_step(trainable, frozen, pool, batch, width) -> metrics [K]. `pool` holds the shared
@@ -235,7 +238,7 @@ def make_sweep_steps(config: GPTConfig, settings: Any, pooling: str, start_block
     # "last" at a run's own width is "last-non-pad" with every length set to that width.
     inner = "last-non-pad" if pooling == "last" else pooling
     key = "hidden" if start_block is not None else "tokens"
-    optimizer = sweep_optimizer(settings, 0.0, 0.0)  # update reads lr/wd from the state
+    optimizer = sweep_optimizer(settings, 0.0, 0.0, steps_per_epoch)  # update reads lr/wd from the state
 
     def metrics(params, pool, batch, width, dropout_key, remat):
         lengths = pool["lengths"][batch["rows"]]

@@ -142,7 +142,8 @@ def run_sweep(
         and all(np.array_equal(r.rows[s], rows[0].rows[s]) and np.array_equal(r.lengths[s], rows[0].lengths[s]) for s in SPLITS)
         for r in rows
     )
-    train_step, eval_step = make_sweep_steps(config, settings, recipe.pooling, start_block, shared=shared)
+    train_step, eval_step = make_sweep_steps(config, settings, recipe.pooling, start_block, shared=shared,
+                                             steps_per_epoch=batching_steps(n_train, settings.batch_size))
     log(f"sweep of {k} runs ({', '.join(n for n, _, _ in runs)}); ~{(shared + k * per_run) / 1e9:.2f} GB estimated")
 
     B, pad = settings.batch_size, recipe.padding

@@ -186,8 +186,19 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
         return settings.max_steps is not None and global_step + 1 >= settings.max_steps
 
     def save() -> None:
+        nonlocal start
+        history.seconds += time.perf_counter() - start  # the checkpoint's history holds the time so far
+        start = time.perf_counter()
         if checkpoints is not None and checkpoints.last != history.total_steps:
             checkpoints.save(run, task, position)
+
+    def stop_if_asked() -> None:
+        """After a step or an epoch's end: a caught SIGINT/SIGTERM checkpoints and stops."""
+        if stop.requested is not None:
+            save()
+            if checkpoints is not None:
+                checkpoints.wait()
+            raise Interrupted(history.total_steps, stop.requested, checkpoints is not None)
 
     try:
         with catch_signals() as stop:
@@ -221,16 +232,10 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                             history.val_losses.append(val_loss)
                             history.steps.append(global_step)
                             history.seen.append(history.total_seen)
-                            run.log(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                            progress.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
                         if settings.checkpoint_every is not None and history.total_steps % settings.checkpoint_every == 0:
                             save()
-                        if stop.requested is not None:
-                            save()
-                            history.seconds += time.perf_counter() - start
-                            start = time.perf_counter()
-                            if checkpoints is not None:
-                                checkpoints.wait()
-                            raise Interrupted(history.total_steps, stop.requested, checkpoints is not None)
+                        stop_if_asked()
                         if done():
                             break
                     progress.close()
@@ -239,9 +244,8 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                 task.epoch_end(run, epoch)
                 position.epoch, position.batch = epoch + 1, 0
                 if settings.checkpoint_every is None:
-                    history.seconds += time.perf_counter() - start
-                    start = time.perf_counter()
                     save()
+                stop_if_asked()  # a signal during epoch_end's evaluations (the last one too)
                 if done():
                     break
     finally:
@@ -287,7 +291,8 @@ def fit(
         distributed.check_same_settings(record if record is not None else dataclasses.asdict(settings))
     mask = optim.trainable_mask(config, params, settings.trainable, settings.final_norm)
     optimizer = optim.adamw(
-        settings.lr, settings.weight_decay, grad_clip_norm=settings.grad_clip_norm, accumulation_steps=settings.accumulation_steps
+        settings.lr, settings.weight_decay, grad_clip_norm=settings.grad_clip_norm, accumulation_steps=settings.accumulation_steps,
+        steps_per_epoch=task.steps_per_epoch(), last_step=settings.max_steps,
     )
     state = init_state(params, mask, optimizer, seed=settings.seed)
     del params  # the state holds its own copy

@@ -41,6 +41,7 @@ def inputs(tmp_path_factory) -> Path:
     (d / "hparams-malformed.json").write_text('{"n_vocab": 50257, "n_ctx": 64,')
     (d / "hparams-types.json").write_text(json.dumps({**TINY, "n_embd": "wide"}))
     (d / "hparams-list.json").write_text("[1, 2, 3]")
+    (d / "hparams-vocab300.json").write_text(json.dumps({**TINY, "n_vocab": 300}))  # fewer ids than GPT-2's tokenizer
     config = from_hparams(TINY)
     params = init_params(config, jax.random.PRNGKey(0))
     export(config, params, d / "lm", "jaxft")
@@ -112,6 +113,10 @@ CASES = [
     ("fc-max-length-0", [*FC, "--max-length", "0"], 2, "max-length must be >= 1", None),
     ("fc-drop-rate-1", [*FC, "--drop-rate", "1"], 2, "drop-rate must be in", None),
     ("fc-unknown-trainable", [*FC, "--trainable", "middle-blocks"], 2, "middle-blocks", None),
+    ("fc-seed-beyond-32-bits", [*FC, "--seed", "4294967296"], 2, "seed must be 0 to 2**32 - 1, got 4294967296", None),
+    ("sweep-seed-negative", [*SW, "--sweep", "seed=1,-2", "--model", "{in}/lm", "--init", "pretrained"], 2, "seed must be 0 to 2**32 - 1, got -2", None),
+    ("fc-lora-without-rank", [*FC, "--trainable", "lora"], 2, "--lora-rank R", None),
+    ("fc-more-blocks-than-the-model", [*FC, "--trainable", "last-5-blocks"], 2, "N must be 1 to 2", None),
     ("fc-unknown-pooling", [*FC, "--pooling", "median"], 2, "invalid choice: 'median'", None),
     ("fc-unknown-flag", [*FC, "--learning-rate", "1"], 2, "unrecognized arguments", None),
     ("fc-batch-larger-than-data", [*FC, "--train", "{in}/train.csv", "--validation", "{in}/train.csv", "--test", "{in}/train.csv",
@@ -173,6 +178,11 @@ CASES = [
     ("fi-resume-on-nothing", [*FI, "--resume"], 2, "holds no run", None),
     ("fi-out-under-a-file", [*FI[:6], UNDER_FILE, *FI[7:]], 1, "a-file is not a directory", None),
     ("fi-export-pth-without-torch", [*FI, "--export-pth"], 2, "needs PyTorch", "no-torch"),
+    ("fi-vocab-too-small", [*FI[:4], "{in}/hparams-vocab300.json", *FI[5:]], 2,
+     "hparams-vocab300.json: the model's vocabulary has 300 tokens, too few for the GPT-2 tokenizer", None),
+    ("fi-seed-beyond-64-bits", [*FI, "--seed", "99999999999999999999"], 2, "seed must be 0 to 2**32 - 1", None),
+    ("fi-seed-negative", [*FI, "--seed", "-1"], 2, "seed must be 0 to 2**32 - 1, got -1", None),
+    ("fi-more-blocks-than-the-model", [*FI, "--trainable", "last-3-blocks"], 2, "N must be 1 to 2", None),
     # ---- classify
     ("classify-file-missing", ["classify", "--model", "{in}/clf", "--file", "{in}/texts.txt"], 2, "texts.txt: no such file", None),
     ("classify-file-not-utf8", ["classify", "--model", "{in}/clf", "--file", "{in}/texts-latin1.txt"], 2,
@@ -197,6 +207,16 @@ CASES = [
      "smaller than the context length (64)", None),
     ("generate-temperature-negative", ["generate", "--model", "{in}/lm", "--prompt", "Hi", "--temperature", "-1"], 2,
      "--temperature must be >= 0", None),
+    ("generate-temperature-nan", ["generate", "--model", "{in}/lm", "--prompt", "Hi", "--temperature", "nan"], 2,
+     "--temperature must be >= 0 and finite, got nan", None),
+    ("generate-temperature-inf", ["generate", "--model", "{in}/lm", "--prompt", "Hi", "--temperature", "inf"], 2,
+     "--temperature must be >= 0 and finite, got inf", None),
+    ("generate-top-p-nan", ["generate", "--model", "{in}/lm", "--prompt", "Hi", "--temperature", "1", "--top-p", "nan"], 2,
+     "--top-p must be in (0, 1], got nan", None),
+    ("generate-top-p-inf-greedy", ["generate", "--model", "{in}/lm", "--prompt", "Hi", "--top-p", "inf"], 2,
+     "--top-p must be in (0, 1], got inf", None),
+    ("generate-seed-beyond-64-bits", ["generate", "--model", "{in}/lm", "--prompt", "Hi", "--temperature", "1", "--seed",
+                                      "99999999999999999999"], 2, "--seed must be a signed 64-bit integer", None),
     ("generate-empty-prompt", ["generate", "--model", "{in}/lm", "--prompt", ""], 2, "--prompt is empty", None),
     ("generate-model-corrupt", ["generate", "--model", "{in}/corrupt-model", "--prompt", "Hi"], 2, "corrupt-model", None),
     ("generate-config-malformed", ["generate", "--model", "{in}/truncated.safetensors", "--config", "{in}/hparams-malformed.json",

@@ -139,6 +139,34 @@ def test_keeps_the_newest_and_overwrites_an_abandoned_future(tmp_path):
             ckpt.restore(None, like=tree)
 
 
+def test_a_full_disk_is_one_line_write_error_and_the_earlier_checkpoint_stays(tmp_path, monkeypatch):
+    import collections
+
+    from jaxft import checkpoint
+    from jaxft.fileio import WriteError
+
+    tree = {"w": jnp.zeros((256, 1024), jnp.float32)}  # 1 MiB of arrays
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        ckpt.save(1, tree, {"step": 1})
+        ckpt.wait()
+        usage = collections.namedtuple("usage", "total used free")
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 << 20, 9 << 20, 1 << 20))
+        with pytest.raises(WriteError) as info:  # refused before orbax starts writing
+            ckpt.save(2, tree, {"step": 2})
+        assert str(info.value) == f"{tmp_path}: cannot write: No space left on device: a checkpoint needs about 2.1 MB, 1.0 MB free"
+        monkeypatch.undo()
+
+        def fails(*args, **kwargs):  # how TensorStore reports a failed write, through orbax
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "/x/": Failed writing: '
+                             '"/x/d/cf8d": Failed to write 20480 bytes to file 5: No space left on device [os_error_code=\'28\']')
+
+        monkeypatch.setattr(ckpt._manager, "save", fails)
+        with pytest.raises(WriteError, match=r"^\S+: cannot write: No space left on device$"):
+            ckpt.save(2, tree, {"step": 2})
+        monkeypatch.undo()
+        assert ckpt.all_steps() == [1] and ckpt.restore(None, like=tree)[1] == {"step": 1}
+
+
 def test_leftovers_of_an_interrupted_save_are_never_latest(tmp_path):
     tree = {"w": jnp.ones(3)}
     with Checkpointer(tmp_path) as ckpt:

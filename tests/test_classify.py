@@ -59,7 +59,7 @@ def test_unknown_trainable_is_a_clear_error():
     params = init_params(TINY, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="last-N-blocks"):
         optim.trainable_mask(TINY, params, "middle")
-    with pytest.raises(ValueError, match="has 3 blocks"):
+    with pytest.raises(ValueError, match=r"N must be 1 to 3, the model.s blocks"):
         optim.trainable_mask(TINY, params, "last-7-blocks")
 
 
@@ -125,6 +125,17 @@ def test_twenty_steps_match_the_torch_reference(pooling):
     """Same weights, head, batches: jaxft vs a torch loop written like the reference's; with
     last-non-pad pooling, against the reference's "flexible" variant (texts padded with pad_id
     after their lengths, as its loader pads them)."""
+    _race_the_torch_reference(pooling, n_steps=20, lr=5e-5)
+
+
+def test_gradient_accumulation_matches_the_reference_loop():
+    """The reference's follow-up experiment's accumulation: loss / k, an update after every k-th
+    batch of an epoch and after the epoch's last (here 5 batches an epoch, k = 2: updates after
+    batches 2, 4, 5, 7, 9, 10), not optax.MultiSteps' groups that run across epochs."""
+    _race_the_torch_reference("last", n_steps=10, lr=1e-3, k=2, steps_per_epoch=5)
+
+
+def _race_the_torch_reference(pooling: str, n_steps: int, lr: float, k: int = 1, steps_per_epoch: int | None = None) -> None:
     ref = random_reference_model(TINY, seed=3)
     torch.manual_seed(7)
     ref.out_head = torch.nn.Linear(TINY.emb_dim, 2)  # the reference's new head
@@ -135,24 +146,27 @@ def test_twenty_steps_match_the_torch_reference(pooling):
             p.requires_grad = True
     config, params = torch_ref.state_dict_to_params(TINY, ref.state_dict())
     mask = optim.trainable_mask(config, params, "last-block")
-    opt = optim.adamw(5e-5, 0.1)
+    opt = optim.adamw(lr, 0.1, accumulation_steps=k, steps_per_epoch=steps_per_epoch)
     state = train.init_state(params, mask, opt)
     step, _ = train.make_steps(config, opt, "classification", pooling=pooling)
-    torch_opt = torch.optim.AdamW(ref.parameters(), lr=5e-5, weight_decay=0.1)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=lr, weight_decay=0.1)
 
     rs = np.random.RandomState(0)
     pad_id = TINY.vocab_size - 1
     ref.train()
-    loss_diffs = []
-    for _ in range(20):
+    loss_diffs, updates = [], 0
+    for i in range(n_steps):
         batch = _batch(rs, vocab=pad_id)  # texts never contain pad_id
         batch["tokens"][np.arange(batch["tokens"].shape[1]) >= batch["lengths"][:, None]] = pad_id
         state, metrics = step(state, batch)
-        torch_opt.zero_grad()
         logits = _reference_logits(ref, batch["tokens"], pooling, pad_id)
         loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["labels"]).long())
-        loss.backward()
-        torch_opt.step()
+        (loss / k).backward()
+        batch_idx = i % steps_per_epoch if steps_per_epoch else i
+        if (batch_idx + 1) % k == 0 or batch_idx + 1 == steps_per_epoch:  # the reference's is_update_step
+            torch_opt.step()
+            torch_opt.zero_grad()
+            updates += 1
         loss_diffs.append(abs(float(metrics["loss"]) - loss.item()))
     assert max(loss_diffs) <= 1e-4, loss_diffs
 
@@ -166,9 +180,9 @@ def test_twenty_steps_match_the_torch_reference(pooling):
         a, b = ours[key], theirs[key]
         if key.endswith("attn/c_attn/bias"):
             # The key bias adds q.b_k to every score of a query: softmax cancels it, so its
-            # true gradient is 0 and Adam normalises rounding noise (±lr per step) in both
+            # true gradient is 0 and Adam normalises rounding noise (±lr per update) in both
             # frameworks. Compare q and v biases; check the key bias only moved by noise.
-            np.testing.assert_array_less(np.abs(a[d : 2 * d] - b[d : 2 * d]), 20 * 5e-5 * 2)
+            np.testing.assert_array_less(np.abs(a[d : 2 * d] - b[d : 2 * d]), updates * lr * 2)
             a, b = np.concatenate([a[:d], a[2 * d :]]), np.concatenate([b[:d], b[2 * d :]])
         rel = np.linalg.norm(a - b) / np.linalg.norm(b)
         assert rel <= 1e-4, f"{key}: relative difference {rel:.2e}"

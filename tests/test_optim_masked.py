@@ -147,8 +147,8 @@ def test_masked_with_gradient_accumulation_wraps_the_inner_optimizer():
     masked_params, masked_state = _run_masked(params, mask, optimizer, batches)
     assert _max_diff(split_params, masked_params) <= 1e-7
     _assert_frozen_bitwise(params, masked_params, mask)
-    # MultiSteps inside masked: its gradient accumulator covers the trainable leaves only.
-    accumulated = _only(masked_state, "acc_grads")
+    # accumulation inside masked: its gradient accumulator covers the trainable leaves only.
+    accumulated = _only(masked_state, "grads")
     assert sum(x.size for x in _array_leaves(accumulated)) == param_count(optim.split(params, mask)[0])
 
 

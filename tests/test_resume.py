@@ -87,6 +87,7 @@ def _params(out: Path) -> list[np.ndarray]:
 
 def _comparable(out: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
+    metrics["recipe"]["trainer"].pop("attention")  # may change on resume (rundir.RESUMABLE_DIFFERENTLY); checked apart
     return {k: v for k, v in metrics.items() if k not in TIMING | PER_PROCESS}
 
 
@@ -121,11 +122,14 @@ def test_killed_twice_and_resumed_equals_uninterrupted(command, hparams, uninter
     refused = _run(argv)  # without --resume: says how to resume
     assert refused.returncode == 2 and "--resume" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     _kill_after_checkpoint([*argv, "--resume"], out, at_least=first + 6)  # a second point, after a resume
-    result = _run([*argv, "--resume"])
+    # how attention is computed may change on resume (a run begun with cuDNN's kernel goes on on a
+    # CPU); on a CPU "auto" is this explicit path, so the run stays bitwise the uninterrupted one
+    result = _run([*argv, "--resume", "--attention", "xla"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from step" in result.stdout
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "completed" and len(record["attempts"]) == 3
+    assert json.loads((out / "metrics.json").read_text())["recipe"]["trainer"]["attention"] == "xla"  # the last attempt's
     _assert_same_run(uninterrupted[command], out)
 
 
@@ -146,6 +150,48 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(hparams, uninterrupted, 
     assert _complete_steps(out)[-1] == step  # the checkpoint of the step it stopped at
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "interrupted" and "SIGTERM" in record["reason"]
+    result = _run([*argv, "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(uninterrupted[command], out)
+
+
+# SIGTERM sent by the run to itself at a phase outside the steps: during the last epoch's end
+# (its evaluations; the graceful handler is installed) or while writing the outputs (it is not).
+SIGTERM_AT = """
+import os, signal, sys
+import jaxft.train as train
+if sys.argv[1] == "last-epoch-end":
+    class Progress(train.Progress):
+        def close(self):
+            super().close()
+            if self.desc == "epoch 2/2":
+                os.kill(os.getpid(), signal.SIGTERM)
+    train.Progress = Progress
+else:
+    plot = train.plot_values
+    def plot_values(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return plot(*args, **kwargs)
+    train.plot_values = plot_values
+from jaxft.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("phase", ["last-epoch-end", "outputs"])
+def test_sigterm_outside_the_steps_is_recorded_and_resumes(phase, hparams, uninterrupted, tmp_path):
+    command = "finetune-classifier"
+    out = tmp_path / "run"
+    argv = _argv(command, hparams, out, "--checkpoint-every", "3")
+    result = _run([argv[0], "-c", SIGTERM_AT, phase, *argv[3:]])
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "--resume" in line and ("interrupted at step 16 (SIGTERM)" if phase == "last-epoch-end" else "interrupted (SIGTERM)") in line, line
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and "SIGTERM" in record["reason"]
+    assert not (out / "metrics.json").exists()
+    if phase == "last-epoch-end":
+        assert _complete_steps(out)[-1] == 16  # the stop wrote the last step's checkpoint
     result = _run([*argv, "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(uninterrupted[command], out)

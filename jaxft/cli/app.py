@@ -17,6 +17,7 @@ import warnings
 from ..distributed import DistributedError
 from ..download import DownloadError
 from ..fileio import WriteError
+from ..interrupts import Terminated, exit_code, terminate_raises
 from ..rundir import RunDirError
 from ..resume import TrainingStopped
 from ..tokenizer import TokenizerNotFoundError
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # for messages that repeat the command line
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), terminate_raises():
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         return _run(args)
 
@@ -94,9 +95,11 @@ def _run(args: argparse.Namespace) -> int:
         message = " ".join(str(exc).split("\n"))
         print(f"jaxft {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"jaxft {args.command}: interrupted", file=sys.stderr)
-        return EXIT_SIGINT
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) outside the training steps
+        detail, resume = " ".join(str(exc).split()), getattr(exc, "resume", None)  # resume: set by claimed_run
+        print(f"jaxft {args.command}: interrupted{f' ({detail})' if detail else ''}{f'; resume with: {resume}' if resume else ''}",
+              file=sys.stderr)
+        return exit_code(exc.signum) if isinstance(exc, Terminated) else EXIT_SIGINT
 
 
 if __name__ == "__main__":

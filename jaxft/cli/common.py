@@ -243,9 +243,11 @@ def claimed_run(args: argparse.Namespace, recipe: Any, then: Any = None) -> Iter
         if lazy.run is not None:
             lazy.run.mark("failed", str(exc))
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM outside the training steps (interrupts.Terminated)
         if lazy.run is not None:
-            lazy.run.mark("interrupted", "KeyboardInterrupt")
+            lazy.run.mark("interrupted", str(exc) or "KeyboardInterrupt")
+            if lazy.run.latest_checkpoint() is not None:
+                exc.resume = resume_command(args)
         raise
     except BaseException as exc:
         if lazy.run is not None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import losses, packing, sources, train, trunk
+from .. import losses, optim, packing, sources, train, trunk
 from ..classifier import Classifier
 from ..config import GPTConfig
 from ..data import batching, labeled, spam
@@ -304,6 +304,7 @@ def run(
 
     key_model, key_head, key_lora = jax.random.split(jax.random.PRNGKey(settings.seed), 3)
     config, params = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
+    optim.trainable_blocks(config, settings.trainable)  # last-N-blocks against this model's blocks, before the claim
     data = encode_splits(frames, list(class_names), tokenizer, max_length=recipe.max_length, context_length=config.context_length)
     config, params = with_classifier_head(config, params, len(data.class_names), key_head)
     if settings.lora_rank:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from .. import generate as gen
-from .. import packing, sources, train
+from .. import optim, packing, sources, train
 from ..config import GPTConfig, canonical_name, is_size_name
 from ..data import instruct as data
 from ..data.batching import num_batches
@@ -257,7 +257,7 @@ class InstructionTask(train.Task):
             responses = generate_responses(
                 self.config, params, self.splits.test, self.tokenizer, style=self.recipe.style,
                 max_new_tokens=self.recipe.max_new_tokens, batch_size=self.recipe.response_batch_size,
-                progress=self.progress, source=self.source, mesh=run.mesh,
+                progress=self.progress, source=self.source, mesh=run.mesh, log=run.log,
             )
             response_seconds = time.perf_counter() - t0
             with_responses = [{**entry, "model_response": text} for entry, text in zip(self.splits.test, responses)]
@@ -275,6 +275,16 @@ class InstructionTask(train.Task):
             "split_sizes": {name: len(getattr(self.splits, name)) for name in ("train", "validation", "test")},
         }
         return metrics, outputs
+
+
+def _check_vocabulary(model: str, config: GPTConfig, tokens: data.TokenizedInstructions) -> None:
+    """Out-of-range ids would train on garbage (NaN losses) rather than fail: refuse them up front."""
+    top = max([data.PAD_ID, *(max(ids) for ids in tokens.token_ids if ids)])
+    if top >= config.vocab_size:
+        raise ValueError(
+            f"{model}: the model's vocabulary has {config.vocab_size} tokens, too few for the GPT-2 tokenizer "
+            f"(the data and its padding use token ids up to {top})"
+        )
 
 
 def run(
@@ -321,6 +331,8 @@ def run(
 
     # Tokenise the whole file at once so that errors name the entry's index in the file.
     tokens = data.tokenize_entries(entries, tokenizer, recipe.style, max_length=config.context_length, source=source)
+    _check_vocabulary(settings.model, config, tokens)
+    optim.trainable_blocks(config, settings.trainable)  # last-N-blocks against this model's blocks, before the claim
     task = InstructionTask(recipe, config, tokens, splits, tokenizer, source, progress)
     if claim is not None:  # the checks passed: take the run directory just before training
         checkpoint_dir = claim()
