@@ -35,6 +35,10 @@ def encode_for_classification(tokenizer: Any, text: str, max_length: int | None,
     return ids, length
 
 
+BATCH_ROWS = 64  # texts per forward pass: memory stays bounded for a file of thousands of lines
+WIDTH_MULTIPLE = 32  # without a trained padded length, widths are rounded up to this: few compilations
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _predict(config: GPTConfig, params: Params, tokens: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
     return losses.pool(model.apply(config, params, tokens), lengths, pooling)
@@ -56,14 +60,31 @@ class Classifier:
             self.tokenizer = get_tokenizer()
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), classes]. In batches of BATCH_ROWS rows of one width (one compilation):
+        the trained padded length; without one (a converted model), the longest text rounded up
+        to WIDTH_MULTIPLE, each text then read at its own last token, never at padding."""
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"text {i + 1} is empty: nothing to classify (training refuses empty texts too)")
         encoded = [encode_for_classification(self.tokenizer, t, self.max_length, self.config.context_length) for t in texts]
-        width = max(len(ids) for ids, _ in encoded)
-        tokens = np.full((len(encoded), width), PAD_ID, np.int32)
-        for row, (ids, _) in enumerate(encoded):
-            tokens[row, : len(ids)] = ids
-        lengths = np.array([n for _, n in encoded], np.int32)
-        logits = _predict(self.config, self.params, tokens, lengths, self.pooling)
-        return np.asarray(jax.nn.softmax(logits, axis=-1))
+        pooling = self.pooling
+        if self.max_length is None:
+            longest = max((len(ids) for ids, _ in encoded), default=1)
+            width = min(-(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, self.config.context_length)
+            pooling = "last-non-pad" if pooling == "last" else pooling  # "last" of a row padded here would read padding
+        else:
+            width = min(self.max_length, self.config.context_length)
+        probabilities = []
+        for start in range(0, len(encoded), BATCH_ROWS):
+            chunk = encoded[start : start + BATCH_ROWS]
+            rows = min(BATCH_ROWS, len(encoded))  # a short last batch is padded: the same shape
+            tokens = np.full((rows, width), PAD_ID, np.int32)
+            lengths = np.ones(rows, np.int32)
+            for row, (ids, n) in enumerate(chunk):
+                tokens[row, : len(ids)], lengths[row] = ids, n
+            logits = _predict(self.config, self.params, tokens, lengths, pooling)
+            probabilities.append(np.asarray(jax.nn.softmax(logits, axis=-1))[: len(chunk)])
+        return np.concatenate(probabilities) if probabilities else np.zeros((0, self.config.num_classes), np.float32)
 
     def classify(self, text: str) -> str:
         return self.class_names[int(np.argmax(self.probabilities([text])[0]))]
@@ -78,9 +99,12 @@ class Classifier:
         return train.save_model_dir(self.config, self.params, Path(path), metadata)
 
     @classmethod
-    def load(cls, path: str | Path, tokenizer: Any = None) -> "Classifier":
-        config, params = weights.load(path)
-        meta = native.load_metadata(path)
+    def load(cls, path: str | Path, tokenizer: Any = None, config: GPTConfig | str | Path | None = None) -> "Classifier":
+        """`config` (size name or hparams.json) for a reference state dict, which does not record its shape."""
+        config, params = weights.load(path, config)
+        directory = Path(path) if Path(path).is_dir() else Path(path).parent
+        # only jaxft's own format keeps the class names and the padded length; others classify as converted
+        meta = native.load_metadata(directory) if native.is_native_dir(directory) and weights.detect_format(Path(path)) == "jaxft" else {}
         if config.num_classes is None:
             raise ValueError(f"{path}: not a classification model (it has no classification head)")
         names = meta.get("class_names") or [str(i) for i in range(config.num_classes)]

@@ -39,8 +39,8 @@ class DistributedError(RuntimeError):
 
 def _host_port(coordinator: str) -> tuple[str, int]:
     host, sep, port = coordinator.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"coordinator {coordinator!r} must be host:port, e.g. 10.0.0.1:1234")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator {coordinator!r} must be host:port (port 1 to 65535), e.g. 10.0.0.1:1234")
     return host.strip("[]"), int(port)
 
 

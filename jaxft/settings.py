@@ -57,8 +57,9 @@ class TrainerSettings:
     keep: int = setting(2, "how many of the newest checkpoints to keep", group="output")
     export_pth: bool = setting(False, "also write the reference's state dict (.pth)", group="output")
 
-    def validate(self) -> None:
-        """One-line errors for settings that cannot work, before anything runs."""
+    def validate(self, devices: bool = True) -> None:
+        """One-line errors for settings that cannot work, before anything runs; `devices`: also
+        the mesh against this host's devices (a sweep, which runs on one device, skips it)."""
         if self.init not in ("pretrained", "random"):
             raise ValueError(f"init must be 'pretrained' or 'random', got {self.init!r}")
         for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulation_steps"):
@@ -89,7 +90,7 @@ class TrainerSettings:
             raise ValueError("trainable lora trains LoRA adapters: give them a rank, --lora-rank R (e.g. 8)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        mesh = run_mesh(self.mesh)  # a mesh that needs more devices than exist: one line, now
+        mesh = run_mesh(self.mesh) if devices else None  # a mesh that needs more devices than exist: one line, now
         if mesh is not None:
             sharding.check_batch_size(self.batch_size, mesh)
 

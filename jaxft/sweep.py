@@ -75,7 +75,7 @@ def expand(recipe: Any, grid: dict[str, list]) -> list[tuple[str, dict[str, Any]
         values = dict(zip(grid, combo))
         trainer = dataclasses.replace(recipe.trainer, **{SWEEPABLE[n][0]: v for n, v in values.items()})
         run_recipe = dataclasses.replace(recipe, trainer=trainer)
-        run_recipe.validate()
+        run_recipe.validate(devices=False)  # a sweep runs on one device
         runs.append((run_name(values), values, run_recipe))
     return runs
 

@@ -67,7 +67,7 @@ def run_sweep(
     data split by each run's seed). Returns {"runs": {name: metrics}, "step_losses": {name: [..]}, ...}."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    recipe.validate()
+    recipe.validate(devices=False)  # one device, whatever the host has
     runs = expand(recipe, grid)
     settings = recipe.trainer
     k = len(runs)
@@ -76,16 +76,14 @@ def run_sweep(
     if settings.mesh is not None or settings.dtype != "float32":
         raise ValueError("a sweep runs its K runs as one float32 program on one device: drop --mesh and --dtype")
 
-    # Data: one set of frames for user frames/CSVs; one per seed when split from one file.
-    split_here, by_seed = False, {}
+    # Data: the given frames (or --train/--validation/--test) for every run; one split per seed when split from one file.
+    split_here = False
     if frames is None:
-        frames0, class_names, split_here = load_frames(runs[0][2])
-        by_seed[runs[0][2].trainer.seed] = frames0
+        frames, class_names, split_here = load_frames(runs[0][2])
+    by_seed = {runs[0][2].trainer.seed: frames}
     for _, _, r in runs:
         if r.trainer.seed not in by_seed:
             by_seed[r.trainer.seed] = load_frames(r)[0] if split_here else frames
-    if frames is not None:
-        by_seed = {r.trainer.seed: frames for _, _, r in runs}
     n_train = len(next(iter(by_seed.values()))[0])
     if settings.batch_size > n_train:
         raise ValueError(f"batch size {settings.batch_size} is larger than the {n_train} training examples (drop_last would leave no batch)")

@@ -335,6 +335,7 @@ def cache_splits(
     widths: dict[str, np.ndarray | None] | None = None,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    dtype: Any = jnp.float32,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any], int | None]:
     """Plan and build the cache for every split's tokens [N, T]: (features per split or None,
     the record metrics.json keeps, the suffix's start block or None). Without `widths`,
@@ -342,7 +343,8 @@ def cache_splits(
     uncached steps, so (with padding to the longest text) the same float rounding, bit for bit
     on CPU. With `widths` (split -> per-row widths, see `needed_widths`), each row only up to
     what the classifier reads, packed: the record's "positions" counts the slots computed.
-    `progress`: the pass's progress bar (see `trunk_pass`; False: none)."""
+    `progress`: the pass's progress bar (see `trunk_pass`; False: none). `dtype`: the compute
+    dtype of the steps (bfloat16: the prefix computes in bf16 as the uncached step would)."""
     rows, seq = sum(len(x) for x in tokens.values()), max(x.shape[1] for x in tokens.values())
     chosen = plan(config, mask, enabled=enabled, rows=rows, seq=seq, max_bytes=max_bytes)
     if not chosen.used:
@@ -358,7 +360,9 @@ def cache_splits(
         all_widths = np.concatenate([widths[name] for name in names])
     all_tokens = np.concatenate([_padded(x, seq) for x in tokens.values()])
     start = time.perf_counter()
-    features, positions = trunk_pass(config, params, all_tokens, chosen.start_block, batch_size=batch_size, widths=all_widths, progress=progress)
+    features, positions = trunk_pass(
+        config, params, all_tokens, chosen.start_block, batch_size=batch_size, widths=all_widths, dtype=dtype, progress=progress
+    )
     bounds = np.cumsum([0] + sizes)
     hidden = {name: features[a:b, : tokens[name].shape[1]] for name, a, b in zip(names, bounds[:-1], bounds[1:])}
     seconds = time.perf_counter() - start

@@ -17,7 +17,7 @@ from jaxft.config import GPTConfig
 from jaxft.data import batching
 from jaxft.tokenizer import PAD_ID
 from jaxft.settings import TrainerSettings
-from jaxft.model import init_params, param_count
+from jaxft.model import apply, init_params, param_count
 from jaxft.recipes import classify
 from jaxft.weights import torch_ref
 from jaxft.weights.common import flatten
@@ -262,6 +262,12 @@ def test_cli_finetune_classifier_on_user_csvs_then_classify(tmp_path, shared_dat
     printed = capsys.readouterr().out.split()
     assert set(printed) <= {"neg", "neu", "pos"} and len(printed) == 2
 
+    # The exported .pth classifies too, given the shape it does not record: the same classes, as ids
+    # (the state dict holds no class names).
+    assert main(["classify", "--model", str(out / "review_classifier.pth"), "--config", str(_tiny_hparams(tmp_path)),
+                 "great lovely wonderful great", "awful bad terrible"]) == 0
+    assert [metrics["class_names"][int(i)] for i in capsys.readouterr().out.split()] == printed
+
     # The exported .pth loads into the reference GPTModel with a 3-class head (strict).
     ref_cfg = config_dict(GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=4))
     ref = GPTModel(ref_cfg)
@@ -276,6 +282,44 @@ def test_classify_review_truncates_to_the_context_length(tokenizer):
     ids, length = classifier.encode_for_classification(tokenizer, "word " * 500, 120, config.context_length)
     assert len(ids) == 16 and length == 16  # not 120: the model has 16 positions
     assert classifier.classify_review("word " * 500, clf) in ("spam", "not spam")
+
+
+def test_a_classifier_reads_each_text_where_it_was_trained_in_bounded_batches(tokenizer):
+    config = GPTConfig(vocab_size=50257, context_length=64, emb_dim=16, n_layers=1, n_heads=2)
+    config, params = classify.with_classifier_head(config, init_params(config, jax.random.PRNGKey(0)), 2, jax.random.PRNGKey(1))
+    texts = [f"text number {i} " + "word " * (i % 13) for i in range(150)]
+
+    def alone(text: str) -> np.ndarray:  # the model on the text's own tokens, read at its last one
+        ids = tokenizer.encode(text)
+        return np.asarray(jax.nn.softmax(apply(config, params, np.array([ids]))[0, -1]))
+
+    # A converted model (no trained padded length): each text at its own last token, never at
+    # padding, whatever texts share its call; in batches of 64 rows (150 texts: 3 batches).
+    converted = classifier.Classifier(config, params, ["ham", "spam"], max_length=None, tokenizer=tokenizer)
+    together = converted.probabilities(texts)
+    assert together.shape == (150, 2)
+    for i in (0, 63, 64, 149):
+        np.testing.assert_allclose(together[i], alone(texts[i]), atol=1e-6)
+        np.testing.assert_allclose(converted.probabilities([texts[i]])[0], alone(texts[i]), atol=1e-6)
+    # A trained one pads to its padded length and reads the last position, as it was trained.
+    trained = classifier.Classifier(config, params, ["ham", "spam"], max_length=20, tokenizer=tokenizer)
+    ids = tokenizer.encode(texts[5])
+    padded = np.array([ids + [PAD_ID] * (20 - len(ids))])
+    np.testing.assert_allclose(trained.probabilities([texts[5]])[0], np.asarray(jax.nn.softmax(apply(config, params, padded)[0, -1])), atol=1e-6)
+    with pytest.raises(ValueError, match="text 2 is empty"):
+        trained.probabilities(["fine", "  "])
+
+
+def test_last_pooling_on_batch_dependent_padding_is_refused_unless_one_text_a_batch():
+    for padding, batch_size in (("bucket", 8), ("bucket", 1), ("batch", 8)):
+        recipe = classify.ClassifierRecipe(trainer=TrainerSettings(batch_size=batch_size), padding=padding)
+        with pytest.raises(ValueError, match=f"with --padding {padding} that depends on the batch; use --pooling last-non-pad"):
+            recipe.validate()
+    # one text a batch, unpadded (the reference's "no padding"): its last position is its last token
+    recipe = classify.ClassifierRecipe(trainer=TrainerSettings(batch_size=1), padding="batch")
+    recipe.validate()
+    data = classify.ClassificationData(None, None, None, ["ham", "spam"], 120)
+    assert classify.ClassificationTask(recipe, data).model_metadata()["pooling"] == "last-non-pad"
 
 
 def test_cli_user_mistakes_are_one_line_errors(tmp_path, capsys):

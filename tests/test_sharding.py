@@ -244,6 +244,8 @@ def test_single_process_helpers():
     assert isinstance(gathered["a"], np.ndarray) and gathered["b"] is None
     with pytest.raises(ValueError, match="must be host:port"):
         distributed.initialize("localhost", 2, 1)
+    with pytest.raises(ValueError, match=r"must be host:port \(port 1 to 65535\)"):  # else a wait for the whole timeout
+        distributed.initialize("127.0.0.1:70000", 2, 1)
     with pytest.raises(ValueError, match="process id 2 is outside 0..1"):
         distributed.initialize("127.0.0.1:1", 2, 2)
     # This process has used JAX already: too late to join a cluster, said in one line.

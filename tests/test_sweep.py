@@ -114,7 +114,7 @@ def test_seed_sweep_of_a_saved_random_model_equals_runs_alone(tmp_path, monkeypa
     """Each seed its own head, data order; "batch" padding: each run its own widths."""
     config = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_layers=2, n_heads=4)
     jaxft.export(config, init_params(config, jax.random.PRNGKey(7)), tmp_path / "random-model", "jaxft")
-    recipe = _recipe(tmp_path / "random-model", init="pretrained", padding="batch", trainable="last-block")
+    recipe = _recipe(tmp_path / "random-model", init="pretrained", padding="batch", pooling="last-non-pad", trainable="last-block")
     _compare(tmp_path, monkeypatch, tokenizer, recipe, {"seed": [1, 2, 3, 4]}, _frames(1))
 
 
@@ -225,3 +225,27 @@ def test_cli_sweep_classifier_writes_runs_summary_and_plot(tmp_path, shared_data
     assert code == 2 and "a sweep of 2 runs needs" in err and "fits 0 runs" in err and len(err.splitlines()) == 1
     code = main(["sweep-classifier", *common, "--sweep", "momentum=1", "--out", str(tmp_path / "o4")])
     assert code == 2 and "NAME one of lr, weight-decay, seed" in capsys.readouterr().err
+
+    # seeds over given splits (each seed its own head and order, the same three files)
+    model = tmp_path / "random-model"
+    config = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_layers=2, n_heads=4)
+    jaxft.export(config, init_params(config, jax.random.PRNGKey(9)), model, "jaxft")
+    seeds = [*common[:6], "--model", str(model), "--init", "pretrained", *common[10:]]
+    assert main(["sweep-classifier", *seeds, "--sweep", "seed=1,2", "--sweep-models", "off", "--out", str(tmp_path / "o5")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o5" / "runs").iterdir()) == ["seed=1", "seed=2"]
+
+
+def test_a_sweep_does_not_check_its_batch_against_the_hosts_devices(monkeypatch):
+    """A sweep runs on one device: a host with 8 (where a run's batch must divide over them) must
+    not refuse its batch size."""
+    from jaxft import settings as settings_module
+
+    def eight_devices(spec):
+        raise ValueError("batch size 4 is not divisible by the 8 data-parallel devices")
+
+    monkeypatch.setattr(settings_module, "run_mesh", eight_devices)
+    recipe = _recipe("model", batch_size=4)
+    with pytest.raises(ValueError, match="8 data-parallel devices"):
+        recipe.validate()  # a run would use them all
+    recipe.validate(devices=False)
+    assert len(sweep.expand(recipe, {"lr": [1e-3, 2e-3]})) == 2  # each run's recipe checked the same way

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pandas as pd
@@ -159,24 +160,26 @@ def test_pool_index_positions():
 # --------------------------------------------------------------------------- training
 
 
-def _task(trainable, cache, padding="longest", pooling="last", seed=3):
+def _task(trainable, cache, padding="longest", pooling="last", seed=3, dtype="float32"):
     rs = np.random.RandomState(seed)
     data = classify.ClassificationData(_split(rs, 40), _split(rs, 11), _split(rs, 9), ["a", "b"], 20)
     recipe = classify.ClassifierRecipe(
-        trainer=TrainerSettings(trainable=trainable, batch_size=4, lr=1e-3, seed=seed), pooling=pooling, padding=padding, trunk_cache=cache
+        trainer=TrainerSettings(trainable=trainable, batch_size=4, lr=1e-3, seed=seed, dtype=dtype), pooling=pooling, padding=padding,
+        trunk_cache=cache,
     )
     return recipe, classify.ClassificationTask(recipe, data)
 
 
-def _train(trainable, cache, padding, pooling, n_steps=10, opt=None):
-    recipe, task = _task(trainable, cache, padding, pooling)
+def _train(trainable, cache, padding, pooling, n_steps=10, opt=None, dtype="float32"):
+    recipe, task = _task(trainable, cache, padding, pooling, dtype=dtype)
     config, params = _classifier(seed=5)
     mask = optim.trainable_mask(config, params, trainable)
     opt = opt or optim.adamw(1e-3, 0.1)
     state = train.init_state(params, mask, opt, seed=0)
     logged = []
     options = task.step_options(config, state.params, mask, logged.append)
-    train_step, eval_step = steps.make_steps(config, opt, "classification", pooling=pooling, **options)
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    train_step, eval_step = steps.make_steps(config, opt, "classification", pooling=pooling, dtype=compute, **options)
     step_losses = []
     for epoch in range(3):
         for batch in task.train_batches(epoch):
@@ -216,6 +219,15 @@ def test_cached_training_equals_uncached(trainable, padding, pooling):
         assert np.abs(params_c[key] - params_p[key]).max() <= TOL, key
     initial = flatten(_classifier(seed=5)[1])
     assert np.abs(params_c["cls_head/kernel"] - initial["cls_head/kernel"]).max() > 1e-3  # SGD did train
+
+
+def test_cached_bfloat16_training_equals_uncached():
+    """--dtype bfloat16: the cached prefix computes in bf16 too, as the uncached step does."""
+    task, options, cached, _, evals_c, _ = _train("last-block", None, "longest", "last", dtype="bfloat16")
+    _, _, plain, _, evals_p, _ = _train("last-block", False, "longest", "last", dtype="bfloat16")
+    assert options == {"start_block": 2} and task.trunk_cache["used"]
+    assert np.abs(cached - plain).max() <= TOL
+    assert all(abs(evals_c[split]["loss"] - evals_p[split]["loss"]) <= TOL for split in evals_c)
 
 
 def _cached_and_plain(padding, pooling):

@@ -56,7 +56,10 @@ def _classify(args: argparse.Namespace) -> int:
         texts += _read_lines(Path(args.file))
     if not texts:
         raise CLIError("give text to classify (arguments or --file)" + (f": {args.file} holds no text" if args.file else ""))
-    classifier = Classifier.load(args.model, tokenizer=get_tokenizer(args.vocab_dir))
+    for i, text in enumerate(args.text):
+        if not text.strip():
+            raise CLIError(f"text {i + 1} is empty: nothing to classify")
+    classifier = Classifier.load(args.model, tokenizer=get_tokenizer(args.vocab_dir), config=args.config)
     for text, probs in zip(texts, classifier.probabilities(texts)):
         label = classifier.class_names[int(np.argmax(probs))]
         print(f"{label}\t{probs.max():.3f}\t{text}" if args.verbose else label)
@@ -75,5 +78,6 @@ def register(subparsers: Any) -> None:
     c.add_argument("text", nargs="*", help="texts to classify")
     c.add_argument("--file", help="a file with one text per line")
     c.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe")
+    c.add_argument("--config", help="size name or hparams.json, for a reference state dict (.pth), which does not record its shape")
     c.add_argument("-v", "--verbose", action="store_true", help="print probability and text too")
     c.set_defaults(func=_classify)

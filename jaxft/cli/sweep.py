@@ -18,7 +18,7 @@ from .common import CLIError, add_recipe_command, claimed_run, on_off, settings_
 
 def _sweep(args: argparse.Namespace) -> int:
     recipe = settings_from_args(ClassifierRecipe, args)
-    recipe.validate()
+    recipe.validate(devices=False)  # one device, whatever the host has
     grid = parse_sweep(args.sweep)
     if args.resume:
         raise CLIError("a sweep keeps no checkpoints, so it cannot --resume: run it again (with --overwrite)")

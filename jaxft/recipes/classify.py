@@ -65,8 +65,8 @@ class ClassifierRecipe:
     )
     trunk_cache_max_gb: float = setting(8.0, "host-memory bound of the trunk cache (GB); above it the run trains uncached")
 
-    def validate(self) -> None:
-        self.trainer.validate()
+    def validate(self, devices: bool = True) -> None:
+        self.trainer.validate(devices)
         files = [self.train, self.validation, self.test]
         if any(files) and not all(files):
             raise ValueError("--train, --validation and --test go together")
@@ -78,6 +78,14 @@ class ClassifierRecipe:
             raise ValueError(f"unknown padding {self.padding!r}; choose one of: {', '.join(PADDINGS)}")
         if self.pooling not in losses.POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
+        if self.pooling == "last" and (self.padding == "bucket" or (self.padding == "batch" and self.trainer.batch_size > 1)):
+            # Position max-length of a row padded per batch is padding for most texts, and which
+            # token it is depends on the batch: no saved classifier could read text that way.
+            raise ValueError(
+                f"--pooling last reads each row's last position, padding included: with --padding {self.padding} that "
+                "depends on the batch; use --pooling last-non-pad (each text's last token; the reference's 'flexible')"
+                + (" or --batch-size 1 (no padding at all)" if self.padding == "batch" else "")
+            )
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max-length must be >= 1, got {self.max_length}")
         if not self.trunk_cache_max_gb >= 0:
@@ -177,6 +185,7 @@ class ClassificationTask(train.Task):
             max_bytes=self.recipe.trunk_cache_max_gb * 1e9, log=log,
             widths={name: trunk.needed_widths(self.pooling, getattr(self.data, name).lengths) for name in SPLITS},
             progress=None if self.recipe.trainer.progress else False,  # --no-progress: no bar here either
+            dtype=jnp.bfloat16 if self.recipe.trainer.dtype == "bfloat16" else jnp.float32,
         )
         return {} if start_block is None else {"start_block": start_block}
 
@@ -249,7 +258,9 @@ class ClassificationTask(train.Task):
         return metrics
 
     def model_metadata(self) -> dict[str, Any]:
-        return Classifier.metadata(self.data.class_names, self.data.max_length, self.recipe.pooling)
+        # batch padding with one text a batch (the reference's "no padding"): the last position is the last token
+        pooling = "last-non-pad" if self.recipe.pooling == "last" and self.recipe.padding != "longest" else self.recipe.pooling
+        return Classifier.metadata(self.data.class_names, self.data.max_length, pooling)
 
     def pth_name(self, config: GPTConfig) -> str:
         return "review_classifier.pth"  # the reference's file name
