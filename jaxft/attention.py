@@ -24,13 +24,14 @@ def segment_mask(segments: jax.Array) -> jax.Array:
     return (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
 
 
-def fused_attention(attention: str, dtype: Any) -> str | None:
+def fused_attention(attention: str, dtype: Any, dropout: bool = False) -> str | None:
     """The `jax.nn.dot_product_attention` implementation for an `attention` setting, or None for
     the explicit scores and softmax ("auto": cudnn on a GPU with 16-bit compute, where cuDNN's
-    fused kernel exists; it has no fp32 path)."""
+    fused kernel exists; it has no fp32 path, and no attention dropout: with `dropout` active,
+    auto is the explicit path)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTIONS)}")
     if attention == "auto":
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return "cudnn" if half and jax.default_backend() == "gpu" else None
+        return "cudnn" if half and not dropout and jax.default_backend() == "gpu" else None
     return None if attention == "xla" else attention

@@ -29,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .attention import fused_attention, segment_mask
 from .config import GPTConfig
@@ -310,6 +311,8 @@ class GPT2(nn.Module):
         cfg = self.config
         batch, seq = tokens.shape
         if positions is None:
+            if seq > cfg.context_length:  # the position table has no row for them: NaN, not an error, under jit
+                raise ValueError(f"sequence of {seq} tokens exceeds the model's context length {cfg.context_length}")
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
 
         wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
@@ -317,7 +320,7 @@ class GPT2(nn.Module):
         x = wte(tokens) + wpe(positions)
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
 
-        fused = fused_attention(self.attention, self.dtype)
+        fused = fused_attention(self.attention, self.dtype, dropout=not deterministic and cfg.drop_rate > 0)
         x = run_blocks(cfg, self.dtype, self.remat, x, 0, deterministic, pool_index, fused=fused, segments=segments)
         x = _layer_norm(cfg, "ln_f")(x)
         if return_hidden:
@@ -363,6 +366,9 @@ def apply(
     `return_hidden=True`; with a cache, (logits, new cache)). Dropout is active only when
     `dropout_key` is given; `dtype` is the compute dtype (parameters stay fp32); `attention`
     see `fused_attention`."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tokens.shape}")
     model = GPT2(config, dtype=dtype, remat=remat, attention=attention)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     return model.apply({"params": params}, tokens, deterministic=dropout_key is None, rngs=rngs, **kwargs)
@@ -375,16 +381,13 @@ def _logits(config: GPTConfig, params: Params, tokens: jax.Array) -> jax.Array:
 
 def logits(config: GPTConfig, params: Params, token_ids: Any) -> jax.Array:
     """fp32 logits [batch, seq, vocab or num_classes], no dropout. token_ids: [seq] or [batch, seq]."""
-    tokens = jnp.asarray(token_ids, dtype=jnp.int32)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2:
-        raise ValueError(f"token_ids must be [seq] or [batch, seq], got shape {tokens.shape}")
-    if tokens.shape[1] > config.context_length:
-        raise ValueError(
-            f"sequence of {tokens.shape[1]} tokens exceeds the model's context length {config.context_length}"
-        )
-    return _logits(config, params, tokens)
+    ids = np.asarray(token_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2:
+        raise ValueError(f"token_ids must be [seq] or [batch, seq], got shape {ids.shape}")
+    if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= config.vocab_size):
+        raise ValueError(f"token ids must be integers in 0..{config.vocab_size - 1} (the model's vocabulary)")
+    return _logits(config, params, jnp.asarray(ids, dtype=jnp.int32))  # (the model refuses more positions than it has)
 
 
 def param_count(params: Params) -> int:

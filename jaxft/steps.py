@@ -64,9 +64,13 @@ def classification_metrics(
     start_block: int | None = None,
     attention: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(weighted mean loss, {loss, correct, count}) for a classification batch. With
-    `start_block`, the batch carries the cached residual stream `hidden` [B, T, D] after block
-    start_block-1 instead of `tokens`, and only the rest of the model runs (no dropout)."""
+    """(weighted mean loss, {loss, correct, count}) for a classification batch: `tokens` [B, T],
+    `labels` [B], `lengths` [B] (the real tokens; pooling other than "last" reads them) and
+    optionally `weights` [B] (0 for padding rows; default 1). With `start_block`, the batch
+    carries the cached residual stream `hidden` [B, T, D] after block start_block-1 instead of
+    `tokens`, and only the rest of the model runs (no dropout)."""
+    if config.num_classes is None:
+        raise ValueError("classification_metrics needs a classifier config (num_classes; see with_classifier_head)")
     inputs = batch["tokens"] if start_block is None else batch["hidden"]
     # One position per row (all but mean pooling): the last block computes only that query.
     # Packed cached rows (jaxft.packing.pack_pooled_batch) say where each text's position is.
@@ -77,7 +81,7 @@ def classification_metrics(
     else:
         logits = trunk.suffix_apply(config, params, inputs, start_block, dtype=dtype, remat=remat, pool_index=index, **packed)
     pooled = logits if index is not None else losses.pool(logits, batch.get("lengths"), pooling)
-    weights = batch["weights"].astype(jnp.float32)
+    weights = batch["weights"].astype(jnp.float32) if "weights" in batch else jnp.ones(pooled.shape[:1], jnp.float32)
     per_example = optax.softmax_cross_entropy_with_integer_labels(pooled, batch["labels"])
     loss = (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0)
     correct = ((jnp.argmax(pooled, axis=-1) == batch["labels"]) * weights).sum()
@@ -100,7 +104,11 @@ def lm_metrics(
     The head and its cross-entropy run in chunks of rows from the final-norm hidden states
     (`losses.lm_head_loss`): the values of logits -> masked cross-entropy, without the fp32
     [B, T, vocab] logits or their gradient ever in memory whole. `vocab_multiple`: the head's
-    matmuls on a vocabulary padded to a multiple of this (masked columns: the same loss)."""
+    matmuls on a vocabulary padded to a multiple of this (masked columns: the same loss). The
+    chunked head is a custom_vjp: reverse-mode derivatives only (grad, vjp, hessian via
+    jax.hessian's forward-over-reverse); jax.jvp / jacfwd of the loss itself are not supported."""
+    if config.num_classes is not None:
+        raise ValueError("lm_metrics needs a language-model config; this one has a classification head (num_classes)")
     packed = {key: batch[key] for key in ("positions", "segments") if key in batch}  # packed rows (jaxft.packing)
     hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True, attention=attention, **packed)
     if config.tie_embeddings:  # the model's wte.attend: fp32 whatever the compute dtype

@@ -36,6 +36,21 @@ def test_cudnn_needs_bfloat16_and_no_dropout():
             bad.validate()
 
 
+def test_auto_on_a_gpu_keeps_the_explicit_path_while_dropout_is_on(monkeypatch):
+    """cuDNN's kernel has no attention dropout: "auto" must not pick it for a dropout step
+    (--dtype bfloat16 --drop-rate 0.1 on a GPU), where an explicit "cudnn" is refused."""
+    from jaxft import attention
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")  # as on a GPU
+    assert model.fused_attention("auto", jnp.bfloat16) == "cudnn"
+    assert model.fused_attention("auto", jnp.bfloat16, dropout=True) is None
+    cfg = SMALL.replace(drop_rate=0.1)
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    batch = {"inputs": jnp.ones((2, 16), jnp.int32), "targets": jnp.ones((2, 16), jnp.int32)}
+    loss, _ = steps.lm_metrics(cfg, params, batch, dropout_key=jax.random.PRNGKey(1), dtype=jnp.bfloat16)
+    assert np.isfinite(float(loss))  # ran the explicit path (cuDNN's kernel cannot run on this CPU)
+
+
 def test_fused_attention_equals_the_explicit_one():
     cfg = SMALL
     x = jax.random.normal(jax.random.key(0), (3, 11, cfg.emb_dim))
@@ -65,7 +80,7 @@ def test_train_steps_reach_the_fused_path_and_match(monkeypatch, task):
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     # "cudnn" needs a GPU: route the setting to JAX's own fused implementation instead.
-    monkeypatch.setattr(model, "fused_attention", lambda attention, dtype: "xla" if attention == "cudnn" else None)
+    monkeypatch.setattr(model, "fused_attention", lambda attention, dtype, dropout=False: "xla" if attention == "cudnn" else None)
     cfg = SMALL.replace(num_classes=2) if task == "classification" else SMALL
     params = model.init_params(cfg, jax.random.key(2))
     rng = np.random.default_rng(0)

@@ -1,0 +1,55 @@
+"""The functional API refuses misuse in one line, where it would otherwise return NaN or
+garbage silently (ids outside the vocabulary, more positions than the model has, a loss for the
+other task) or fail deep inside Flax (a flat token list)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxft
+from jaxft.config import GPTConfig
+from jaxft.model import init_params
+
+CONFIG = GPTConfig(vocab_size=512, context_length=32, emb_dim=32, n_layers=2, n_heads=4)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("ids", [[[1, 2, 512]], [[-1]], [[0.5, 1.0]]])
+def test_logits_refuse_ids_outside_the_vocabulary(params, ids):
+    with pytest.raises(ValueError, match=r"token ids must be integers in 0\.\.511"):
+        jaxft.logits(CONFIG, params, ids)
+
+
+def test_more_positions_than_the_model_has_is_an_error_not_nan(params):
+    tokens = jnp.ones((2, 40), jnp.int32)
+    for run in (lambda: jaxft.logits(CONFIG, params, tokens), lambda: jaxft.apply(CONFIG, params, tokens),
+                lambda: jaxft.lm_metrics(CONFIG, params, {"inputs": tokens, "targets": tokens})):
+        with pytest.raises(ValueError, match="sequence of 40 tokens exceeds the model's context length 32"):
+            run()
+
+
+def test_apply_takes_lists_and_names_a_wrong_rank(params):
+    assert jaxft.apply(CONFIG, params, [[1, 2, 3]]).shape == (1, 3, 512)
+    with pytest.raises(ValueError, match=r"tokens must be \[batch, seq\] token ids, got shape \(3,\)"):
+        jaxft.apply(CONFIG, params, [1, 2, 3])
+
+
+def test_each_loss_wants_its_own_kind_of_model(params):
+    config, classifier = jaxft.with_classifier_head(CONFIG, params, 2, jax.random.PRNGKey(1))
+    tokens = jnp.ones((2, 8), jnp.int32)
+    with pytest.raises(ValueError, match="lm_metrics needs a language-model config"):
+        jaxft.lm_metrics(config, classifier, {"inputs": tokens, "targets": tokens})
+    with pytest.raises(ValueError, match="classification_metrics needs a classifier config"):
+        jaxft.classification_metrics(CONFIG, "last", params, {"tokens": tokens, "labels": jnp.zeros(2, jnp.int32)})
+    # weights are optional: every row counts
+    batch = {"tokens": tokens, "labels": jnp.asarray([0, 1])}
+    loss, metrics = jaxft.classification_metrics(config, "last", classifier, batch)
+    weighted, _ = jaxft.classification_metrics(config, "last", classifier, {**batch, "weights": jnp.ones(2)})
+    assert float(metrics["count"]) == 2 and np.isclose(float(loss), float(weighted))
