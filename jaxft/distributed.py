@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -110,10 +110,31 @@ def initialize(
         watchdog.cancel()
 
 
-def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (nothing with one process)."""
+def on_main(fn: Callable[[], Any], what: str) -> Any:
+    """`fn()` on process 0 alone (e.g. taking --out), every process learning whether it failed:
+    the others then raise a one-line DistributedError instead of waiting for process 0 in the
+    next collective. Process 0 re-raises its own error. Returns fn's result (None elsewhere)."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as exc:  # shared below, then raised
+            error = exc
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        failed = int(np.asarray(multihost_utils.process_allgather(np.array([error is not None], np.int32))).max())
+        if failed and error is None:
+            raise DistributedError(f"process 0 stopped while {what}; its error is in its own output")
+    if error is not None:
+        raise error
+    return result
+
+
+def any_process(value: int) -> int:
+    """The largest `value` over the processes (a stop any process was asked for stops them all,
+    at the same step). `value` itself with one process."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.asarray(multihost_utils.process_allgather(np.array([value], np.int32))).max())
 
 
 def is_main_process() -> bool:

@@ -193,12 +193,15 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
             checkpoints.save(run, task, position)
 
     def stop_if_asked() -> None:
-        """After a step or an epoch's end: a caught SIGINT/SIGTERM checkpoints and stops."""
-        if stop.requested is not None:
+        """After a step or an epoch's end: a caught SIGINT/SIGTERM checkpoints and stops. With
+        several processes, a signal any of them caught stops all at this same step (a process
+        that saved alone would wait for the others inside orbax while they wait in the next step)."""
+        requested = distributed.any_process(stop.requested or 0)
+        if requested:
             save()
             if checkpoints is not None:
                 checkpoints.wait()
-            raise Interrupted(history.total_steps, stop.requested, checkpoints is not None)
+            raise Interrupted(history.total_steps, requested, checkpoints is not None)
 
     try:
         with catch_signals() as stop:

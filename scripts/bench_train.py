@@ -270,13 +270,13 @@ def lm_breakdown(config: GPTConfig, params: Params, batch: dict, repeats: int) -
     gradients, no update); the LM head + cross-entropy alone, forward + backward, from
     given final-norm hidden states; the AdamW update alone. The blocks' share is the
     difference of the second and the third."""
-    from jaxft import losses, model
+    from jaxft import losses, model, steps
 
     targets = batch["targets"]
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def loss_fn(p, b):
-        return train.lm_metrics(config, p, b)[0]
+        return steps.lm_metrics(config, p, b)[0]
 
     def head_loss(h, w):
         return losses.lm_head_loss(h, w, jbatch["targets"], head_layout="dv")[0]

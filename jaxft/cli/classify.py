@@ -33,7 +33,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
     with claimed_run(args, recipe, then=write_splits) as rundir:
         metrics = run(recipe, args.out, frames, class_names, tokenizer, claim=rundir.claim, resume=args.resume)
-    print(f"wrote {Path(args.out) / 'metrics.json'} ({(time.perf_counter() - start) / 60:.2f} minutes in all)")
+    if "total_seconds" in metrics:  # process 0, the one that writes the outputs
+        print(f"wrote {Path(args.out) / 'metrics.json'} ({(time.perf_counter() - start) / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["test_loss"]) else 1
 
 

@@ -193,9 +193,15 @@ def check_before_work(args: argparse.Namespace, recipe: Any) -> None:
     with --overwrite, a used directory), whether it can be written (a path component that
     is a file, no permission: exit 1), the model's name or path, and PyTorch for --export-pth."""
     recipe.validate()
-    if distributed.is_main_process():  # process 0 owns --out; the others may find it already taken
+    # Several processes: the same settings and the same --resume/--overwrite everywhere, checked
+    # before process 0 touches --out (one --overwrite would wipe what the others resume from).
+    distributed.check_same_settings({**flat_settings(recipe), "resume": bool(args.resume), "overwrite": bool(args.overwrite)})
+
+    def check_out() -> None:  # process 0 owns --out; the others may find it already taken
         check(args.out, command=args.command, settings=flat_settings(recipe), resume=args.resume, overwrite=args.overwrite)
         check_writable(args.out, directory=True)
+
+    distributed.on_main(check_out, "checking --out")
     check_model(recipe.trainer.model, init=recipe.trainer.init)
     if recipe.trainer.export_pth:
         require_torch()
@@ -214,15 +220,15 @@ class LazyRun:
         processes, process 0 owns the directory (run.json, outputs); the others wait until it
         has taken it, then share its checkpoint directory (orbax writes every process's shards)."""
         args = self.args
-        if not distributed.is_main_process():
-            distributed.barrier("jaxft-claim")
-            return Path(args.out) / "checkpoints"
-        self.run = claim(args.out, command=args.command, settings=flat_settings(self.recipe), resume=args.resume,
-                         overwrite=args.overwrite, argv=getattr(args, "argv", None))
-        if self.then is not None:
-            self.then()
-        distributed.barrier("jaxft-claim")
-        return self.run.checkpoints
+
+        def take() -> None:
+            self.run = claim(args.out, command=args.command, settings=flat_settings(self.recipe), resume=args.resume,
+                             overwrite=args.overwrite, argv=getattr(args, "argv", None))
+            if self.then is not None:
+                self.then()
+
+        distributed.on_main(take, f"taking {args.out}")  # no process left waiting if it fails
+        return Path(args.out) / "checkpoints" if self.run is None else self.run.checkpoints
 
 
 @contextlib.contextmanager

@@ -39,7 +39,8 @@ def _finetune(args: argparse.Namespace) -> int:
     tokenizer = get_tokenizer(args.vocab_dir)
     with claimed_run(args, recipe) as rundir:
         metrics = run(recipe, args.out, data_file(recipe), tokenizer, claim=rundir.claim, resume=args.resume)
-    print(f"wrote {Path(args.out) / METRICS_FILE} ({metrics['total_seconds'] / 60:.2f} minutes in all)")
+    if "total_seconds" in metrics:  # process 0, the one that writes the outputs
+        print(f"wrote {Path(args.out) / METRICS_FILE} ({metrics['total_seconds'] / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["final_validation_loss"]) else 1
 
 

@@ -257,7 +257,9 @@ class InstructionTask(train.Task):
             responses = generate_responses(
                 self.config, params, self.splits.test, self.tokenizer, style=self.recipe.style,
                 max_new_tokens=self.recipe.max_new_tokens, batch_size=self.recipe.response_batch_size,
-                progress=self.progress, source=self.source, mesh=run.mesh, log=run.log,
+                # outputs run on process 0 alone, from whole host copies: a mesh over every process's
+                # devices would wait for the others in its first transfer
+                progress=self.progress, source=self.source, mesh=run.mesh if jax.process_count() == 1 else None, log=run.log,
             )
             response_seconds = time.perf_counter() - t0
             with_responses = [{**entry, "model_response": text} for entry, text in zip(self.splits.test, responses)]
