@@ -291,7 +291,9 @@ def fit(
         log = _quiet  # only process 0 logs and writes outputs
     mesh = run_mesh(settings.mesh)
     if jax.process_count() > 1:
-        distributed.check_same_settings(record if record is not None else dataclasses.asdict(settings))
+        # the same settings and the same training data (one host's other copy of a file would
+        # build other batches, and other steps per epoch: a wait at an epoch's end)
+        distributed.check_same_settings({**(record if record is not None else dataclasses.asdict(settings)), "training data": task.data_hash()})
     mask = optim.trainable_mask(config, params, settings.trainable, settings.final_norm)
     optimizer = optim.adamw(
         settings.lr, settings.weight_decay, grad_clip_norm=settings.grad_clip_norm, accumulation_steps=settings.accumulation_steps,
