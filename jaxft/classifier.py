@@ -102,9 +102,12 @@ class Classifier:
     def load(cls, path: str | Path, tokenizer: Any = None, config: GPTConfig | str | Path | None = None) -> "Classifier":
         """`config` (size name or hparams.json) for a reference state dict, which does not record its shape."""
         config, params = weights.load(path, config)
-        directory = Path(path) if Path(path).is_dir() else Path(path).parent
-        # only jaxft's own format keeps the class names and the padded length; others classify as converted
-        meta = native.load_metadata(directory) if native.is_native_dir(directory) and weights.detect_format(Path(path)) == "jaxft" else {}
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        # Only jaxft's own model directory keeps the class names and the padded length; other formats
+        # classify as converted. (Decided from the names: detect_format would read a .pth a second time.)
+        own = native.is_native_dir(directory) and (path == directory or path.name in (native.CONFIG_FILE, native.PARAMS_FILE))
+        meta = native.load_metadata(directory) if own else {}
         if config.num_classes is None:
             raise ValueError(f"{path}: not a classification model (it has no classification head)")
         names = meta.get("class_names") or [str(i) for i in range(config.num_classes)]
