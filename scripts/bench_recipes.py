@@ -106,11 +106,6 @@ LR, WEIGHT_DECAY = 5e-5, 0.1
 REF_DEVICE = torch.device("cpu")
 
 
-def sync() -> None:
-    """Wait for the reference's queued GPU work (see reference_training.Meter)."""
-    METER.sync()
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -284,7 +279,7 @@ def classification_race(args, config, params, tokenizer, work_dir: Path, ckpt: P
         train_loader.batch_sampler.set_epoch(epochs)  # a fresh shuffle; jaxft's is permutation(n, seed, epochs)
         final = {f"{name}_accuracy": calc_accuracy_loader(dl, model, device)
                  for name, dl in (("train", train_loader), ("validation", val_loader), ("test", test_loader))}
-    sync()
+    METER.sync()  # the reference's queued GPU work, before the clock reads
     ref_wall = time.perf_counter() - t0
     ref = {"initial_train_loss": init_train, "initial_validation_loss": init_val, "eval_steps": eval_steps,
            "eval_train_losses": tl, "eval_validation_losses": vl, "epoch_train_accuracy": ta, "epoch_validation_accuracy": va,
@@ -386,7 +381,7 @@ def instruct_race(args, config, params, tokenizer, work_dir: Path, ckpt: Path, r
     tl, vl, track, tokens_seen, eval_steps = train_model_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=epochs, eval_freq=eval_freq, eval_iter=eval_iter,
         start_context=idata.format_prompt(splits.validation[0], "alpaca"), tokenizer=tokenizer, max_steps=ref_steps, log=quiet)
-    sync()
+    METER.sync()  # the reference's queued GPU work, before the clock reads
     train_loop_s = time.perf_counter() - t_train
     model.eval()
     responses = []
@@ -398,7 +393,7 @@ def instruct_race(args, config, params, tokenizer, work_dir: Path, ckpt: Path, r
         generated_text = token_ids_to_text(token_ids, tokenizer)
         responses.append({"prompt_tokens": idx.shape[1], "new_tokens": token_ids.shape[1] - idx.shape[1],
                           "response": generated_text[len(input_text):].replace("### Response:", "").strip()})
-    sync()
+    METER.sync()  # the reference's queued GPU work, before the clock reads
     ref_wall = time.perf_counter() - t0
     ref = {"initial_train_loss": init_train, "initial_validation_loss": init_val, "eval_steps": eval_steps,
            "eval_train_losses": tl, "eval_validation_losses": vl, "eval_tokens_seen": track, "tokens_seen": tokens_seen,
