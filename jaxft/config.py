@@ -56,6 +56,17 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
+    @property
+    def head_kind(self) -> str:
+        return "classification" if self.num_classes is not None else "tied" if self.tie_embeddings else "untied LM"
+
+    def param_names(self, head: bool = True) -> set[str]:
+        """The top-level names of this model's parameter tree (see jaxft.model): embeddings, blocks,
+        final norm and, with `head`, the head's own (none when it is tied to `wte`)."""
+        names = {"wte", "wpe", "ln_f", *(f"h_{i}" for i in range(self.n_layers))}
+        own_head = {"classification": "cls_head", "untied LM": "lm_head"}.get(self.head_kind)
+        return names | ({own_head} if head and own_head else set())
+
     def replace(self, **changes: Any) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
 

@@ -369,6 +369,10 @@ def apply(
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tokens.shape}")
+    missing = sorted(config.param_names(head=not kwargs.get("return_hidden")) - set(params), key=lambda n: (len(n), n))
+    if missing:  # (Flax would say "ScopeParamNotFoundError")
+        raise ValueError(f"the parameters lack {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}, which this config "
+                         f"({config.n_layers} blocks, {config.head_kind} head) needs: they belong to another model")
     model = GPT2(config, dtype=dtype, remat=remat, attention=attention)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     return model.apply({"params": params}, tokens, deterministic=dropout_key is None, rngs=rngs, **kwargs)

@@ -53,3 +53,16 @@ def test_each_loss_wants_its_own_kind_of_model(params):
     loss, metrics = jaxft.classification_metrics(config, "last", classifier, batch)
     weighted, _ = jaxft.classification_metrics(config, "last", classifier, {**batch, "weights": jnp.ones(2)})
     assert float(metrics["count"]) == 2 and np.isclose(float(loss), float(weighted))
+
+
+def test_parameters_of_another_model_are_named_not_a_flax_scope_error(params):
+    batch = {"tokens": jnp.ones((2, 4), jnp.int32), "labels": jnp.zeros(2, jnp.int32)}
+    classifier = CONFIG.replace(num_classes=2)
+    with pytest.raises(ValueError, match=r"lack cls_head, which this config \(2 blocks, classification head\)"):
+        jaxft.classification_metrics(classifier, "last", params, batch)
+    with pytest.raises(ValueError, match=r"lack h_2, h_3, which this config \(4 blocks, tied head\)"):
+        jaxft.logits(CONFIG.replace(n_layers=4), params, [[1, 2]])
+    with pytest.raises(ValueError, match=r"lack lm_head, which this config \(2 blocks, untied LM head\)"):
+        jaxft.apply(CONFIG.replace(tie_embeddings=False), params, [[1, 2]])
+    # the final hidden state needs no head
+    assert jaxft.apply(classifier, params, [[1, 2]], return_hidden=True).shape == (1, 2, 32)
