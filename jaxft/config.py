@@ -49,8 +49,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"GPTConfig.lora_rank must be a non-negative integer, got {self.lora_rank!r}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise ValueError(f"GPTConfig.num_classes must be >= 2, got {self.num_classes}")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 2):
+            raise ValueError(f"GPTConfig.num_classes must be an integer >= 2, got {self.num_classes!r}")
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +66,15 @@ class GPTConfig:
         names = {"wte", "wpe", "ln_f", *(f"h_{i}" for i in range(self.n_layers))}
         own_head = {"classification": "cls_head", "untied LM": "lm_head"}.get(self.head_kind)
         return names | ({own_head} if head and own_head else set())
+
+    def check_params(self, params: Any, head: bool = True) -> None:
+        """One line when a parameter tree lacks names this model needs: another model's parameters."""
+        if head and self.num_classes is None and "cls_head" in params:
+            raise ValueError("the parameters have a classification head (cls_head) but this config has no num_classes")
+        missing = sorted(self.param_names(head) - set(params), key=lambda n: (len(n), n))
+        if missing:
+            raise ValueError(f"the parameters lack {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}, which this config "
+                             f"({self.n_layers} blocks, {self.head_kind} head) needs: they belong to another model")
 
     def replace(self, **changes: Any) -> "GPTConfig":
         return dataclasses.replace(self, **changes)

@@ -231,6 +231,8 @@ def _check_prompts(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_
     max_prompt_tokens(config, max_new_tokens)
     checked = []
     for i, prompt in enumerate(prompts):
+        if np.ndim(prompt) == 0:
+            raise ValueError(f"prompt {i} is one token id, not a list of them: pass prompts as [[ids of prompt 0], ...]")
         ids = [int(t) for t in np.asarray(prompt, dtype=np.int64).reshape(-1)]
         if not ids:
             raise ValueError(f"prompt {i} is empty")
@@ -267,9 +269,12 @@ def generate(
     batch is padded to a multiple of their number) and the parameters sharded by
     jaxft.sharding's rules: the compiled loop runs on every device.
     """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, prompts[:1], key, temperature))):
+        raise ValueError("generate is a host function (prompts in, Python lists out): call it outside jax.jit / jax.vmap")
     prompts = _check_prompts(config, prompts, max_new_tokens)
     if not prompts:
         return []
+    temperature, top_p = float(temperature), None if top_p is None else float(top_p)  # a jax scalar too
     if not (math.isfinite(temperature) and temperature >= 0):  # NaN is neither > 0 nor < 0: it acted greedy
         raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
     sample = temperature > 0

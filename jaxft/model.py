@@ -369,10 +369,10 @@ def apply(
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tokens.shape}")
-    missing = sorted(config.param_names(head=not kwargs.get("return_hidden")) - set(params), key=lambda n: (len(n), n))
-    if missing:  # (Flax would say "ScopeParamNotFoundError")
-        raise ValueError(f"the parameters lack {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}, which this config "
-                         f"({config.n_layers} blocks, {config.head_kind} head) needs: they belong to another model")
+    if any(axis is not None for axis in getattr(jax.typeof(tokens).sharding, "spec", ())):
+        raise ValueError("tokens are sharded over Explicit mesh axes (jax.make_mesh's default); jaxft's model is written for "
+                         "Auto axes: jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * n), or jaxft.sharding.make_mesh")
+    config.check_params(params, head=not kwargs.get("return_hidden"))  # (Flax: "ScopeParamNotFoundError")
     model = GPT2(config, dtype=dtype, remat=remat, attention=attention)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     return model.apply({"params": params}, tokens, deterministic=dropout_key is None, rngs=rngs, **kwargs)

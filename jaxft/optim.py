@@ -120,6 +120,10 @@ def adamw(
     """AdamW with torch.optim.AdamW's defaults and semantics (decoupled decay of every
     trainable leaf, eps outside the square root), optional clipping and gradient accumulation
     (`accumulate`: with `steps_per_epoch`, an epoch's last batches update too, as the reference's)."""
+    if not callable(learning_rate) and not learning_rate >= 0:  # (a schedule is a callable)
+        raise ValueError(f"learning_rate must be >= 0, got {learning_rate}")
+    if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
     opt = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     if grad_clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)

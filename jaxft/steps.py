@@ -68,9 +68,11 @@ def classification_metrics(
     `labels` [B], `lengths` [B] (the real tokens; pooling other than "last" reads them) and
     optionally `weights` [B] (0 for padding rows; default 1). With `start_block`, the batch
     carries the cached residual stream `hidden` [B, T, D] after block start_block-1 instead of
-    `tokens`, and only the rest of the model runs (no dropout)."""
+    `tokens`, and only the rest of the model runs (no dropout). Traced values are not range-checked:
+    token ids outside the vocabulary or labels outside [0, num_classes) give NaN or a wrong loss."""
     if config.num_classes is None:
         raise ValueError("classification_metrics needs a classifier config (num_classes; see with_classifier_head)")
+    batch = {key: jnp.asarray(value) for key, value in batch.items()}  # (lists too)
     inputs = batch["tokens"] if start_block is None else batch["hidden"]
     # One position per row (all but mean pooling): the last block computes only that query.
     # Packed cached rows (jaxft.packing.pack_pooled_batch) say where each text's position is.
@@ -106,9 +108,11 @@ def lm_metrics(
     [B, T, vocab] logits or their gradient ever in memory whole. `vocab_multiple`: the head's
     matmuls on a vocabulary padded to a multiple of this (masked columns: the same loss). The
     chunked head is a custom_vjp: reverse-mode derivatives only (grad, vjp, hessian via
-    jax.hessian's forward-over-reverse); jax.jvp / jacfwd of the loss itself are not supported."""
+    jax.hessian's forward-over-reverse); jax.jvp / jacfwd of the loss itself are not supported.
+    As for classification_metrics, ids and targets outside the vocabulary are not checked (NaN)."""
     if config.num_classes is not None:
         raise ValueError("lm_metrics needs a language-model config; this one has a classification head (num_classes)")
+    batch = {key: jnp.asarray(value) for key, value in batch.items()}  # (lists too)
     packed = {key: batch[key] for key in ("positions", "segments") if key in batch}  # packed rows (jaxft.packing)
     hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True, attention=attention, **packed)
     if config.tie_embeddings:  # the model's wte.attend: fp32 whatever the compute dtype
@@ -132,6 +136,11 @@ def make_steps(
     vocab_multiple: int | None = None,
 ) -> tuple[Callable, Callable]:
     """jit-compiled (train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> metrics).
+
+    train_step donates its input state: arrays of the old state (its trees, or a snapshot taken
+    with `merge(state.trainable, state.frozen)` without a copy) are deleted by the call. Copy
+    what you keep (`jax.tree_util.tree_map(jnp.copy, ...)`). The state must come from
+    `init_state` with the same optimizer.
 
     task: "classification" or "lm". Gradients flow to the trainable tree only.
     start_block (classification only): batches carry a cached frozen trunk's output `hidden`
@@ -159,6 +168,9 @@ def make_steps(
         return metrics_fn(merge(trainable, frozen), batch, dropout_key, dtype, remat)
 
     def train_step(state: TrainState, batch: Batch):
+        own = jax.eval_shape(optimizer.init, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.trainable))
+        if jax.tree_util.tree_structure(own) != jax.tree_util.tree_structure(state.opt_state):
+            raise ValueError("the state's optimizer state is not this optimizer's: give init_state and make_steps the same optimizer")
         dropout_key = jax.random.fold_in(state.rng, state.step)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable, state.frozen, batch, dropout_key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)

@@ -66,3 +66,51 @@ def test_parameters_of_another_model_are_named_not_a_flax_scope_error(params):
         jaxft.apply(CONFIG.replace(tie_embeddings=False), params, [[1, 2]])
     # the final hidden state needs no head
     assert jaxft.apply(classifier, params, [[1, 2]], return_hidden=True).shape == (1, 2, 32)
+    with pytest.raises(ValueError, match=r"have a classification head \(cls_head\) but this config has no num_classes"):
+        jaxft.apply(CONFIG, jaxft.with_classifier_head(CONFIG, params, 2, jax.random.PRNGKey(1))[1], [[1, 2]])
+
+
+def test_explicit_mesh_axes_are_named_not_a_gather_sharding_error(params):
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    tokens = np.ones((2, 4), np.int32)
+    explicit = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
+    with pytest.raises(ValueError, match=r"sharded over Explicit mesh axes .*AxisType.Auto"):
+        jaxft.apply(CONFIG, params, jax.device_put(tokens, NamedSharding(explicit, PartitionSpec("data"))))
+    auto = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+    sharded = jaxft.apply(CONFIG, params, jax.device_put(tokens, NamedSharding(auto, PartitionSpec("data"))))
+    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jaxft.apply(CONFIG, params, tokens)))
+
+
+def test_generate_names_a_flat_prompt_and_a_traced_call(params):
+    from jaxft import generate as G
+
+    with pytest.raises(ValueError, match=r"prompt 0 is one token id, not a list of them"):
+        G.generate(CONFIG, params, [1, 2, 3], max_new_tokens=2)
+    with pytest.raises(ValueError, match="generate is a host function .* outside jax.jit / jax.vmap"):
+        jax.jit(lambda p: G.generate(CONFIG, p, [[1, 2]], max_new_tokens=2))(params)
+    keys = jax.random.split(jax.random.key(0), 2)
+    with pytest.raises(ValueError, match="generate is a host function"):
+        jax.vmap(lambda k: G.generate(CONFIG, params, [[1, 2]], max_new_tokens=2, temperature=1.0, key=k))(keys)
+    # a jax scalar temperature samples as the same Python float does
+    run = lambda t: G.generate(CONFIG, params, [[1, 2]], max_new_tokens=4, temperature=t, top_p=0.9, key=jax.random.key(1))
+    assert run(jnp.float32(0.7)) == run(0.7)
+
+
+def test_optimizer_mistakes_are_named(params):
+    config, classifier = jaxft.with_classifier_head(CONFIG, params, 2, jax.random.PRNGKey(1))
+    batch = {"tokens": np.ones((2, 4), np.int32), "labels": np.zeros(2, np.int32)}
+    mask = jaxft.trainable_mask(config, classifier, "last-block")
+    state = jaxft.init_state(classifier, mask, jaxft.adamw(1e-3, accumulation_steps=2))
+    train_step, _ = jaxft.make_steps(config, jaxft.adamw(1e-3), "classification")
+    with pytest.raises(ValueError, match="the state's optimizer state is not this optimizer's"):
+        train_step(state, batch)
+    # the same kind of optimizer with other hyperparameters is the same state
+    state = jaxft.init_state(classifier, mask, jaxft.adamw(1e-3))
+    assert np.isfinite(float(jaxft.make_steps(config, jaxft.adamw(2e-3, 0.0), "classification")[0](state, batch)[1]["loss"]))
+    for bad, match in [(dict(learning_rate=-1e-3), "learning_rate must be >= 0"),
+                       (dict(accumulation_steps=0), "accumulation_steps must be a positive integer")]:
+        with pytest.raises(ValueError, match=match):
+            jaxft.adamw(**bad)
+    with pytest.raises(ValueError, match=r"num_classes must be an integer >= 2, got 2\.0"):
+        jaxft.with_classifier_head(CONFIG, params, 2.0, jax.random.PRNGKey(1))

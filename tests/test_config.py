@@ -114,7 +114,7 @@ def test_custom_size():
         ({"context_length": 1.5}, "context_length must be a positive integer"),
         ({"drop_rate": 1.0}, "drop_rate must be in \\[0, 1\\)"),
         ({"drop_rate": -0.1}, "drop_rate must be in \\[0, 1\\)"),
-        ({"num_classes": 1}, "num_classes must be >= 2"),
+        ({"num_classes": 1}, "num_classes must be an integer >= 2"), ({"num_classes": 2.5}, "num_classes must be an integer >= 2"),
     ],
 )
 def test_validation_errors(fields, message):

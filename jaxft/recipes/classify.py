@@ -101,6 +101,7 @@ def with_classifier_head(config: GPTConfig, params: Params, num_classes: int, ke
     Initialised like torch's nn.Linear (uniform in ±1/sqrt(emb_dim) for weight and bias),
     so a run starts from the same distribution as the reference's.
     """
+    classifier = config.replace(num_classes=num_classes)  # (checks num_classes first)
     bound = 1.0 / math.sqrt(config.emb_dim)
     k_w, k_b = jax.random.split(key)
     params = {k: v for k, v in params.items() if k not in ("lm_head", "cls_head")}
@@ -108,7 +109,7 @@ def with_classifier_head(config: GPTConfig, params: Params, num_classes: int, ke
         "kernel": jax.random.uniform(k_w, (config.emb_dim, num_classes), jnp.float32, -bound, bound),
         "bias": jax.random.uniform(k_b, (num_classes,), jnp.float32, -bound, bound),
     }
-    return config.replace(num_classes=num_classes), params
+    return classifier, params
 
 
 # --------------------------------------------------------------------------- the run
