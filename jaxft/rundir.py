@@ -45,10 +45,11 @@ RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"
 STATUSES = ("running", "completed", "failed", "interrupted")
 UNFINISHED = ("running", "failed", "interrupted")
-# Settings a run may resume with other values: the flags themselves, and how attention and the
-# LM head's loss are computed (the same functions; a run started with cuDNN's kernel and a padded
-# head on a GPU may go on elsewhere).
-RESUMABLE_DIFFERENTLY = frozenset({"resume", "overwrite", "attention", "head_vocab_multiple"})
+# Settings a run may resume with other values: the flags themselves; how attention and the LM
+# head's loss are computed (the same functions: a run started with cuDNN's kernel and a padded head
+# on a GPU may go on elsewhere); and the bookkeeping around the steps (a progress bar on a terminal
+# after a batch job, another checkpoint interval or number kept).
+RESUMABLE_DIFFERENTLY = frozenset({"resume", "overwrite", "attention", "head_vocab_multiple", "progress", "checkpoint_every", "keep"})
 
 
 class RunDirError(Exception):
@@ -134,12 +135,13 @@ def _settings_diff(recorded: dict[str, Any], current: dict[str, Any], ignore: fr
     for key in sorted(set(recorded) | set(current)):
         if key in ignore:
             continue
+        flag = f"--{key.replace('_', '-')}"  # settings are named as their flags
         if key not in recorded:
-            diffs.append(f"{key} differs (not in run.json, now {json.dumps(current[key])})")
+            diffs.append(f"{flag} differs (not in run.json, now {json.dumps(current[key])})")
         elif key not in current:
-            diffs.append(f"{key} differs (run.json {json.dumps(recorded[key])}, now not set)")
+            diffs.append(f"{flag} differs (run.json {json.dumps(recorded[key])}, now not set)")
         elif recorded[key] != current[key]:
-            diffs.append(f"{key} differs (run.json {json.dumps(recorded[key])}, now {json.dumps(current[key])})")
+            diffs.append(f"{flag} differs (run.json {json.dumps(recorded[key])}, now {json.dumps(current[key])})")
     return diffs
 
 

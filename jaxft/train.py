@@ -251,6 +251,8 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                 stop_if_asked()  # a signal during epoch_end's evaluations (the last one too)
                 if done():
                     break
+            save()  # the end of training (with --checkpoint-every it may fall between checkpoints):
+            # a run stopped during the final evaluation or the outputs resumes there, not steps back
     finally:
         history.seconds += time.perf_counter() - start
 
