@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -108,6 +109,11 @@ def initialize(
         raise DistributedError(f"cannot start the distributed runtime: {str(error).splitlines()[0]}") from error
     finally:
         watchdog.cancel()
+    if threading.current_thread() is threading.main_thread():
+        # JAX's preemption notifier has taken SIGTERM over below Python: it would log the signal and
+        # let the run go on to its end. Python's handler (jaxft.interrupts: stop after the step,
+        # agreed over the processes) takes it back.
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM) or signal.SIG_DFL)
 
 
 def on_main(fn: Callable[[], Any], what: str) -> Any:

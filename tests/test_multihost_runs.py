@@ -190,3 +190,39 @@ def test_two_processes_fine_tune_instructions_and_write_the_responses(one_proces
     responses = json.loads((out / "instruction-data-with-response.json").read_text())
     assert len(responses) == 4 and all(isinstance(r["model_response"], str) for r in responses)  # 10% of 40 entries
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
+SIGTERM_AT_INITIAL_EVALUATION = """
+import os, signal, sys
+import jaxft.train as train
+evaluate = train.Run.evaluate
+def signalled(self, *args, **kwargs):  # the first evaluation comes before the first step
+    os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(self, *args, **kwargs)
+train.Run.evaluate = signalled
+from jaxft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_one_process_before_the_steps_stops_both(one_process):
+    """Outside the steps there is no agreed stop: the signalled process stops at once (exit 143),
+    the other when its next collective fails (exit 1, one line). Before, JAX's preemption notifier
+    took SIGTERM from Python, and the run trained to its end as if nothing had happened; and a
+    process stopped alone waited at JAX's exit barrier for the other, which waited for it."""
+    tmp, _ = one_process
+    out = tmp / "sigterm-early"
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        argv = _argv(tmp, out, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i))
+        if i == 1:
+            argv = [sys.executable, "-c", SIGTERM_AT_INITIAL_EVALUATION, *argv[3:]]
+        procs.append(subprocess.Popen(argv, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [proc.communicate(timeout=300) for proc in procs]
+    assert [p.returncode for p in procs] == [1, 143], results
+    assert results[1][1].strip().splitlines()[-1] == "jaxft finetune-classifier: interrupted (SIGTERM)"
+    line = results[0][1].strip().splitlines()[-1]
+    assert line.startswith("jaxft finetune-classifier: error: ") and line.endswith("(has another process stopped?)"), line
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert not (out / "metrics.json").exists()

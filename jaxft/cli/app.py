@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import typing
 import warnings
+
+import jax
 
 from ..distributed import DistributedError
 from ..download import DownloadError
@@ -56,7 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # for messages that repeat the command line
     with warnings.catch_warnings(), terminate_raises():
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
-        return _run(args)
+        code = _run(args)
+    if code and getattr(args, "processes", 1) > 1:
+        # JAX's exit waits at a barrier for every process, and a process that stopped alone (a
+        # signal outside the steps, an error) leaves the others in a collective that never ends:
+        # leave now; they see the collective fail and stop too (its run.json is already written)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _one_line_warnings(command: str, default: typing.Callable) -> typing.Callable:
@@ -75,7 +86,7 @@ def _one_line_warnings(command: str, default: typing.Callable) -> typing.Callabl
 def _run(args: argparse.Namespace) -> int:
     try:
         use_compile_cache(getattr(args, "compile_cache", None))
-        start_processes(args)
+        args.processes = start_processes(args)
         return int(args.func(args) or 0)
     except TrainingStopped as exc:
         # an interruption (130/143, with the command that resumes) or a non-finite loss (1)
@@ -90,6 +101,12 @@ def _run(args: argparse.Namespace) -> int:
     except RunDirError as exc:
         print(f"jaxft {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except jax.errors.JaxRuntimeError as exc:
+        if getattr(args, "processes", 1) == 1:
+            raise
+        # with several processes, typically a collective whose peer stopped (see its own output)
+        print(f"jaxft {args.command}: error: {str(exc).splitlines()[0]} (has another process stopped?)", file=sys.stderr)
+        return EXIT_FAILED
     except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError, DistributedError) as exc:
         # User mistakes and unreachable servers/files: one line, no traceback.
         message = " ".join(str(exc).split("\n"))

@@ -137,10 +137,12 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distributed-timeout", type=float, default=300.0, help="seconds to wait for every process to join")
 
 
-def start_processes(args: argparse.Namespace) -> None:
-    """Join the other processes when asked (before JAX touches a device)."""
+def start_processes(args: argparse.Namespace) -> int:
+    """Join the other processes when asked (before JAX touches a device); how many there are."""
     if any(getattr(args, name, None) is not None for name in ("coordinator", "num_processes", "process_id")):
         distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
+        return jax.process_count()
+    return 1
 
 
 def default_compile_cache() -> Path:
