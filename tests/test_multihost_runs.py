@@ -201,7 +201,7 @@ def signalled(self, *args, **kwargs):  # the first evaluation comes before the f
     return evaluate(self, *args, **kwargs)
 train.Run.evaluate = signalled
 from jaxft.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main())  # as the `jaxft` command (it reads sys.argv)
 """
 
 

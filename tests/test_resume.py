@@ -227,3 +227,30 @@ def test_impossible_settings_refused_up_front(command, flags, message, hparams, 
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not out.exists()
+
+
+
+SIGTERM_WHILE_COMPILING = """
+import os, signal, sys, threading
+import jaxft.model as model, jaxft.recipes.common as common
+original, delay = model.init_params, float(sys.argv[1])
+def init_params(*args, **kwargs):  # the signal lands while XLA compiles the initialisation
+    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    return original(*args, **kwargs)
+model.init_params = common.init_params = init_params
+sys.argv = sys.argv[1:]
+from jaxft.cli import main
+sys.exit(main())  # as the `jaxft` command (it reads sys.argv)
+"""
+
+
+def test_a_signal_during_start_up_exits_143_not_a_crash(hparams, tmp_path):
+    """SIGTERM while XLA compiles (on other threads) used to end in a segfault at interpreter exit
+    (139; here with delays of 0.2 and 0.4 s, not 0.05 or 0.8). As the `jaxft` command, a stopped
+    run now leaves the process at once."""
+    for delay in ("0.2", "0.4"):
+        argv = [sys.executable, "-c", SIGTERM_WHILE_COMPILING, delay, "finetune-classifier", "--init", "random", "--model", str(hparams),
+                "--out", str(tmp_path / delay), *COMMANDS["finetune-classifier"], "--compile-cache", "off", "--no-progress"]
+        result = _run(argv, timeout=120)
+        assert result.returncode == 143, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1] == "jaxft finetune-classifier: interrupted (SIGTERM)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import typing
 import warnings
@@ -54,16 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # for messages that repeat the command line
+    """The `jaxft` command: its exit status. Run as the command (argv None: sys.argv), a run that
+    stopped (a signal, or one process of several failing) ends the process here, at once."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for messages that repeat the command line
     with warnings.catch_warnings(), terminate_raises():
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         code = _run(args)
-    if code and getattr(args, "processes", 1) > 1:
-        # JAX's exit waits at a barrier for every process, and a process that stopped alone (a
-        # signal outside the steps, an error) leaves the others in a collective that never ends:
-        # leave now; they see the collective fail and stop too (its run.json is already written)
+    if argv is None and (code in (EXIT_SIGINT, exit_code(signal.SIGTERM)) or (code and getattr(args, "processes", 1) > 1)):
+        # Nothing is left to write (run.json says why it stopped). A normal exit could still crash
+        # or hang: XLA may be compiling on other threads when a signal lands during start-up (a
+        # segfault at interpreter exit), and JAX's exit waits at a barrier for every process, while
+        # the others wait in a collective for this one (they see it fail and stop too).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
