@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from .checkpoint import Checkpointer
@@ -31,6 +32,17 @@ def hash_arrays(*arrays: Any) -> str:
         digest.update(f"{a.dtype.str}{a.shape}".encode())
         digest.update(a.tobytes())
     return digest.hexdigest()
+
+
+def fingerprint(tree: Any, samples: int = 4096) -> str:
+    """hash_arrays over each leaf's shape and about `samples` of its values, evenly strided (None
+    leaves skipped): other weights (another checkpoint at the same --model path) differ in
+    nearly every value; computed on the device, transferring little."""
+    parts = []
+    for leaf in jax.tree_util.tree_leaves(tree):
+        flat = leaf.reshape(-1)
+        parts += [np.asarray(leaf.shape), flat[:: max(1, flat.size // samples)]]
+    return hash_arrays(*parts)
 
 
 class TrainingStopped(Exception):
@@ -91,13 +103,19 @@ class Position:
     initial: dict[str, Any] = field(default_factory=dict)
 
 
+def _devices(run: Run) -> str:
+    """The devices a run computes on, as a note names them ("1 device", "mesh data=4,fsdp=2")."""
+    return "1 device" if run.mesh is None else "mesh " + ",".join(f"{axis}={size}" for axis, size in run.mesh.shape.items())
+
+
 class Checkpoints:
     """`fit`'s use of jaxft.checkpoint.Checkpointer: the state's arrays and the run's record."""
 
-    def __init__(self, directory: Path, settings: TrainerSettings, record: dict[str, Any], task: Task) -> None:
+    def __init__(self, directory: Path, settings: TrainerSettings, record: dict[str, Any], task: Task, frozen_hash: str | None = None) -> None:
         self.checkpointer = Checkpointer(directory, keep=settings.keep, async_save=True)
         self.record = _normalised(record)
         self.data_hash = task.data_hash()
+        self.frozen_hash = frozen_hash  # `fingerprint` of the frozen parameters: reloaded from --model, not saved
         self.last: int | None = None  # the newest checkpoint's step
 
     @staticmethod
@@ -115,6 +133,8 @@ class Checkpoints:
             "task": task.state_dict(),
             "settings": self.record,
             "data_hash": self.data_hash,
+            "frozen_hash": self.frozen_hash,
+            "devices": _devices(run),
         }
         self.checkpointer.save(step, self.arrays(run.state), meta)
         self.last = step
@@ -132,6 +152,12 @@ class Checkpoints:
             raise ValueError(f"cannot resume from {where}: setting {diff} differs from the checkpoint's")
         if meta.get("data_hash") != self.data_hash:
             raise ValueError(f"cannot resume from {where}: the training data differs from the checkpoint's (another data hash)")
+        if None not in (meta.get("frozen_hash"), self.frozen_hash) and meta["frozen_hash"] != self.frozen_hash:
+            raise ValueError(f"cannot resume from {where}: the frozen parameters differ from the run's "
+                             "(--model now holds other weights); resume with the weights the run began with")
+        if meta.get("devices", _devices(run)) != _devices(run):
+            run.log(f"note: resuming on {_devices(run)} where the checkpoint was written on {meta['devices']}: the same "
+                    "computation, but summed in another order (not bit for bit the run that was not stopped)")
         run.state = run.state._replace(**arrays)
         run.history = type(run.history)(**meta["history"])
         task.load_state_dict(meta.get("task") or {})

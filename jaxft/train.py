@@ -42,7 +42,7 @@ from .steps import (
 )
 from .fileio import atomic_dir, write_json
 from .interrupts import catch_signals
-from .resume import Checkpoints, Interrupted, NonFiniteLoss, Position, TrainingStopped
+from .resume import Checkpoints, Interrupted, NonFiniteLoss, Position, TrainingStopped, fingerprint
 from .progress import Progress
 from .settings import TrainerSettings, run_mesh
 
@@ -303,6 +303,7 @@ def fit(
     )
     state = init_state(params, mask, optimizer, seed=settings.seed)
     del params  # the state holds its own copy
+    frozen_hash = fingerprint(state.frozen) if checkpoint_dir is not None else None  # (before sharding: addressable here)
     options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
     dtype = jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32
     train_step, eval_step = make_steps(
@@ -316,7 +317,7 @@ def fit(
     log(task.describe(config, state.params, state.trainable))
 
     record = record if record is not None else dataclasses.asdict(settings)
-    checkpoints = Checkpoints(Path(checkpoint_dir), settings, record, task) if checkpoint_dir is not None else None
+    checkpoints = Checkpoints(Path(checkpoint_dir), settings, record, task, frozen_hash) if checkpoint_dir is not None else None
     try:
         position = checkpoints.restore(run, task) if checkpoints is not None and resume else None
         if position is None:

@@ -9,6 +9,7 @@ Tiny random-init models through the CLI in subprocesses (a kill needs a real pro
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,41 @@ def test_other_settings_and_used_directories_refused_overwrite_starts_over(hpara
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(json.loads((out / "run.json").read_text())["attempts"]) == 1  # a new run
     _assert_same_run(done, out)
+
+
+def test_other_frozen_weights_at_the_same_model_path_are_refused(hparams, tmp_path):
+    """The frozen parameters are not in the checkpoint (they come from --model again): a resume
+    from other weights at the same path would mix two models without a word."""
+    config = jaxft.GPTConfig(**{"vocab_size": 50257, "context_length": 128, "emb_dim": 32, "n_heads": 4, "n_layers": 2})
+    weights = tmp_path / "weights"
+    jaxft.export(config, jaxft.init_params(config, jax.random.PRNGKey(1)), weights, "jaxft")
+    out = tmp_path / "run"
+    argv = [*_argv("finetune-classifier", hparams, out, "--checkpoint-every", "3", "--trainable", "last-block")]
+    argv[argv.index("--model") + 1], argv[argv.index("--init") + 1] = str(weights), "pretrained"
+    _kill_after_checkpoint(argv, out, at_least=3)
+    original = tmp_path / "original"
+    weights.rename(original)
+    jaxft.export(config, jaxft.init_params(config, jax.random.PRNGKey(2)), weights, "jaxft")
+    result = _run([*argv, "--resume"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "the frozen parameters differ from the run's" in lines[-1], result.stderr[-2000:]
+    shutil.rmtree(weights)
+    original.rename(weights)
+    result = _run([*argv, "--resume"])
+    assert result.returncode == 0 and "resuming from step" in result.stdout, result.stderr[-2000:]
+
+
+def test_resuming_on_other_devices_says_it_is_not_bitwise(hparams, tmp_path, monkeypatch):
+    """A run begun on 2 devices (the default mesh spans them) may go on on 1, with a note: the
+    same computation, summed in another order."""
+    out = tmp_path / "run"
+    argv = _argv("finetune-classifier", hparams, out, "--checkpoint-every", "3")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    _kill_after_checkpoint(argv, out, at_least=3)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    result = _run([*argv, "--resume"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: resuming on 1 device where the checkpoint was written on mesh data=2,fsdp=1" in result.stdout
 
 
 @pytest.mark.parametrize("flags, message", [(["--lr", "inf"], "lr must be finite"), (["--weight-decay", "-5"], "weight-decay must be")])
