@@ -4,6 +4,7 @@ texts were (`tokenizer.encode_text`: user text never becomes a special token).""
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -110,8 +111,16 @@ class Classifier:
         meta = native.load_metadata(directory) if own else {}
         if config.num_classes is None:
             raise ValueError(f"{path}: not a classification model (it has no classification head)")
+        if not own:
+            warnings.warn(ConvertedClassifierWarning(
+                f"{path} records no class names, trained padded length or pooling (only a jaxft model directory does): "
+                "the classes are numbered and each text is read at its own last token"))
         names = meta.get("class_names") or [str(i) for i in range(config.num_classes)]
         return cls(config, params, list(names), meta.get("max_length"), meta.get("pooling", "last"), tokenizer)
+
+
+class ConvertedClassifierWarning(UserWarning):
+    """A classifier loaded from another format than jaxft's model directory (a .pth, safetensors)."""
 
 
 def classify_review(text: str, classifier: Classifier) -> str:

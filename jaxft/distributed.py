@@ -106,7 +106,9 @@ def initialize(
             initialization_timeout=math.ceil(remaining) + 30,
         )
     except (RuntimeError, ValueError, TypeError) as error:
-        raise DistributedError(f"cannot start the distributed runtime: {str(error).splitlines()[0]}") from error
+        hint = ("; pass --coordinator HOST:PORT, or run under a cluster JAX detects (SLURM, Open MPI, ...)"
+                if coordinator is None and "coordinator_address" in str(error) else "")
+        raise DistributedError(f"cannot start the distributed runtime: {str(error).splitlines()[0].rstrip('.')}{hint}") from error
     finally:
         watchdog.cancel()
     if threading.current_thread() is threading.main_thread():

@@ -11,6 +11,7 @@ the next run resumes it with an HTTP Range request when the server allows it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -225,6 +226,7 @@ def fetch(
         if progress:
             print(f"{label}: already complete, skipped", file=sys.stderr)
         return dest
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = partial_path(dest)
     failures: list[tuple[str, str]] = []
@@ -241,6 +243,9 @@ def fetch(
             continue
         os.replace(part, dest)
         return dest
+    for directory in created:  # made for this file and left empty (a .part to resume keeps its own)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
     tried = "; ".join(f"{url} ({reason})" for url, reason in failures)
     raise DownloadError(f"could not download {dest}: tried {len(failures)} URL(s): {tried}", failures)
 

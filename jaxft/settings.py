@@ -90,6 +90,8 @@ class TrainerSettings:
             raise ValueError("trainable lora trains LoRA adapters: give them a rank, --lora-rank R (e.g. 8)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if devices and self.attention == "cudnn" and jax.default_backend() != "gpu":  # (else a traceback from XLA)
+            raise ValueError(f"attention cudnn is NVIDIA's kernel and needs a GPU (this backend: {jax.default_backend()}): use --attention auto")
         mesh = run_mesh(self.mesh) if devices else None  # a mesh that needs more devices than exist: one line, now
         if mesh is not None:
             sharding.check_batch_size(self.batch_size, mesh)

@@ -175,7 +175,7 @@ def make_steps(
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable, state.frozen, batch, dropout_key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}  # a non-finite one stops the run
+        metrics = {**metrics, "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))}  # a non-finite one stops the run
         return state._replace(trainable=trainable, opt_state=opt_state, step=state.step + 1), metrics
 
     def eval_step(params: Params, batch: Batch):

@@ -29,7 +29,12 @@ def test_the_setting_picks_an_implementation():
         model.fused_attention("flash", jnp.float32)
 
 
-def test_cudnn_needs_bfloat16_and_no_dropout():
+def test_cudnn_needs_bfloat16_and_no_dropout_and_a_gpu(monkeypatch):
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=r"attention cudnn is NVIDIA's kernel and needs a GPU \(this backend: cpu\)"):
+            TrainerSettings(attention="cudnn", dtype="bfloat16").validate()
+        TrainerSettings(attention="cudnn", dtype="bfloat16").validate(devices=False)  # a sweep's check
+        monkeypatch.setattr("jaxft.settings.jax.default_backend", lambda: "gpu")  # as on a GPU
     TrainerSettings(attention="cudnn", dtype="bfloat16").validate()
     for bad in (TrainerSettings(attention="cudnn"), TrainerSettings(attention="cudnn", dtype="bfloat16", drop_rate=0.1)):
         with pytest.raises(ValueError, match="attention cudnn needs --dtype bfloat16 and no dropout"):

@@ -262,11 +262,19 @@ def test_cli_finetune_classifier_on_user_csvs_then_classify(tmp_path, shared_dat
     printed = capsys.readouterr().out.split()
     assert set(printed) <= {"neg", "neu", "pos"} and len(printed) == 2
 
+    # --file answers line for line: a blank line with a blank line
+    texts = tmp_path / "texts.txt"
+    texts.write_text("great lovely wonderful great\n\nawful bad terrible\n")
+    assert main(["classify", "--model", str(out / "model"), "--file", str(texts)]) == 0
+    assert capsys.readouterr().out.split("\n") == [printed[0], "", printed[1], ""]
+
     # The exported .pth classifies too, given the shape it does not record: the same classes, as ids
     # (the state dict holds no class names).
     assert main(["classify", "--model", str(out / "review_classifier.pth"), "--config", str(_tiny_hparams(tmp_path)),
                  "great lovely wonderful great", "awful bad terrible"]) == 0
-    assert [metrics["class_names"][int(i)] for i in capsys.readouterr().out.split()] == printed
+    captured = capsys.readouterr()
+    assert [metrics["class_names"][int(i)] for i in captured.out.split()] == printed
+    assert captured.err.startswith("jaxft classify: warning: ") and "records no class names" in captured.err
 
     # The exported .pth loads into the reference GPTModel with a 3-class head (strict).
     ref_cfg = config_dict(GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=4))

@@ -35,18 +35,18 @@ def test_every_url_failing_is_named_with_its_reason(server, refused_url, tmp_pat
     server.mode["/a"] = "404"
     urls = [f"{server.url}/a", refused_url]
     with pytest.raises(DownloadError) as err:
-        fetch(urls, tmp_path / "x.bin", progress=False)
+        fetch(urls, tmp_path / "new" / "dir" / "x.bin", progress=False)
     message = str(err.value)
     assert urls[0] in message and "HTTP 404" in message
     assert urls[1] in message and "refused" in message.lower()
     assert [url for url, _ in err.value.failures] == urls and "\n" not in message
-    assert not (tmp_path / "x.bin").exists()
+    assert not (tmp_path / "new").exists()  # the directories made for it are gone again, empty
 
 
 def test_truncated_body_never_looks_complete(server, tmp_path):
     server.files["/f.bin"] = BODY
     server.mode["/f.bin"] = "truncate"
-    dest = tmp_path / "f.bin"
+    dest = tmp_path / "new" / "f.bin"
     with pytest.raises(DownloadError, match=f"short body: got {len(BODY) // 2} of {len(BODY)} bytes"):
         fetch([f"{server.url}/f.bin"], dest, progress=False)
     assert not dest.exists()

@@ -420,7 +420,9 @@ def test_no_entries_is_nothing_scored(tmp_path, capsys):
     responses.write_text("[]")
     assert run_cli(str(responses), "--host", unused_url(), "--out", str(tmp_path / "s.jsonl")) == 1
     assert capsys.readouterr().err == f"jaxft judge: error: no response could be scored: {responses} holds no entries\n"
-    assert run_cli(str(responses), "--metrics-only") == 0  # no judge run: nothing to fail
+    capsys.readouterr()
+    assert run_cli(str(responses), "--metrics-only") == 1  # as --help says: no entries is exit 1, judged or not
+    assert capsys.readouterr().err == f"jaxft judge: error: {responses} holds no entries\n"
 
 
 # -- resume safety ------------------------------------------------------------------------

@@ -252,4 +252,14 @@ def test_single_process_helpers():
     with pytest.raises(distributed.DistributedError) as error:
         distributed.initialize(f"127.0.0.1:{_free_port()}", 2, 0, timeout_s=5)
     assert str(error.value).startswith("cannot start the distributed runtime: jax.distributed.initialize() must be")
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "--coordinator" not in str(error.value)
+
+
+def test_process_flags_without_a_coordinator_say_what_is_missing(tmp_path):
+    """--num-processes outside a cluster JAX detects: JAX's own words, and what to pass."""
+    result = subprocess.run([sys.executable, "-m", "jaxft", "finetune-classifier", "--out", str(tmp_path / "o"), "--num-processes", "2",
+                             "--distributed-timeout", "10"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "jaxft finetune-classifier: error: cannot start the distributed runtime: coordinator_address should be defined; "
+        "pass --coordinator HOST:PORT, or run under a cluster JAX detects (SLURM, Open MPI, ...)"), result.stderr[-1000:]
+    assert not (tmp_path / "o").exists()

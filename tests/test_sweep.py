@@ -249,3 +249,14 @@ def test_a_sweep_does_not_check_its_batch_against_the_hosts_devices(monkeypatch)
         recipe.validate()  # a run would use them all
     recipe.validate(devices=False)
     assert len(sweep.expand(recipe, {"lr": [1e-3, 2e-3]})) == 2  # each run's recipe checked the same way
+
+
+@pytest.mark.parametrize("flags, message", [(["--resume"], "cannot --resume"), (["--checkpoint-every", "2"], "drop --checkpoint-every"),
+                                            (["--keep", "5"], "drop --keep")])
+def test_cli_sweep_refuses_checkpoint_flags_it_would_ignore(tmp_path, capsys, flags, message):
+    from jaxft.cli import main
+
+    assert main(["sweep-classifier", "--out", str(tmp_path / "o"), "--sweep", "lr=1e-4,2e-4", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "a sweep keeps no checkpoints" in err[0], err
+    assert not (tmp_path / "o").exists()

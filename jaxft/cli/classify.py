@@ -39,7 +39,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _read_lines(path: Path) -> list[str]:
-    """The non-blank lines of a UTF-8 file; a missing or undecodable one is a one-line error naming it."""
+    """The lines of a UTF-8 file; a missing or undecodable one is a one-line error naming it."""
     try:
         text = read_text(path)
     except FileNotFoundError:
@@ -48,22 +48,26 @@ def _read_lines(path: Path) -> list[str]:
         raise CLIError(f"{path}: is a directory, not a file of texts") from None
     except PermissionError:
         raise CLIError(f"{path}: permission denied") from None
-    return [line for line in text.splitlines() if line.strip()]
+    return text.splitlines()
 
 
 def _classify(args: argparse.Namespace) -> int:
-    texts = list(args.text)
-    if args.file:  # read before the model loads: a bad file costs nothing
-        texts += _read_lines(Path(args.file))
-    if not texts:
-        raise CLIError("give text to classify (arguments or --file)" + (f": {args.file} holds no text" if args.file else ""))
     for i, text in enumerate(args.text):
         if not text.strip():
             raise CLIError(f"text {i + 1} is empty: nothing to classify")
+    lines = list(args.text) + (_read_lines(Path(args.file)) if args.file else [])  # read before the model loads
+    texts = [line for line in lines if line.strip()]  # a blank line of --file answers with a blank line: lines stay aligned
+    if not texts:
+        raise CLIError("give text to classify (arguments or --file)" + (f": {args.file} holds no text" if args.file else ""))
     classifier = Classifier.load(args.model, tokenizer=get_tokenizer(args.vocab_dir), config=args.config)
-    for text, probs in zip(texts, classifier.probabilities(texts)):
+    answers = iter(classifier.probabilities(texts))
+    for line in lines:
+        if not line.strip():
+            print()
+            continue
+        probs = next(answers)
         label = classifier.class_names[int(np.argmax(probs))]
-        print(f"{label}\t{probs.max():.3f}\t{text}" if args.verbose else label)
+        print(f"{label}\t{probs.max():.3f}\t{line}" if args.verbose else label)
     return 0
 
 
@@ -77,7 +81,7 @@ def register(subparsers: Any) -> None:
     c = subparsers.add_parser("classify", help="classify text with a fine-tuned classifier")
     c.add_argument("--model", required=True, help="a model directory written by finetune-classifier (its model/ folder)")
     c.add_argument("text", nargs="*", help="texts to classify")
-    c.add_argument("--file", help="a file with one text per line")
+    c.add_argument("--file", help="a file with one text per line (one answer per line; a blank line answers with a blank line)")
     c.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe")
     c.add_argument("--config", help="size name or hparams.json, for a reference state dict (.pth), which does not record its shape")
     c.add_argument("-v", "--verbose", action="store_true", help="print probability and text too")

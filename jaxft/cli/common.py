@@ -89,8 +89,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, defaults: Any, group
         kind, optional = _base_type(annotation)
         default = values[f.name]
         if kind is bool and not optional:
-            if default:
-                section.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+            if default:  # (its default, True, comes from the parser: help shows no "(default: True)" beside --no-)
+                parser.set_defaults(**{f.name: True})
+                section.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                     default=argparse.SUPPRESS, help=f"turn off: {help_text}" if help_text else None)
             else:
                 section.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue

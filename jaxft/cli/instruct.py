@@ -91,7 +91,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--config", help="size name or hparams.json, for checkpoints that do not record their shape")
     r.add_argument("--data", required=True, help="JSON list of {instruction, input[, output]} entries")
     r.add_argument("--out", required=True, help="JSON file to write: the entries with their responses")
-    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens per response")
     r.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     r.add_argument("--style", choices=styles, default=None, help="prompt style; unset: the one the model was trained with, else alpaca")
     r.add_argument("--response-key", default="model_response", help="field name of the response")

@@ -121,6 +121,9 @@ def _run_command(args: argparse.Namespace, sleep: Callable[[float], None] = time
         print(format_summary(summary))
         if args.json:
             atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+    if records is None and not entries:  # --metrics-only of nothing: as failed as a judge run of nothing
+        print(f"jaxft judge: error: {args.responses} holds no entries", file=sys.stderr)
+        return EXIT_FAILED
     if records is not None and summary["judge"]["num_scores"] == 0:
         # A run that produced no score at all is a failed run, not an average of nothing.
         print(f"jaxft judge: error: {nothing_scored(summary['judge'], args.responses, out)}", file=sys.stderr)

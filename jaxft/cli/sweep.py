@@ -22,6 +22,10 @@ def _sweep(args: argparse.Namespace) -> int:
     grid = parse_sweep(args.sweep)
     if args.resume:
         raise CLIError("a sweep keeps no checkpoints, so it cannot --resume: run it again (with --overwrite)")
+    defaults = ClassifierRecipe().trainer
+    for name in ("checkpoint_every", "keep"):  # (finetune-classifier's flags, which a sweep would ignore)
+        if getattr(recipe.trainer, name) != getattr(defaults, name):
+            raise CLIError(f"a sweep keeps no checkpoints: drop --{name.replace('_', '-')}")
     if not args.sweep_memory_gb > 0:
         raise CLIError(f"sweep-memory-gb must be > 0, got {args.sweep_memory_gb}")
     tokenizer = get_tokenizer(args.vocab_dir)

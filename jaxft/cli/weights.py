@@ -107,7 +107,7 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         written = export(config, params, dst, args.to, metadata=metadata)
     print(f"wrote {args.to}: {_files_written(Path(written))}, {param_count(params):,} parameters")
-    if args.to == "torch-reference" and config.tie_embeddings:
+    if args.to == "torch-reference" and config.tie_embeddings and config.num_classes is None:
         print("note: the reference keeps a separate out_head; it is written as a copy of wte")
     return 0
 
@@ -232,7 +232,7 @@ def register(subparsers: Any) -> None:
     gen.add_argument("--model", required=True, help="a checkpoint in any supported format (directory or file)")
     gen.add_argument("--config", help=CONFIG_HELP)
     gen.add_argument("--prompt", required=True, help="the text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--max-new-tokens", type=int, default=50, help="at most this many tokens after the prompt")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with this much probability")
@@ -241,6 +241,6 @@ def register(subparsers: Any) -> None:
     gen.add_argument(
         "--vocab-dir",
         help="directory with GPT-2's encoder.json and vocab.bpe (default: beside the checkpoint, else "
-        "$JAXFT_GPT2_VOCAB, else tiktoken)",
+        "$JAXFT_GPT2_VOCAB, else the bundled copy)",
     )
     gen.set_defaults(func=run_generate)
