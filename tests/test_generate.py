@@ -201,3 +201,25 @@ def test_generate_text_continues_the_prompt(tokenizer):
     new = gen.generate(config, params, [tokenizer.encode(text)], max_new_tokens=6, eos_id=None)[0]
     assert out == tokenizer.decode(tokenizer.encode(text) + new) and out.startswith(text)
     assert len(new) == 6
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.45, 1), (0.55, 2), (0.75, 2), (0.85, 3), (0.9, 3), (0.97, 4), (1.0, 4)])
+def test_nucleus_keeps_the_smallest_prefix_that_reaches_top_p(top_p, kept):
+    """Probabilities 0.5 / 0.3 / 0.15 / 0.05 (shuffled): the nucleus is the most likely tokens
+    until their mass reaches top_p (the most likely one always)."""
+    probs = np.array([0.15, 0.5, 0.05, 0.3])
+    order = np.argsort(-probs)
+    filtered = np.asarray(gen._filter_logits(jnp.log(jnp.asarray(probs))[None], None, jnp.float32(top_p)))[0]
+    assert set(np.flatnonzero(np.isfinite(filtered))) == set(order[:kept].tolist())
+
+
+def test_nucleus_is_taken_after_the_temperature():
+    """A high temperature flattens the distribution, so the same top_p keeps more tokens: sampling
+    filters the tempered logits. Probabilities 0.6 / 0.25 / 0.1 / 0.05 at temperature 5 are about
+    0.32 / 0.27 / 0.22 / 0.19, whose nucleus for top_p 0.7 has 3 tokens (at temperature 1: 2)."""
+    rows = 256
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray([0.6, 0.25, 0.1, 0.05])), (rows, 4))
+    keys = jax.random.split(jax.random.key(0), rows)
+    sampled = lambda t: set(np.asarray(gen._select(logits, keys, jnp.int32(0), jnp.float32(t), jnp.float32(0.7),
+                                                   sample=True, top_k=None, use_top_p=True)).tolist())
+    assert sampled(5.0) == {0, 1, 2} and sampled(1.0) == {0, 1} and sampled(0.3) == {0}

@@ -39,9 +39,12 @@ def test_each_example_keeps_its_columns_positions_and_targets(mask_prompt):
     items, inputs, targets = _collated(0, mask_prompt)
     lengths = packing.lm_lengths(targets, IGNORE_INDEX)
     assert lengths.tolist() == [len(x) for x in items]  # the eos target is each example's last
-    batch = packing.pack_lm_batch(inputs, targets, 40, row_multiple=3, pad_id=PAD, ignore_index=IGNORE_INDEX)
+    natural = packing.pack(lengths, 40).rows
+    multiple = natural + 1  # a row count the packing does not fill by itself: one row of padding
+    batch = packing.pack_lm_batch(inputs, targets, 40, row_multiple=multiple, pad_id=PAD, ignore_index=IGNORE_INDEX)
     rows = batch["inputs"].shape[0]
-    assert rows % 3 == 0 and rows < len(items) and batch["inputs"].shape[1] == 40
+    assert rows == multiple and natural < len(items) and batch["inputs"].shape[1] == 40
+    assert (batch["segments"][natural:] == 0).all()  # the added row is all padding (checked below)
     found = []
     for r in range(rows):
         for s in range(1, batch["segments"][r].max() + 1):

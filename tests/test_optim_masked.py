@@ -199,3 +199,19 @@ def test_frozen_leaves_keep_their_bits_outside_jit_too():
         new = optax.apply_updates(new, updates)
     assert np.array_equal(_bits(new["frozen"]), _bits(params["frozen"]))
     assert not np.array_equal(np.asarray(new["trains"]), np.asarray(params["trains"]))
+
+
+def test_accumulate_updates_at_group_ends_epoch_ends_and_the_last_step():
+    """accumulate(sgd(1), k=3) over known gradients: the update is the sum of the group's
+    gradients / k, applied after every 3rd batch of an epoch, after the epoch's last batch (5 per
+    epoch) and after batch `last_step` (7, a run stopped by --max-steps mid-group); nothing else moves."""
+
+    opt = optim.accumulate(optax.sgd(1.0), 3, steps_per_epoch=5, last_step=7)
+    params = {"w": jnp.zeros(())}
+    state = opt.init(params)
+    moved = []
+    for step in range(1, 8):
+        updates, state = opt.update({"w": jnp.asarray(float(step))}, state, params)
+        moved.append(float(updates["w"]))
+    # groups: batches 1-3 (update at 3), 4-5 (epoch end at 5), 6-7 (last step 7)
+    np.testing.assert_allclose(moved, [0, 0, -(1 + 2 + 3) / 3, 0, -(4 + 5) / 3, 0, -(6 + 7) / 3], rtol=1e-6)
