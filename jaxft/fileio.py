@@ -122,6 +122,20 @@ def check_writable(path: str | os.PathLike, *, directory: bool = False) -> None:
         raise WriteError(path, f"{ancestor}: permission denied", errno.EACCES)
 
 
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove what atomic writes left in `directory` and its subdirectories (`.NAME.XXXX.tmp`
+    files and folders: a process killed mid-write); what was removed. Run only where no write
+    can be under way (a run directory this process has just locked)."""
+    stale = lambda entry: entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.name.count(".") >= 3
+    removed = [entry for entry in directory.iterdir() if stale(entry)]
+    for folder in directory.iterdir():
+        if folder.is_dir() and not folder.is_symlink() and folder not in removed:
+            removed += [entry for entry in folder.iterdir() if stale(entry)]
+    for entry in removed:
+        _remove(entry)
+    return removed
+
+
 def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -384,7 +384,8 @@ def _logits(config: GPTConfig, params: Params, tokens: jax.Array) -> jax.Array:
 
 
 def logits(config: GPTConfig, params: Params, token_ids: Any) -> jax.Array:
-    """fp32 logits [batch, seq, vocab or num_classes], no dropout. token_ids: [seq] or [batch, seq]."""
+    """fp32 logits [batch, seq, vocab or num_classes], no dropout. token_ids: [seq] or [batch, seq]
+    (each new shape compiles once: pad to a few lengths when calling it for many)."""
     ids = np.asarray(token_ids)
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2:

@@ -34,7 +34,7 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import complete_steps
-from .fileio import WriteError, to_strict_json, write_json
+from .fileio import WriteError, remove_stale_temporaries, to_strict_json, write_json
 
 try:
     import fcntl
@@ -282,6 +282,7 @@ def claim(
                     entry.unlink()
         attempt = {"started": now(), "host": socket.gethostname(), "pid": os.getpid(), "argv": list(sys.argv if argv is None else argv)}
         if mode == "resume":
+            remove_stale_temporaries(out)  # half-written outputs of the attempt that was killed
             record = read_record(out) or {}
             record.pop("reason", None)
             if versions() != record.get("versions"):  # the run's versions stay those it started with

@@ -218,3 +218,23 @@ def test_a_killed_owner_leaves_a_resumable_run(tmp_path):
     refused("holds an unfinished run of `classify` (status running, its process gone, no checkpoint)", out, settings={"lr": 5e-05})
     with claim(out, command="classify", settings={"lr": 5e-05}, resume=True) as run:
         assert run.mode == "resume" and run.latest_checkpoint() is None
+
+
+def test_resume_removes_what_a_killed_attempt_half_wrote(tmp_path):
+    """Atomic writes leave `.NAME.XXXX.tmp` files and folders behind a process killed mid-write;
+    the next attempt, holding the lock, removes them (and nothing else)."""
+    out = tmp_path / "out"
+    finished_run(out, "interrupted", checkpoint_steps=(3,))
+    stale = [out / ".loss-plot.png.p8k953of.tmp", out / "data" / ".train.csv.x1y2.tmp", out / ".model.abc123.tmp"]
+    (out / "data").mkdir()
+    stale[0].write_bytes(b"half a plot")
+    stale[1].write_text("half a split")
+    stale[2].mkdir()
+    (stale[2] / "config.json").write_text("{}")
+    kept = [out / ".hidden-notes.txt", out / "data" / "train.csv"]
+    for path in kept:
+        path.write_text("mine")
+    with claim(out, command="classify", settings=SETTINGS, resume=True):
+        pass
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+    assert (out / "checkpoints" / "3" / "commit_success.txt").exists()
