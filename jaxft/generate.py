@@ -269,6 +269,7 @@ def generate(
     batch is padded to a multiple of their number) and the parameters sharded by
     jaxft.sharding's rules: the compiled loop runs on every device.
     """
+    prompts = list(prompts)  # (any iterable)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, prompts[:1], key, temperature))):
         raise ValueError("generate is a host function (prompts in, Python lists out): call it outside jax.jit / jax.vmap")
     prompts = _check_prompts(config, prompts, max_new_tokens)

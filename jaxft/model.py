@@ -369,7 +369,7 @@ def apply(
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tokens.shape}")
-    if any(axis is not None for axis in getattr(jax.typeof(tokens).sharding, "spec", ())):
+    if hasattr(jax, "typeof") and any(axis is not None for axis in getattr(jax.typeof(tokens).sharding, "spec", ())):
         raise ValueError("tokens are sharded over Explicit mesh axes (jax.make_mesh's default); jaxft's model is written for "
                          "Auto axes: jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * n), or jaxft.sharding.make_mesh")
     config.check_params(params, head=not kwargs.get("return_hidden"))  # (Flax: "ScopeParamNotFoundError")

@@ -122,6 +122,7 @@ def adamw(
     (`accumulate`: with `steps_per_epoch`, an epoch's last batches update too, as the reference's)."""
     if not callable(learning_rate) and not learning_rate >= 0:  # (a schedule is a callable)
         raise ValueError(f"learning_rate must be >= 0, got {learning_rate}")
+    accumulation_steps = int(accumulation_steps) if isinstance(accumulation_steps, np.integer) else accumulation_steps
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
     opt = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)

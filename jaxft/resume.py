@@ -117,6 +117,7 @@ class Checkpoints:
         self.data_hash = task.data_hash()
         self.frozen_hash = frozen_hash  # `fingerprint` of the frozen parameters: reloaded from --model, not saved
         self.last: int | None = None  # the newest checkpoint's step
+        self.last_position: tuple[int, int] | None = None  # and its (epoch, batch): at an epoch's end both change
 
     @staticmethod
     def arrays(state: TrainState) -> dict[str, Any]:
@@ -137,7 +138,7 @@ class Checkpoints:
             "devices": _devices(run),
         }
         self.checkpointer.save(step, self.arrays(run.state), meta)
-        self.last = step
+        self.last, self.last_position = step, (position.epoch, position.batch)
 
     def restore(self, run: Run, task: Task) -> Position | None:
         """Continue from the latest complete checkpoint (None: there is none); refuses one
@@ -161,7 +162,7 @@ class Checkpoints:
         run.state = run.state._replace(**arrays)
         run.history = type(run.history)(**meta["history"])
         task.load_state_dict(meta.get("task") or {})
-        self.last = step
+        self.last, self.last_position = step, (int(meta["epoch"]), int(meta["batch"]))
         return Position(int(meta["epoch"]), int(meta["batch"]), dict(meta.get("initial") or {}))
 
     def wait(self) -> None:

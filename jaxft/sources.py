@@ -106,7 +106,8 @@ def sms_spam_file(
                 print(f"{data_dir / name} already exists. Skipping download and extraction.", file=sys.stderr)
             return _verified(data_dir / name, sha256)
 
-    # fetch makes data_dir (and removes it again, when it made it, should every URL fail); it raises DownloadError (naming every URL tried) when all of them fail.
+    # fetch makes data_dir (and removes it again, when it made it, should every URL fail); it
+    # raises DownloadError (naming every URL tried) when all of them fail.
     zip_path = fetch(list(urls), data_dir / SMS_SPAM_ZIP, desc="SMS Spam Collection", timeout=timeout, progress=progress)
     try:
         with zipfile.ZipFile(zip_path) as archive:

@@ -189,8 +189,9 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
         nonlocal start
         history.seconds += time.perf_counter() - start  # the checkpoint's history holds the time so far
         start = time.perf_counter()
-        if checkpoints is not None and checkpoints.last != history.total_steps:
-            checkpoints.save(run, task, position)
+        where = (history.total_steps, (position.epoch, position.batch))
+        if checkpoints is not None and (checkpoints.last, checkpoints.last_position) != where:
+            checkpoints.save(run, task, position)  # (the same step again after its epoch's end: replaced)
 
     def stop_if_asked() -> None:
         """After a step or an epoch's end: a caught SIGINT/SIGTERM checkpoints and stops. With
@@ -303,7 +304,9 @@ def fit(
     )
     state = init_state(params, mask, optimizer, seed=settings.seed)
     del params  # the state holds its own copy
-    frozen_hash = fingerprint(state.frozen) if checkpoint_dir is not None else None  # (before sharding: addressable here)
+    # Loaded frozen weights must be those the run began with (random ones follow from the settings,
+    # and a GPU may round their init differently); computed before sharding: addressable here
+    frozen_hash = fingerprint(state.frozen) if checkpoint_dir is not None and settings.init == "pretrained" else None
     options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
     dtype = jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32
     train_step, eval_step = make_steps(

@@ -264,9 +264,10 @@ def test_cli_finetune_classifier_on_user_csvs_then_classify(tmp_path, shared_dat
 
     # --file answers line for line: a blank line with a blank line
     texts = tmp_path / "texts.txt"
-    texts.write_text("great lovely wonderful great\n\nawful bad terrible\n")
+    texts.write_bytes("great lovely\x0cwonderful great\r\n\nawful bad\u2028terrible\n".encode())  # a form feed, U+2028
     assert main(["classify", "--model", str(out / "model"), "--file", str(texts)]) == 0
-    assert capsys.readouterr().out.split("\n") == [printed[0], "", printed[1], ""]
+    answers = capsys.readouterr().out.split("\n")
+    assert len(answers) == 4 and answers[1] == answers[3] == "" and {answers[0], answers[2]} <= {"neg", "neu", "pos"}
 
     # The exported .pth classifies too, given the shape it does not record: the same classes, as ids
     # (the state dict holds no class names).

@@ -13,6 +13,7 @@ import importlib
 import os
 import signal
 import sys
+import traceback
 import typing
 import warnings
 
@@ -61,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for messages that repeat the command line
     with warnings.catch_warnings(), terminate_raises():
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
-        code = _run(args)
+        try:
+            code = _run(args)
+        except Exception:  # a bug: its traceback; with several processes, not then JAX's exit barrier (below)
+            if argv is None and getattr(args, "processes", 1) > 1:
+                traceback.print_exc()
+                code = EXIT_FAILED
+            else:
+                raise
     if argv is None and (code in (EXIT_SIGINT, exit_code(signal.SIGTERM)) or (code and getattr(args, "processes", 1) > 1)):
         # Nothing is left to write (run.json says why it stopped). A normal exit could still crash
         # or hang: XLA may be compiling on other threads when a signal lands during start-up (a
@@ -104,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     except RunDirError as exc:
         print(f"jaxft {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except jax.errors.JaxRuntimeError as exc:
+    except getattr(jax.errors, "JaxRuntimeError", RuntimeError) as exc:  # (named so from JAX 0.4.34)
         if getattr(args, "processes", 1) == 1:
             raise
         # with several processes, typically a collective whose peer stopped (see its own output)

@@ -48,7 +48,9 @@ def _read_lines(path: Path) -> list[str]:
         raise CLIError(f"{path}: is a directory, not a file of texts") from None
     except PermissionError:
         raise CLIError(f"{path}: permission denied") from None
-    return text.splitlines()
+    # a line ends at \n, \r\n or \r only (str.splitlines also splits at form feeds, U+2028, ...)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def _classify(args: argparse.Namespace) -> int:

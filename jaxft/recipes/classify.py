@@ -101,6 +101,7 @@ def with_classifier_head(config: GPTConfig, params: Params, num_classes: int, ke
     Initialised like torch's nn.Linear (uniform in ±1/sqrt(emb_dim) for weight and bias),
     so a run starts from the same distribution as the reference's.
     """
+    num_classes = int(num_classes) if isinstance(num_classes, np.integer) else num_classes  # (labels.max() + 1, say)
     classifier = config.replace(num_classes=num_classes)  # (checks num_classes first)
     bound = 1.0 / math.sqrt(config.emb_dim)
     k_w, k_b = jax.random.split(key)
