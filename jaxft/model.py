@@ -335,9 +335,9 @@ class GPT2(nn.Module):
 
 
 def init_params(config: GPTConfig, key: jax.Array) -> Params:
-    """Random GPT-2 parameters (GPT-2's init: N(0, 0.02), residual projections scaled)."""
-    tokens = jnp.zeros((1, 1), dtype=jnp.int32)
-    return _init(config, key, tokens)
+    """Random GPT-2 parameters (GPT-2's init: N(0, 0.02), residual projections scaled); `key` a PRNG key or an int seed."""
+    key = jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key
+    return _init(config, key, jnp.zeros((1, 1), dtype=jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -93,6 +93,8 @@ def trainable_mask(config: GPTConfig, params: Params, trainable: str = "last-blo
 
 def split(params: Params, mask: Params) -> tuple[Params, Params]:
     """(trainable, frozen): each keeps the other's leaves as None."""
+    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(mask):
+        raise ValueError("mask: its tree differs from the parameters' (build it with trainable_mask(config, params, ...))")
     trainable = jax.tree_util.tree_map(lambda p, m: p if m else None, params, mask)
     frozen = jax.tree_util.tree_map(lambda p, m: None if m else p, params, mask)
     return trainable, frozen

@@ -114,3 +114,10 @@ def test_optimizer_mistakes_are_named(params):
             jaxft.adamw(**bad)
     with pytest.raises(ValueError, match=r"num_classes must be an integer >= 2, got 2\.0"):
         jaxft.with_classifier_head(CONFIG, params, 2.0, jax.random.PRNGKey(1))
+
+
+def test_an_int_seed_initialises_and_a_foreign_mask_is_named(params):
+    np.testing.assert_array_equal(np.asarray(init_params(CONFIG, 0)["wte"]["embedding"]), np.asarray(params["wte"]["embedding"]))
+    mask = jaxft.trainable_mask(CONFIG, params, "last-block")
+    with pytest.raises(ValueError, match=r"mask: its tree differs from the parameters'"):
+        jaxft.init_state(params, {**mask, "extra": True}, jaxft.adamw(1e-3))
