@@ -122,11 +122,20 @@ def check_writable(path: str | os.PathLike, *, directory: bool = False) -> None:
         raise WriteError(path, f"{ancestor}: permission denied", errno.EACCES)
 
 
+_TMP_SUFFIX = ".tmp"
+
+
+def _temporary_name(path: Path) -> dict[str, str]:
+    """mkstemp/mkdtemp's name for a temporary beside `path`: `.NAME.XXXX.tmp` (hidden; see
+    `remove_stale_temporaries`)."""
+    return {"prefix": f".{path.name}.", "suffix": _TMP_SUFFIX}
+
+
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Remove what atomic writes left in `directory` and its subdirectories (`.NAME.XXXX.tmp`
     files and folders: a process killed mid-write); what was removed. Run only where no write
     can be under way (a run directory this process has just locked)."""
-    stale = lambda entry: entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.name.count(".") >= 3
+    stale = lambda entry: entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX) and entry.name.count(".") >= 3
     removed = [entry for entry in directory.iterdir() if stale(entry)]
     for folder in directory.iterdir():
         if folder.is_dir() and not folder.is_symlink() and folder not in removed:
@@ -167,7 +176,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _make_parent(path)
     try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, **_temporary_name(path))
         os.close(fd)
     except OSError as exc:
         raise _write_error(path, exc) from None
@@ -238,7 +247,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _make_parent(path)
     try:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, **_temporary_name(path)))
         os.chmod(tmp, default_mode(directory=True))
     except OSError as exc:
         raise _write_error(path, exc) from None

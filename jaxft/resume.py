@@ -156,8 +156,9 @@ class Checkpoints:
         if None not in (meta.get("frozen_hash"), self.frozen_hash) and meta["frozen_hash"] != self.frozen_hash:
             raise ValueError(f"cannot resume from {where}: the frozen parameters differ from the run's "
                              "(--model now holds other weights); resume with the weights the run began with")
-        if meta.get("devices", _devices(run)) != _devices(run):
-            run.log(f"note: resuming on {_devices(run)} where the checkpoint was written on {meta['devices']}: the same "
+        here = _devices(run)
+        if meta.get("devices", here) != here:
+            run.log(f"note: resuming on {here} where the checkpoint was written on {meta['devices']}: the same "
                     "computation, but summed in another order (not bit for bit the run that was not stopped)")
         run.state = run.state._replace(**arrays)
         run.history = type(run.history)(**meta["history"])

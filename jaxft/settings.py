@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from . import optim, sharding
@@ -56,6 +57,11 @@ class TrainerSettings:
     checkpoint_every: int | None = setting(None, "write a checkpoint every this many training steps (batches; default: at every epoch end)", group="output")
     keep: int = setting(2, "how many of the newest checkpoints to keep", group="output")
     export_pth: bool = setting(False, "also write the reference's state dict (.pth)", group="output")
+
+    @property
+    def compute_dtype(self) -> Any:
+        """The steps' compute dtype for `dtype` (parameters and optimizer state stay fp32)."""
+        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
 
     def validate(self, devices: bool = True) -> None:
         """One-line errors for settings that cannot work, before anything runs; `devices`: also

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from . import distributed, optim, sharding, weights
@@ -308,7 +307,7 @@ def fit(
     # and a GPU may round their init differently); computed before sharding: addressable here
     frozen_hash = fingerprint(state.frozen) if checkpoint_dir is not None and settings.init == "pretrained" else None
     options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
-    dtype = jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32
+    dtype = settings.compute_dtype
     train_step, eval_step = make_steps(
         config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, attention=settings.attention, **options
     )

@@ -187,7 +187,7 @@ class ClassificationTask(train.Task):
             max_bytes=self.recipe.trunk_cache_max_gb * 1e9, log=log,
             widths={name: trunk.needed_widths(self.pooling, getattr(self.data, name).lengths) for name in SPLITS},
             progress=None if self.recipe.trainer.progress else False,  # --no-progress: no bar here either
-            dtype=jnp.bfloat16 if self.recipe.trainer.dtype == "bfloat16" else jnp.float32,
+            dtype=self.recipe.trainer.compute_dtype,
         )
         return {} if start_block is None else {"start_block": start_block}
 
