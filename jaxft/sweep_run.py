@@ -135,12 +135,12 @@ def run_sweep(
     state = init_states(settings, trainables, [r.trainer.lr for _, _, r in runs], [r.trainer.weight_decay for _, _, r in runs],
                         [r.trainer.seed for _, _, r in runs])
     # Runs with one seed see the same rows in the same order: their batches are shared.
-    shared = all(
+    same_batches = all(
         r.seed == rows[0].seed and r.width == rows[0].width
         and all(np.array_equal(r.rows[s], rows[0].rows[s]) and np.array_equal(r.lengths[s], rows[0].lengths[s]) for s in SPLITS)
         for r in rows
     )
-    train_step, eval_step = make_sweep_steps(config, settings, recipe.pooling, start_block, shared=shared,
+    train_step, eval_step = make_sweep_steps(config, settings, recipe.pooling, start_block, shared=same_batches,
                                              steps_per_epoch=batching_steps(n_train, settings.batch_size))
     log(f"sweep of {k} runs ({', '.join(n for n, _, _ in runs)}); ~{(shared + k * per_run) / 1e9:.2f} GB estimated")
 

@@ -215,6 +215,8 @@ def test_cli_sweep_classifier_writes_runs_summary_and_plot(tmp_path, shared_data
     assert "model" not in metrics["outputs"] and metrics["steps"] == 8
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     assert (out / "summary.csv").read_text().count("\n") == 5 and (out / "sweep-plot.pdf").exists()
+    estimate = json.loads((out / "sweep.json").read_text())["memory_estimate_bytes"]
+    assert type(estimate["shared"]) is int and estimate["shared"] > 0  # bytes, not whether batches are shared
     capsys.readouterr()
 
     code = main(["sweep-classifier", *common, "--sweep", "seed=1,2", "--out", str(tmp_path / "o2")])
