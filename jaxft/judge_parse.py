@@ -47,9 +47,11 @@ _OTHER_SCALE = re.compile(
 # What may follow a stated score and makes it unreadable: another denominator, a range, stars.
 _AFTER = re.compile(r"\s*(?:\(\s*)?(?:(?:/|\bout\s+of)\s*(\d+)|(?:-|–|\bto\b)\s*\d|stars?\b)", _I)
 
-_UNIT = r"(?:\s*(?:/\s*100|out\s+of\s+100|%|points?))?"
+_UNIT = r"(?:[ \t]*(?:/[ \t]*100|out[ \t]+of[ \t]+100|%|points?))?"
 # A line that is only a score ("85", "Score: 85/100.", "Final rating = 85 points").
-_LINE = re.compile(rf"^\s*(?:(?:final|overall|my)?\s*(?:score|rating|grade)\s*[:=]?\s*)?{_N}{_UNIT}\s*[.!]?\s*$", _I | re.M)
+# (Within one line, [ \t] not \s: a pattern that can start at every line must not span lines.)
+_LINE = re.compile(rf"^[ \t]*(?:(?:(?:final|overall|my)[ \t]+)?(?:score|rating|grade)(?:[ \t]*[:=])?[ \t]*)?{_N}{_UNIT}"
+                   r"(?:[ \t]*[.!])?[ \t]*$", _I | re.M)
 # A labelled score: "Score: 85", "score of 85", "The score is: 78", "rating would be 60".
 _LABEL = re.compile(
     rf"\b(?:score|rating|grade)\b(?:\s*[:=]|\s+[-–](?=\s)|\s+(?:is|of|would|will|be|a|an|i\s+give|given)\b)+\s*{_N}", _I)
@@ -64,11 +66,19 @@ _MARKUP = re.compile(r"[*_`#>|]")
 
 
 def _without_echo(text: str, prompt: str) -> str:
-    """`text` without the pieces of `prompt` it repeats (the whole prompt, or its lines and
-    quoted parts of 12 characters or more): their numbers are the prompt's, not a score."""
+    """`text` without the pieces of `prompt` it repeats: their numbers are the prompt's, not a
+    score. Pieces: the whole prompt, its lines and quoted parts of 12 characters or more, and a
+    quoted part of any length that the answer quotes too ("the response `42` is wrong") but is
+    not all of."""
     pieces = {prompt.strip()} | {p.strip() for p in re.split(r"[`\n]", prompt)}
+    quoted = {q for q in prompt.split("`")[1::2] if q.strip()}
     for piece in sorted((p for p in pieces if len(p) >= 12), key=len, reverse=True):
         text = text.replace(piece, " ")
+    for piece in sorted(quoted, key=len, reverse=True):
+        if text.strip().strip("`\"'") == piece:
+            continue  # the whole answer: the judge's own (a response "85" scored "`85`")
+        for mark in "`\"'":
+            text = text.replace(f"{mark}{piece}{mark}", " ")
     return text
 
 
