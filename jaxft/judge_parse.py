@@ -17,8 +17,8 @@ import re
 
 __all__ = ["parse_score"]
 
-# An integer (sign kept, so "-5" is out of range) not part of a decimal or a longer number.
-_N = r"(?<![\d.,])(-?\d{1,4})(?![\d,]|\.\d)"
+# An integer (sign kept, so "-5" is out of range) not part of a decimal or a longer number ("1,000").
+_N = r"(?<![\d.])(?<!\d,)(-?\d{1,4})(?!\d|[.,]\d)"
 _I = re.I
 
 # The scale's own description (the reference's prompt says "on a scale from 0 to 100, where

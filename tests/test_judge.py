@@ -127,6 +127,8 @@ JUDGE_ANSWERS = [
     ("I'd rate this response 30 out of 100 because it misses the 2nd part.", 30),
     ("Overall, the response deserves 75/100: it answers 3 of the 4 questions.", 75),
     ("Score: 88 (out of 100)", 88),
+    ("Score: 85, because the response is mostly right.", 85), ("I give it 90, as it matches the output.", 90),
+    ("Score: 1,000", None),
     # no score: numbers of the scale's description, of the text, refusals
     ("I cannot score this response on a scale from 0 to 100, where 100 is the best score.", None),
     ("I am unable to give a score out of 100", None),
