@@ -9,8 +9,11 @@ module does the same job so that a run can be trusted:
 - every score is appended to a JSONL file as it arrives (keyed by entry index plus a hash of
   the entry and of the judge setup), so a rerun with the same arguments scores only what is
   missing, and a changed responses file or judge setup is detected instead of mixed in;
-- answers are parsed leniently ("85", "Score: 85", "85/100", "**85**"); anything else, or a
-  value outside 0..100, is recorded as unparsed and reported (as the reference does);
+- a score is read only where the answer states one ("85", "Score: 85", "85/100", "**Score:**
+  85", see `jaxft.judge_parse`); a refusal, another scale, a number of the scale's description,
+  of the echoed prompt or of the explanation is no score: the answer is recorded as unparsed
+  and reported (as the reference does), and `retry_unparsed` asks for it again;
+- a stored answer is capped (`MAX_STORED_ANSWER_CHARS`, its head and tail kept);
 - a summary with the reference's "Number of scores: N of M" / "Average score: X.XX" lines, a
   histogram and the judge-free metrics of `jaxft.textmetrics`; JSON output for scripts.
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import string
 import sys
 from collections.abc import Mapping, Sequence
@@ -30,6 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from jaxft.data.instruct import format_prompt
+from jaxft.fileio import WriteError
 from jaxft.judge_client import (
     APIS,
     DEFAULT_HOST,
@@ -40,14 +43,15 @@ from jaxft.judge_client import (
     JudgeUnavailable,
     normalize_host,
 )
+from jaxft.judge_parse import parse_score
 from jaxft.textmetrics import corpus_metrics, exact_match
 
 # APIS, DEFAULT_HOST, DEFAULT_MODEL, DEFAULT_OPTIONS, JudgeClient, JudgeError, JudgeUnavailable
-# and normalize_host are re-exported from jaxft.judge_client.
+# and normalize_host are re-exported from jaxft.judge_client, parse_score from jaxft.judge_parse.
 __all__ = [
     "APIS", "DEFAULT_HOST", "DEFAULT_MODEL", "DEFAULT_OPTIONS", "DEFAULT_TEMPLATE",
-    "HISTOGRAM_BINS", "TEMPLATE_FIELDS", "JudgeClient", "JudgeError", "JudgeUnavailable",
-    "build_prompt", "check_template", "entry_fingerprint", "format_alpaca_input",
+    "HISTOGRAM_BINS", "MAX_STORED_ANSWER_CHARS", "TEMPLATE_FIELDS", "JudgeClient", "JudgeError", "JudgeUnavailable",
+    "build_prompt", "cap_answer", "check_template", "entry_fingerprint", "format_alpaca_input",
     "format_summary", "histogram", "judge_fingerprint", "load_responses", "load_scores",
     "normalize_host", "parse_score", "run_judge", "summarize",
 ]
@@ -95,47 +99,6 @@ def build_prompt(
         model_response=entry[response_key],
     )
 
-
-_MARKUP = re.compile(r"[*_`#]")
-# An integer (sign kept, so "-5" is out of range) that is not part of a decimal or longer number.
-_INT = r"(?<![\d.])(-?\d{1,4})(?!\d|\.\d)"
-_ALONE = re.compile(rf"^\s*(?:score\s*[:=]?\s*)?{_INT}\s*(?:/\s*100|%|points?)?\s*[.!]?\s*$", re.I)
-_FRACTION = re.compile(rf"{_INT}\s*(?:/|out of)\s*(\d+)", re.I)
-_SCORE_IS = re.compile(rf"\b(?:score|rating|rate it|grade)\b[^\d\n]{{0,20}}?{_INT}", re.I)
-_SCALE = re.compile(r"\b(?:from\s+)?0\s*(?:-|to)\s*100\b", re.I)  # "on a scale from 0 to 100"
-_ANY_INT = re.compile(_INT)
-
-
-def parse_score(answer: str) -> int | None:
-    """The 0..100 integer score in a judge's answer, or None when there is none.
-
-    Accepts "85", "85.", "**85**", "Score: 85", "85/100", "85 out of 100", "My score is 85",
-    "On a scale from 0 to 100: 85", "Score: 90. It turns 1/4 cup into 4 tablespoons". None for: no
-    number, several candidate numbers, a score on another scale ("7/10", "Score: 8/10"), decimals
-    ("85.5"), values outside 0..100.
-    """
-    text = _MARKUP.sub("", answer)
-    alone = _ALONE.match(text)
-    if alone:
-        return _in_range(alone.group(1))
-    for numerator, denominator in _FRACTION.findall(text):
-        if int(denominator) == 100:
-            return _in_range(numerator)
-    text = _SCALE.sub(" ", text)
-    named = _SCORE_IS.search(text)
-    if named:
-        # "Score: 8/10" is another scale (not comparable); a fraction elsewhere ("1/4 cup") is text.
-        return None if _FRACTION.match(text, named.start(1)) else _in_range(named.group(1))
-    # A bare fraction ("7/10") has two numbers: ambiguous below, so None as well.
-    numbers = _ANY_INT.findall(text)
-    if len(numbers) == 1 and not re.search(r"\d\.\d", text):
-        return _in_range(numbers[0])
-    return None
-
-
-def _in_range(digits: str) -> int | None:
-    value = int(digits)
-    return value if 0 <= value <= 100 else None
 
 # --------------------------------------------------------------------------------------
 # Input and the append-only score file
@@ -191,13 +154,16 @@ def load_scores(
     lines = data.split(b"\n")
     if lines[-1].strip():  # no final newline: the last write was cut short
         try:
-            json.loads(lines[-1])
-            with path.open("ab") as f:
-                f.write(b"\n")
-        except ValueError:
-            with path.open("r+b") as f:
-                f.truncate(len(data) - len(lines[-1]))
-            print(f"{path}: dropped an incomplete last line (interrupted write)", file=sys.stderr)
+            try:
+                json.loads(lines[-1])
+                with path.open("ab") as f:
+                    f.write(b"\n")
+            except ValueError:
+                with path.open("r+b") as f:
+                    f.truncate(len(data) - len(lines[-1]))
+                print(f"{path}: dropped an incomplete last line (interrupted write)", file=sys.stderr)
+        except OSError as exc:
+            raise WriteError(path, exc.strerror or str(exc), exc.errno) from None
         lines = lines[:-1]
     valid: dict[int, dict] = {}
     stale: dict[int, int] = {}  # entry index -> first line scoring an older version of it
@@ -207,7 +173,8 @@ def load_scores(
         try:
             record = json.loads(line)
             index, score = record["index"], record["score"]
-            if not isinstance(index, int) or not (score is None or isinstance(score, int)):
+            if not isinstance(index, int) or not (score is None or isinstance(score, int)) \
+                    or not isinstance(record.get("answer"), str):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{path}: line {lineno}: not a score record") from None
@@ -231,12 +198,44 @@ def load_scores(
     return valid
 
 
-def _append(path: Path, record: Mapping[str, Any]) -> None:
-    # One write per record, flushed and synced: an interruption loses at most this line.
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+# A judge answers a number, or a paragraph; a runaway generation can answer megabytes. What
+# is stored (and read for the score) is its head and tail: where the judge states a score.
+MAX_STORED_ANSWER_CHARS = 4000
+_CUT = "\n[...]\n"
+
+
+def cap_answer(answer: str, limit: int = MAX_STORED_ANSWER_CHARS) -> str:
+    """`answer`, or its first and last `limit // 2` characters around a "[...]" line."""
+    if len(answer) <= limit:
+        return answer
+    return answer[: limit // 2] + _CUT + answer[-(limit // 2):]
+
+
+def _append(path: Path, record: Mapping[str, Any], done: int, total: int) -> None:
+    # One write per record, flushed and synced: an interruption loses at most this line. A
+    # failed write (a full disk) is cut back off, so that the file holds whole records only.
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise WriteError(path, exc.strerror or str(exc), exc.errno) from None
+    size = None
+    try:
+        size = os.fstat(fd).st_size
+        view = memoryview(line)
+        while view:  # unbuffered: nothing is left to fail again at close
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        try:
+            if size is not None:
+                os.ftruncate(fd, size)
+        except OSError:
+            pass  # a torn last line is cut off by the next run (load_scores)
+        raise WriteError(path, f"{exc.strerror or exc} ({done} of {total} entries are scored there; "
+                               "rerun the same command to resume)", exc.errno) from None
+    finally:
+        os.close(fd)
 
 
 def run_judge(
@@ -247,36 +246,55 @@ def run_judge(
     response_key: str = "model_response",
     template: str = DEFAULT_TEMPLATE,
     rescore_changed: bool = False,
+    retry_unparsed: bool = False,
     progress: bool = True,
 ) -> dict[int, dict]:
     """Score every entry not yet in `store` and return all records by entry index.
 
-    The server is checked only when something is left to score. When the server fails for
-    good, JudgeUnavailable says how far the run got; the same call later resumes there.
+    A stored answer is never asked again, except an unparsed one with `retry_unparsed` (the
+    new record is appended; the newest wins). Stored answers are read again with the current
+    `parse_score`, so a store written by an older, laxer parser gives today's scores. The server
+    is checked only when something is left to score. When the server fails for good,
+    JudgeUnavailable says how far the run got; the same call later resumes there. A failed
+    write is a WriteError naming `store`.
     """
     check_template(template)
     store = Path(store)
     fingerprints = [entry_fingerprint(e, response_key) for e in entries]
     judge_key = judge_fingerprint(client.setup, template)
     records = load_scores(store, fingerprints, judge_key, rescore_changed)
-    todo = [i for i in range(len(entries)) if i not in records]
+    changed = 0
+    for i, record in records.items():
+        score = parse_score(record["answer"], build_prompt(entries[i], response_key, template))
+        changed += score != record["score"]
+        record["score"] = score
+    if changed:
+        print(f"{store}: {changed} stored score(s) differ from their answers read again (by today's "
+              "stricter parser); the summary uses the answers' scores", file=sys.stderr)
+    todo = [i for i in range(len(entries))
+            if i not in records or (retry_unparsed and records[i]["score"] is None)]
     if not todo:
         return records
     client.check()
     store.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(entries), initial=len(records), desc="Scoring entries", unit="entry",
+    done = len(records) - sum(i in records for i in todo)
+    with tqdm(total=len(entries), initial=done, desc="Scoring entries", unit="entry",
               disable=not progress) as bar:
         for i in todo:
+            prompt = build_prompt(entries[i], response_key, template)
             try:
-                answer = client.chat(build_prompt(entries[i], response_key, template))
+                answer = client.chat(prompt)
             except JudgeError as exc:
                 raise type(exc)(
                     f"entry {i}: {exc}. {len(records)} of {len(entries)} entries are scored in "
                     f"{store}; rerun the same command to resume"
                 ) from None
-            record = {"index": i, "score": parse_score(answer), "answer": answer,
+            stored = cap_answer(answer)
+            record = {"index": i, "score": parse_score(stored, prompt), "answer": stored,
                       "entry": fingerprints[i], "judge": judge_key, "model": client.model}
-            _append(store, record)
+            if stored is not answer:
+                record["answer_chars"] = len(answer)
+            _append(store, record, len(records), len(entries))
             records[i] = record
             bar.update(1)
     return records

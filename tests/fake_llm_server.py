@@ -19,6 +19,11 @@ mode chosen by ``behaviour(n)`` (n = 0-based count of chat requests so far):
 - ``garbage``: a line that is not JSON in the middle of the stream (body for OpenAI);
 - ``truncated``: the stream ends cleanly without the final ``done`` line (Ollama only);
 - ``error_line``: an ``{"error": ...}`` line in the stream (Ollama only).
+
+``chat_requests`` is in the client's order (a sequential client sends a request only after the
+previous answer). ``answered`` is in the order the handler threads finish, which a busy machine
+may swap: a handler still writing its last chunk while the client's next request is answered
+(``finish_seconds`` pauses there, to test that the tests do not depend on it).
 """
 
 from __future__ import annotations
@@ -59,11 +64,13 @@ class FakeLLMServer:
         answer: Callable[[str], str] = _default_answer,
         slow_seconds: float = 2.0,
         trickle_seconds: float = 0.1,
+        finish_seconds: float = 0.0,
     ) -> None:
         self.models = list(models)
         self.answer = answer
         self.slow_seconds = slow_seconds
         self.trickle_seconds = trickle_seconds
+        self.finish_seconds = finish_seconds
         self.behaviour: Callable[[int], str] = lambda n: "ok"
         self.chat_requests: list[dict] = []  # every chat request body, failed ones included
         self.answered: list[str] = []  # prompts that got a complete, normal answer
@@ -257,6 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         if mode != "truncated":
             self._chunk(line("", done=True))
+        if self.fake.finish_seconds:  # the client has its answer; this thread is late to finish
+            self.fake._release.wait(self.fake.finish_seconds)
         self._chunk(b"")  # terminating zero-length chunk
 
     def _openai_answer(self, body: dict, answer: str, mode: str) -> None:

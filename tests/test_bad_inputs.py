@@ -246,6 +246,11 @@ CASES = [
      None),
     ("judge-server-refused", ["judge", "{in}/responses.json", "--host", "http://127.0.0.1:9", "--retries", "0", "--out", "{out}"], 2,
      "127.0.0.1:9", None),
+    ("judge-no-responses-named", ["judge", "--host", "http://127.0.0.1:9"], 2, "name the responses file", None),
+    ("judge-compare-other-entries", ["judge", "--compare", "{in}/responses.json", "{in}/no-entries.json", "--host", "http://127.0.0.1:9"], 2,
+     "not responses to the same entries", None),
+    ("judge-compare-with-one-out", ["judge", "--compare", "{in}/responses.json", "{in}/responses.json", "--out", "{out}"], 2,
+     "with --compare use --compare-out", None),
 ]
 
 
@@ -341,6 +346,16 @@ def test_disk_full_at_metrics_exits_1_naming_the_file_and_keeps_the_rest(inputs,
     assert (out / "model" / "config.json").is_file()  # the outputs written before the failure
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "failed" and "metrics.json" in record["reason"]
+
+
+def test_judge_disk_full_at_the_summary_exits_1_naming_it(inputs, tmp_path):
+    summary = tmp_path / "summary.json"
+    argv = [sys.executable, "-c", FAULT_RUNNER, "summary.json", "judge", str(inputs / "responses.json"), "--metrics-only",
+            "--json", str(summary)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert one_line(result.stderr) == f"jaxft judge: error: {summary}: cannot write: No space left on device"
+    assert list(tmp_path.iterdir()) == [], "a temporary file was left behind"
 
 
 def test_export_pth_refused_up_front_where_torch_cannot_import(inputs, tmp_path):
