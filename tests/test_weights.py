@@ -428,3 +428,37 @@ def test_pth_with_a_custom_class_is_refused_not_executed(tmp_path):
     # The file really is dangerous: a full unpickle runs the payload.
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+# --- non-finite weights -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, name", [("jaxft", "model"), ("hf", "hf"), ("torch-reference", "model.pth"),
+                                       ("torch-reference", "model.safetensors"), ("openai-tf", "tf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_are_refused_naming_the_tensor(fmt, name, bad, tmp_path):
+    """A diverged run's weights load in no format: they would classify as class 0, generate
+    token 0 and train to a NaN loss at step 1, each blamed on something else."""
+    params = random_params(TINY)
+    params["h_1"]["attn"]["c_proj"]["kernel"][2, 7] = bad
+    params["h_1"]["attn"]["c_proj"]["kernel"][3, 1] = bad
+    path = jaxft.export(TINY, params, tmp_path / name, fmt)
+    with pytest.raises(WeightsError) as info:
+        jaxft.load(path, TINY)
+    message = str(info.value)
+    assert "h_1/attn/c_proj/kernel holds 2 non-finite value(s) (NaN or inf) of 1024" in message and "\n" not in message
+    assert message.startswith(str(tmp_path / name))
+
+
+def test_the_finite_check_is_one_reduction_over_the_tree(tmp_path, monkeypatch):
+    """Cheap on a large model: one fused device reduction (one scalar back), the tensor looked
+    for only when it fails."""
+    from jaxft.weights import common
+
+    calls = []
+    real = common._all_finite
+    monkeypatch.setattr(common, "_all_finite", lambda leaves: calls.append(len(leaves)) or real(leaves))
+    monkeypatch.setattr(common.jnp, "count_nonzero", lambda *a, **k: pytest.fail("a leaf was inspected on finite weights"))
+    jaxft.export(TINY, random_params(TINY), tmp_path / "model", "jaxft")
+    jaxft.load(tmp_path / "model")
+    assert calls == [len(expected_shapes(TINY))]

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Callable, Iterable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPTConfig
@@ -78,6 +80,29 @@ def check_params(source: str, config: GPTConfig, flat: dict[str, Any]) -> None:
     for key, shape in shapes.items():
         if tuple(flat[key].shape) != shape:
             raise WeightsError(f"{source}: tensor {key} has shape {tuple(flat[key].shape)}, expected {shape}")
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def check_finite(source: str, params: Params) -> None:
+    """Refuse weights holding NaN or inf (they would classify, generate and train on garbage).
+
+    Cheap: one fused reduction over every float leaf (on the device, one scalar back); the
+    offending tensor is looked for, leaf by leaf, only when that fails.
+    """
+    leaves = {name: leaf for name, leaf in flatten(params).items() if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)}
+    if not leaves or bool(_all_finite(list(leaves.values()))):
+        return
+    for name, leaf in leaves.items():
+        bad = int(jnp.size(leaf) - jnp.count_nonzero(jnp.isfinite(leaf)))
+        if bad:
+            raise WeightsError(
+                f"{source}: tensor {name} holds {bad} non-finite value(s) (NaN or inf) of {int(jnp.size(leaf))}: "
+                "refusing weights that cannot compute (was the run that wrote them diverging?)"
+            )
 
 
 def to_float32(source: str, name: str, array: Any) -> np.ndarray:
