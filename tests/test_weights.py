@@ -451,14 +451,24 @@ def test_non_finite_weights_are_refused_naming_the_tensor(fmt, name, bad, tmp_pa
 
 
 def test_the_finite_check_is_one_reduction_over_the_tree(tmp_path, monkeypatch):
-    """Cheap on a large model: one fused device reduction (one scalar back), the tensor looked
-    for only when it fails."""
+    """Cheap on a large model: on the device, one fused reduction (one scalar back) and a tensor
+    looked for only when it fails; host arrays as `load` reads them are checked where they lie
+    (no copy to the device, no compile)."""
+    import jax
+
     from jaxft.weights import common
 
     calls = []
     real = common._all_finite
     monkeypatch.setattr(common, "_all_finite", lambda leaves: calls.append(len(leaves)) or real(leaves))
-    monkeypatch.setattr(common.jnp, "count_nonzero", lambda *a, **k: pytest.fail("a leaf was inspected on finite weights"))
     jaxft.export(TINY, random_params(TINY), tmp_path / "model", "jaxft")
-    jaxft.load(tmp_path / "model")
+    config, params = jaxft.load(tmp_path / "model")
+    assert calls == []
+    on_device = jax.device_put(params)
+    monkeypatch.setattr(common.np, "count_nonzero", lambda *a: pytest.fail("a leaf was inspected on finite weights"))
+    common.check_finite("model", on_device)
     assert calls == [len(expected_shapes(TINY))]
+    monkeypatch.undo()
+    on_device["ln_f"]["bias"] = on_device["ln_f"]["bias"].at[0].set(float("nan"))
+    with pytest.raises(WeightsError, match="model: tensor ln_f/bias holds 1 non-finite value"):
+        common.check_finite("model", on_device)
