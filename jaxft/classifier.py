@@ -15,8 +15,9 @@ import numpy as np
 from . import losses, model, train, weights
 from .config import GPTConfig
 from .model import Params
+from .recipes.common import check_vocabulary
 from .tokenizer import PAD_ID, encode_text, get_tokenizer
-from .weights import native
+from .weights import sidecar
 
 
 def encode_for_classification(tokenizer: Any, text: str, max_length: int | None, context_length: int) -> tuple[list[int], int]:
@@ -68,6 +69,8 @@ class Classifier:
             if not text.strip():
                 raise ValueError(f"text {i + 1} is empty: nothing to classify (training refuses empty texts too)")
         encoded = [encode_for_classification(self.tokenizer, t, self.max_length, self.config.context_length) for t in texts]
+        # An id beyond the embedding table reads NaN (which padding spreads to every position), not an error.
+        check_vocabulary("the classifier", self.config, max([PAD_ID, *(max(ids) for ids, _ in encoded)]), "the texts and padding use")
         pooling = self.pooling
         if self.max_length is None:
             longest = max((len(ids) for ids, _ in encoded), default=1)
@@ -85,7 +88,14 @@ class Classifier:
                 tokens[row, : len(ids)], lengths[row] = ids, n
             logits = _predict(self.config, self.params, tokens, lengths, pooling)
             probabilities.append(np.asarray(jax.nn.softmax(logits, axis=-1))[: len(chunk)])
-        return np.concatenate(probabilities) if probabilities else np.zeros((0, self.config.num_classes), np.float32)
+        result = np.concatenate(probabilities) if probabilities else np.zeros((0, self.config.num_classes), np.float32)
+        broken = np.flatnonzero(~np.isfinite(result).all(axis=1))
+        if broken.size:  # argmax of NaNs is class 0: a label that the model never gave
+            raise ValueError(
+                f"text {broken[0] + 1}{f' (and {broken.size - 1} more)' if broken.size > 1 else ''}: the classifier's "
+                "probabilities are not finite (NaN or inf), so it has no answer; its weights overflow or are not finite"
+            )
+        return result
 
     def classify(self, text: str) -> str:
         return self.class_names[int(np.argmax(self.probabilities([text])[0]))]
@@ -101,20 +111,17 @@ class Classifier:
 
     @classmethod
     def load(cls, path: str | Path, tokenizer: Any = None, config: GPTConfig | str | Path | None = None) -> "Classifier":
-        """`config` (size name or hparams.json) for a reference state dict, which does not record its shape."""
-        config, params = weights.load(path, config)
-        path = Path(path)
-        directory = path if path.is_dir() else path.parent
-        # Only jaxft's own model directory keeps the class names and the padded length; other formats
-        # classify as converted. (Decided from the names: detect_format would read a .pth a second time.)
-        own = native.is_native_dir(directory) and (path == directory or path.name in (native.CONFIG_FILE, native.PARAMS_FILE))
-        meta = native.load_metadata(directory) if own else {}
+        """`config` (size name or hparams.json) for a reference state dict without its sidecar,
+        which does not record its shape."""
+        config, params, meta = weights.load_with_metadata(path, config)
         if config.num_classes is None:
             raise ValueError(f"{path}: not a classification model (it has no classification head)")
-        if not own:
+        if meta is None:
             warnings.warn(ConvertedClassifierWarning(
-                f"{path} records no class names, trained padded length or pooling (only a jaxft model directory does): "
-                "the classes are numbered and each text is read at its own last token"))
+                f"{path} records no class names, trained padded length or pooling (only a jaxft model directory, or a "
+                f"torch-reference file with its {sidecar.SUFFIX} sidecar, does): the classes are numbered and each text "
+                "is read at its own last token"))
+            meta = {}
         names = meta.get("class_names") or [str(i) for i in range(config.num_classes)]
         return cls(config, params, list(names), meta.get("max_length"), meta.get("pooling", "last"), tokenizer)
 

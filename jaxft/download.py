@@ -66,6 +66,10 @@ class _UrlFailure(Exception):
     """One URL failed; the caller moves on to the next one."""
 
 
+class _TooBig(_UrlFailure):
+    """A body longer than the bound `fetch` was given."""
+
+
 def partial_path(dest: str | Path) -> Path:
     """Where `fetch` streams `dest` before renaming it: `<dest>.part`."""
     dest = Path(dest)
@@ -138,23 +142,31 @@ def _is_complete(dest: Path, urls: Sequence[str], timeout: float, sha256: str | 
     return size is None or size == dest.stat().st_size
 
 
-def _copy(response, fh, bar: tqdm, timeout: float) -> int:
-    """Stream the body into `fh`; network errors become `_UrlFailure`, disk errors propagate."""
+def _too_big(max_bytes: int) -> str:
+    return f"more than {max_bytes} bytes, far more than the file should have: refused"
+
+
+def _copy(response, fh, bar: tqdm, timeout: float, room: int | None = None) -> int:
+    """Stream the body into `fh`, at most `room` bytes (None: no bound); network errors and a
+    longer body become `_UrlFailure`, disk errors propagate."""
     received = 0
     while True:
         try:
-            chunk = response.read(CHUNK_BYTES)
+            chunk = response.read(CHUNK_BYTES if room is None else min(CHUNK_BYTES, room - received + 1))
         except (OSError, http.client.HTTPException) as exc:
             raise _UrlFailure(f"{_describe(exc, timeout)} after {received} bytes") from None
         if not chunk:
             return received
+        if room is not None and received + len(chunk) > room:
+            raise _TooBig()
         fh.write(chunk)
         received += len(chunk)
         bar.update(len(chunk))
 
 
-def _download_one(url: str, part: Path, label: str, timeout: float, progress: bool) -> None:
-    """Bring `part` to the full body of `url`, resuming it when the server honours Range."""
+def _download_one(url: str, part: Path, label: str, timeout: float, progress: bool, max_bytes: int | None = None) -> None:
+    """Bring `part` to the full body of `url`, resuming it when the server honours Range; a
+    body (or a file) longer than `max_bytes` is refused and its part file removed."""
     offset = part.stat().st_size if part.is_file() else 0
     try:
         response = _open(url, timeout, {"Range": f"bytes={offset}-"} if offset else None)
@@ -166,7 +178,7 @@ def _download_one(url: str, part: Path, label: str, timeout: float, progress: bo
             if match and int(match.group(1)) == offset:
                 return
             part.unlink()
-            return _download_one(url, part, label, timeout, progress)
+            return _download_one(url, part, label, timeout, progress, max_bytes)
         exc.close()
         raise _UrlFailure(_describe(exc, timeout)) from None
     except (OSError, http.client.HTTPException) as exc:
@@ -185,16 +197,23 @@ def _download_one(url: str, part: Path, label: str, timeout: float, progress: bo
         else:
             # A plain 200 (fresh download, or a server that ignores Range): start over.
             offset, total, mode = 0, length, "wb"
-        with open(part, mode) as fh, tqdm(
-            total=total,
-            initial=offset,
-            desc=label,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            disable=not progress,
-        ) as bar:
-            received = _copy(response, fh, bar, timeout)
+        if max_bytes is not None and (offset > max_bytes or (total or 0) > max_bytes or offset + (length or 0) > max_bytes):
+            part.unlink(missing_ok=True)  # announced too big: not one byte is read
+            raise _UrlFailure(_too_big(max_bytes))
+        try:
+            with open(part, mode) as fh, tqdm(
+                total=total,
+                initial=offset,
+                desc=label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                disable=not progress,
+            ) as bar:
+                received = _copy(response, fh, bar, timeout, None if max_bytes is None else max_bytes - offset)
+        except _TooBig:
+            part.unlink()  # nothing of it is worth resuming
+            raise _UrlFailure(_too_big(max_bytes)) from None
     if length is not None and received != length:
         raise _UrlFailure(f"short body: got {received} of {length} bytes")
     if total is not None and part.stat().st_size != total:
@@ -209,8 +228,12 @@ def fetch(
     timeout: float = 60.0,
     progress: bool = True,
     sha256: str | None = None,
+    max_bytes: int | None = None,
 ) -> Path:
     """Download the first URL of `urls` that works to `dest`; return `dest`.
+
+    `max_bytes` bounds what a (hostile or broken) server can make it write: a body announced
+    or found longer is refused, its part file removed, and the next URL tried.
 
     Skips an existing `dest` that is complete (see `_is_complete`). Streams into
     `<dest>.part` (resumed with a Range request when one is left over) and renames it only
@@ -232,7 +255,7 @@ def fetch(
     failures: list[tuple[str, str]] = []
     for url in urls:
         try:
-            _download_one(url, part, label, timeout, progress)
+            _download_one(url, part, label, timeout, progress, max_bytes)
             if sha256 is not None:
                 actual = sha256_of(part)
                 if actual != sha256.lower():

@@ -20,7 +20,7 @@ from .data import spam
 from .fileio import atomic_file, write_json
 from .lora import add_lora
 from .plots import new_figure, plot_values, save_figure
-from .recipes.classify import ClassifierRecipe, Classifier, encode_splits, load_frames, with_classifier_head
+from .recipes.classify import ClassifierRecipe, Classifier, check_data_vocabulary, encode_splits, load_frames, with_classifier_head
 from .recipes.common import resolve_model
 from .sweep import SPLITS, batches, build_pool, check_memory, evaluate, expand, init_states, make_sweep_steps, row_widths, run_bytes, _count
 
@@ -92,6 +92,8 @@ def run_sweep(
     config, base = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
     encoded = {seed: encode_splits(f, list(class_names), tokenizer, max_length=recipe.max_length, context_length=config.context_length)
                for seed, f in by_seed.items()}
+    for data in encoded.values():
+        check_data_vocabulary(settings.model, config, data)
     trainables, frozen, mask, model_config = [], None, None, config
     for _, _, r in runs:
         _, key_head, key_lora = jax.random.split(jax.random.PRNGKey(r.trainer.seed), 3)

@@ -47,6 +47,13 @@ def inputs(tmp_path_factory) -> Path:
     export(config, params, d / "lm", "jaxft")
     cconfig, cparams = with_classifier_head(config, params, 2, jax.random.PRNGKey(1))
     Classifier(cconfig, cparams, ["ham", "spam"], 16).save(d / "clf")
+    nan_params = jax.tree_util.tree_map(lambda x: x, params)
+    nan_params["h_1"]["mlp"]["c_fc"]["kernel"] = nan_params["h_1"]["mlp"]["c_fc"]["kernel"].at[3, 5].set(float("nan"))
+    export(config, nan_params, d / "lm-nan", "jaxft")  # a diverged run's weights
+    nan_head = {**cparams, "cls_head": {**cparams["cls_head"], "bias": cparams["cls_head"]["bias"].at[1].set(float("inf"))}}
+    Classifier(cconfig, nan_head, ["ham", "spam"], 16).save(d / "clf-nan")
+    huge_head = {**cparams, "cls_head": {**cparams["cls_head"], "kernel": jax.numpy.sign(cparams["cls_head"]["kernel"]) * 3e38}}
+    Classifier(cconfig, huge_head, ["ham", "spam"], 16).save(d / "clf-overflow")  # finite weights, infinite logits
     (d / "empty-dir").mkdir()
     (d / "corrupt-model").mkdir()
     (d / "corrupt-model" / "config.json").write_text("{ not json")
@@ -99,6 +106,7 @@ FC = ["finetune-classifier", "--init", "random", "--model", "{in}/hparams.json",
 FI = ["finetune-instruct", "--init", "random", "--model", "{in}/hparams.json", "--out", "{out}", "--limit", "40", "--no-responses",
       "--data", "{in}/instruct-ok.json"]
 RESPOND = ["respond", "--model", "{in}/lm", "--data", "{in}/instruct-ok.json", "--out", "{out}"]
+CSVS = ["--train", "{in}/train.csv", "--validation", "{in}/train.csv", "--test", "{in}/train.csv"]  # short texts: no truncation notes
 UNDER_FILE = "{in}/a-file/sub/out"  # a path component that is a file
 
 # (id, argv, exit status, what the line says, setup of the out location)
@@ -160,6 +168,12 @@ CASES = [
     ("fc-hparams-wrong-types", [*FC[:4], "{in}/hparams-types.json", *FC[5:]], 2, "hparams-types.json", None),
     ("fc-hparams-not-an-object", [*FC[:4], "{in}/hparams-list.json", *FC[5:]], 2, "hparams-list.json", None),
     ("fc-model-corrupt-dir", ["finetune-classifier", "--model", "{in}/corrupt-model", "--out", "{out}"], 2, "corrupt-model", None),
+    ("fc-model-nan-weights", ["finetune-classifier", "--model", "{in}/lm-nan", "--out", "{out}"], 2,
+     "lm-nan: tensor h_1/mlp/c_fc/kernel holds 1 non-finite value(s) (NaN or inf)", None),
+    ("fc-vocab-too-small", [*FC[:4], "{in}/hparams-vocab300.json", *FC[5:], *CSVS], 2,
+     "hparams-vocab300.json: the model's vocabulary has 300 tokens, too few for the GPT-2 tokenizer", None),
+    ("sweep-vocab-too-small", [*SW[:4], "{in}/hparams-vocab300.json", *SW[5:], *CSVS, "--sweep", "lr=1e-3,1e-4"], 2,
+     "hparams-vocab300.json: the model's vocabulary has 300 tokens, too few for the GPT-2 tokenizer", None),
     ("fc-model-truncated-safetensors", ["finetune-classifier", "--model", "{in}/truncated", "--out", "{out}"], 2, "params.safetensors",
      None),
     # ---- finetune-instruct
@@ -193,6 +207,10 @@ CASES = [
     ("classify-nothing-to-classify", ["classify", "--model", "{in}/clf"], 2, "give text to classify", None),
     ("classify-model-missing", ["classify", "--model", "{in}/no-such-model", "some text"], 2, "no-such-model", None),
     ("classify-model-empty-dir", ["classify", "--model", "{in}/empty-dir", "some text"], 2, "empty-dir", None),
+    ("classify-model-nan-weights", ["classify", "--model", "{in}/clf-nan", "some text"], 2,
+     "clf-nan: tensor cls_head/bias holds 1 non-finite value(s) (NaN or inf)", None),
+    ("classify-probabilities-not-finite", ["classify", "--model", "{in}/clf-overflow", "fine", "win now"], 2,
+     "text 1 (and 1 more): the classifier's probabilities are not finite (NaN or inf), so it has no answer", None),
     ("classify-model-is-a-language-model", ["classify", "--model", "{in}/lm", "some text"], 2, "not a classification model", None),
     # ---- respond
     ("respond-data-malformed", [*RESPOND[:4], "{in}/malformed.json", *RESPOND[5:]], 2, "malformed.json", None),
@@ -223,6 +241,7 @@ CASES = [
     ("generate-model-corrupt", ["generate", "--model", "{in}/corrupt-model", "--prompt", "Hi"], 2, "corrupt-model", None),
     ("generate-config-malformed", ["generate", "--model", "{in}/truncated.safetensors", "--config", "{in}/hparams-malformed.json",
                                    "--prompt", "Hi"], 2, "hparams-malformed.json", None),
+    ("generate-model-nan-weights", ["generate", "--model", "{in}/lm-nan", "--prompt", "Hi"], 2, "h_1/mlp/c_fc/kernel holds 1 non-finite", None),
     ("generate-classifier", ["generate", "--model", "{in}/clf", "--prompt", "Hi"], 2, "cannot generate text", None),
     # ---- convert
     ("convert-src-missing", ["convert", "{in}/no-such-model", "{out}", "--to", "jaxft"], 2, "no-such-model", None),

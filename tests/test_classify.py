@@ -319,6 +319,28 @@ def test_a_classifier_reads_each_text_where_it_was_trained_in_bounded_batches(to
         trained.probabilities(["fine", "  "])
 
 
+def test_a_classifier_never_labels_a_non_finite_probability(tokenizer):
+    """argmax of NaNs is class 0: 'ham' with exit 0 for weights that cannot compute. Finite
+    weights can overflow too (in fp32 here): no label, one error naming the text."""
+    config = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_layers=1, n_heads=2)
+    config, params = classify.with_classifier_head(config, init_params(config, jax.random.PRNGKey(0)), 2, jax.random.PRNGKey(1))
+    params["cls_head"]["kernel"] = jnp.sign(params["cls_head"]["kernel"]) * 3e38
+    clf = classifier.Classifier(config, params, ["ham", "spam"], max_length=None, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"^text 1 \(and 2 more\): the classifier's probabilities are not finite"):
+        clf.probabilities(["one", "two", "three"])
+    with pytest.raises(ValueError, match="not finite"):
+        clf.classify("one")
+
+
+def test_a_classifier_refuses_a_vocabulary_smaller_than_the_tokenizer(tokenizer):
+    config = GPTConfig(vocab_size=300, context_length=32, emb_dim=16, n_layers=1, n_heads=2)
+    config, params = classify.with_classifier_head(config, init_params(config, jax.random.PRNGKey(0)), 2, jax.random.PRNGKey(1))
+    clf = classifier.Classifier(config, params, ["ham", "spam"], max_length=8, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="the model's vocabulary has 300 tokens, too few for the GPT-2 tokenizer "
+                                         r"\(the texts and padding use token ids up to 50256\)"):
+        clf.probabilities(["hello"])
+
+
 def test_last_pooling_on_batch_dependent_padding_is_refused_unless_one_text_a_batch():
     for padding, batch_size in (("bucket", 8), ("bucket", 1), ("batch", 8)):
         recipe = classify.ClassifierRecipe(trainer=TrainerSettings(batch_size=batch_size), padding=padding)

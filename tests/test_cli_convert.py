@@ -113,6 +113,79 @@ def test_convert_keeps_jaxft_metadata(cli, tmp_path):
     assert native.load_metadata(tmp_path / "b") == {"classes": ["ham", "spam"]}
 
 
+TEXTS = [f"text {i}: " + " ".join(["win cash now", "see you at lunch", "call me", "free prize"][j % 4] for j in range(i % 5 + 1))
+         for i in range(24)]
+
+
+@pytest.fixture
+def spam_classifier(tmp_path, tokenizer):
+    """A random 2-class classifier as finetune-classifier saves one: class names, padded length 24
+    (texts read at the last padded position, as trained), in a jaxft model directory."""
+    from jaxft.classifier import Classifier
+
+    config = TEXT_MODEL.replace(num_classes=2, tie_embeddings=False)
+    original = Classifier(config, random_params(config, seed=3), ["ham", "spam"], 24, "last", tokenizer)
+    original.save(tmp_path / "clf")
+    return Classifier.load(tmp_path / "clf", tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_classifier_converted_to_torch_reference_and_back_classifies_as_the_original(cli, tmp_path, tokenizer, spam_classifier,
+                                                                                        suffix, recwarn):
+    """The state dict cannot hold class names, padded length or pooling (nor the head count): they go
+    to the sidecar `X.pth.jaxft.json` and come back, so every answer is the original's."""
+    from jaxft.classifier import Classifier
+    from jaxft.weights import sidecar
+
+    pth = tmp_path / f"review_classifier{suffix}"
+    code, out, err = cli("convert", tmp_path / "clf", pth, "--to", "torch-reference")
+    assert code == 0 and err == "", err
+    assert f"wrote {sidecar.path_for(pth)}" in out and sidecar.path_for(pth).name == f"review_classifier{suffix}.jaxft.json"
+    assert cli("convert", pth, tmp_path / "back", "--to", "jaxft")[0] == 0  # no --config: the sidecar has the shape
+    expected = spam_classifier.probabilities(TEXTS)
+    for path in (pth, tmp_path / "back"):
+        again = Classifier.load(path, tokenizer=tokenizer)
+        assert (again.class_names, again.max_length, again.pooling) == (["ham", "spam"], 24, "last")
+        np.testing.assert_array_equal(again.probabilities(TEXTS), expected)
+        assert [again.classify(t) for t in TEXTS] == [spam_classifier.classify(t) for t in TEXTS]
+    assert not [w for w in recwarn if "records no class names" in str(w.message)]
+    # The state dict itself is still the reference's: strict load into GPTModel with a 2-class head.
+    if suffix == ".pth":
+        ref = GPTModel(config_dict(TEXT_MODEL))
+        ref.out_head = torch.nn.Linear(32, 2)
+        ref.load_state_dict(torch.load(pth, weights_only=True), strict=True)
+
+
+def test_a_sidecar_for_other_bytes_is_not_used_and_says_so(cli, tmp_path, tokenizer, spam_classifier):
+    from jaxft.classifier import Classifier, ConvertedClassifierWarning
+    from jaxft.weights import sidecar
+
+    pth = tmp_path / "clf.pth"
+    assert cli("convert", tmp_path / "clf", pth, "--to", "torch-reference")[0] == 0
+    state = torch.load(pth, weights_only=True)
+    state["out_head.bias"] += 1.0  # the file re-saved from PyTorch after more training, say
+    torch.save(state, pth)
+    with pytest.warns(sidecar.StaleSidecarWarning, match="clf.pth.jaxft.json was written for other bytes than clf.pth"):
+        with pytest.warns(ConvertedClassifierWarning):
+            again = Classifier.load(pth, tokenizer=tokenizer, config=TEXT_MODEL)
+    assert again.class_names == ["0", "1"]  # numbered, never the other model's names
+    # A later export to the same name without metadata (a language model) removes the old sidecar.
+    jaxft.export(TEXT_MODEL, random_params(TEXT_MODEL), pth, "torch-reference")
+    assert not sidecar.path_for(pth).exists()
+    sidecar.path_for(pth).write_text("{ not json")
+    assert_user_error(cli("convert", pth, tmp_path / "x", "--to", "jaxft"), "clf.pth.jaxft.json: unreadable jaxft sidecar")
+
+
+def test_convert_to_a_format_without_room_for_metadata_warns_in_one_line(cli, tmp_path):
+    jaxft.export(TINY, random_params(TINY), tmp_path / "a", "jaxft", metadata={"task": "instruction", "style": "alpaca"})
+    code, _, err = cli("convert", tmp_path / "a", tmp_path / "hf", "--to", "hf")
+    assert code == 0
+    assert err.splitlines() == [
+        "jaxft convert: warning: hf has no place for the model's metadata (style, task): not written; "
+        "convert to jaxft or torch-reference to keep it"
+    ]
+
+
 def test_convert_user_errors(cli, tmp_path):
     assert_user_error(cli("convert", tmp_path / "nowhere", tmp_path / "out", "--to", "jaxft"), "jaxft convert: error:", "nowhere")
 

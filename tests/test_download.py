@@ -138,6 +138,34 @@ def test_sha256_skips_without_any_request_and_rejects_a_wrong_body(server, tmp_p
     assert not partial_path(dest).exists()  # and nothing wrong is left to resume from
 
 
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "no-content-length"])
+def test_a_body_longer_than_max_bytes_is_refused_and_not_kept(server, tmp_path, monkeypatch, announced):
+    """A hostile or broken mirror cannot make fetch write more than its bound: an announced
+    length is refused before reading, an unannounced one once the stream passes the bound."""
+    server.files["/big"], server.files["/ok"] = BODY * 4, BODY
+    if not announced:
+        monkeypatch.setattr(download, "_content_length", lambda headers: None)
+    writes = []
+    real_copy = download._copy
+    monkeypatch.setattr(download, "_copy", lambda response, fh, *a: real_copy(response, _Counting(fh, writes), *a))
+    out = fetch([f"{server.url}/big", f"{server.url}/ok"], tmp_path / "f.bin", progress=False, max_bytes=len(BODY))
+    assert out.read_bytes() == BODY  # the next URL
+    assert not partial_path(out).exists()
+    assert sum(writes) <= 2 * len(BODY)  # at most the bound from /big (none when announced), then /ok
+    with pytest.raises(DownloadError, match=f"more than {len(BODY) - 1} bytes, far more than the file should have: refused"):
+        fetch(f"{server.url}/ok", tmp_path / "g.bin", progress=False, max_bytes=len(BODY) - 1)
+    assert not (tmp_path / "g.bin").exists() and not partial_path(tmp_path / "g.bin").exists()
+
+
+class _Counting:
+    def __init__(self, fh, writes: list[int]) -> None:
+        self.fh, self.writes = fh, writes
+
+    def write(self, data: bytes) -> int:
+        self.writes.append(len(data))
+        return self.fh.write(data)
+
+
 def test_progress_bar_and_skip_message(server, tmp_path, capsys):
     server.files["/f.bin"] = BODY
     fetch([f"{server.url}/f.bin"], tmp_path / "f.bin", desc="my-file")

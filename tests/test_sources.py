@@ -130,7 +130,8 @@ def test_sms_spam_download_extracts_verifies_then_skips(server, tmp_path, capsys
     urls = [f"{server.url}/missing.zip", f"{server.url}/sms.zip"]  # the primary fails (404), the backup works
     path = sources.sms_spam_file(download=True, data_dir=dest, urls=urls, sha256=sha256(FAKE_COLLECTION), progress=False)
     assert path == dest / "SMSSpamCollection" and path.read_bytes() == FAKE_COLLECTION
-    assert (dest / "readme").read_text() == "about" and not (dest / sources.SMS_SPAM_ZIP).exists()
+    # Only the member needed: UCI's readme is bundled, not extracted (every member is a risk to bound).
+    assert sorted(p.name for p in dest.iterdir()) == ["SMSSpamCollection"]
     assert spam.read_sms_collection(path)["Label"].tolist() == ["ham", "spam"]
     requests = len(server.requests)
     again = sources.sms_spam_file(download=True, data_dir=dest, urls=["http://127.0.0.1:9/x.zip"], sha256=None)
@@ -156,23 +157,72 @@ def test_sms_spam_extraction_that_fails_leaves_no_file_to_skip_on(server, tmp_pa
 
     server.files["/sms.zip"] = _zip({"SMSSpamCollection": FAKE_COLLECTION})
     dest = tmp_path / "data"
-    real_write = sources.atomic_write_bytes
+    real_replace = fileio.os.replace
 
-    def write_on_a_full_disk(path, data):  # the real write, with its final rename failing
-        def full_disk(src, dst):
+    def full_disk_at_the_collection(src, dst, *args, **kwargs):  # the final rename of the extracted file fails
+        if Path(dst).name == "SMSSpamCollection":
             raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *args, **kwargs)
 
-        with monkeypatch.context() as patch:
-            patch.setattr(fileio.os, "replace", full_disk)
-            real_write(path, data)
-
-    monkeypatch.setattr(sources, "atomic_write_bytes", write_on_a_full_disk)
+    monkeypatch.setattr(fileio.os, "replace", full_disk_at_the_collection)
     with pytest.raises(fileio.WriteError, match="SMSSpamCollection: cannot write"):
         sources.sms_spam_file(download=True, data_dir=dest, urls=[f"{server.url}/sms.zip"], sha256=sha256(FAKE_COLLECTION), progress=False)
     assert sorted(p.name for p in dest.iterdir()) == [sources.SMS_SPAM_ZIP]  # no half file, no temporary
-    monkeypatch.setattr(sources, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
     path = sources.sms_spam_file(download=True, data_dir=dest, urls=[f"{server.url}/sms.zip"], sha256=sha256(FAKE_COLLECTION), progress=False)
     assert path.read_bytes() == FAKE_COLLECTION
+
+
+def _bomb(member_bytes: int, lie: bool = False) -> bytes:
+    """A zip whose SMSSpamCollection inflates from about a thousandth of its size; with `lie`,
+    its headers claim 10 bytes (zipfile trusts them; the bound must hold either way)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("SMSSpamCollection", b"\0" * member_bytes)
+        archive.writestr("readme", b"\0" * member_bytes)
+    data = buffer.getvalue()
+    if lie:  # the uncompressed size in the local header (offset 22) and the central directory (offset 24)
+        local = data.index(b"PK\x03\x04")
+        central = data.index(b"PK\x01\x02")
+        data = bytearray(data)
+        data[local + 22 : local + 26] = (10).to_bytes(4, "little")
+        data[central + 24 : central + 28] = (10).to_bytes(4, "little")
+        data = bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("lie", [False, True], ids=["honest-header", "lying-header"])
+def test_a_zip_bomb_from_a_mirror_is_refused_without_writing_past_the_bound(server, tmp_path, monkeypatch, lie):
+    """1.25 MB from a hostile mirror used to write 1 GB (every member, no bound, before the hash check)."""
+    from jaxft import fileio
+
+    bound = 64 * 1024
+    server.files["/sms.zip"] = _bomb(64 * 1024 * 1024, lie=lie)  # 64 MB inflated, about 64 KB on the wire
+    assert len(server.files["/sms.zip"]) < bound * 2
+    dest = tmp_path / "data"
+    renamed, inflated = [], []
+    real_replace, real_read = fileio.os.replace, zipfile.ZipExtFile.read
+    monkeypatch.setattr(fileio.os, "replace", lambda src, dst, *a, **k: (renamed.append(Path(dst).name), real_replace(src, dst, *a, **k)))
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda self, n=-1: inflated.append(len(block := real_read(self, n))) or block)
+    with pytest.raises(ValueError) as info:
+        sources.sms_spam_file(download=True, data_dir=dest, urls=[f"{server.url}/sms.zip"], progress=False, max_bytes=2 * bound)
+    message = str(info.value)
+    assert "\n" not in message and "SMSSpamCollection" in message
+    # an honest header is refused before a byte is inflated; a lying one where the bytes stop matching it
+    assert ("would inflate to 67108864 bytes, more than the 131072 allowed" in message) if not lie else ("Bad CRC-32" in message)
+    assert "SMSSpamCollection" not in renamed  # nothing was renamed into place
+    assert sum(inflated) <= 2 * bound + 1  # nor inflated (in memory or on disk) beyond the bound
+    assert not dest.exists() or list(dest.iterdir()) == []  # no member, no temporary, not the bad zip either
+
+
+def test_a_download_longer_than_its_bound_is_refused(server, tmp_path):
+    server.files["/big.zip"] = b"x" * 5000
+    with pytest.raises(DownloadError, match="more than 4096 bytes"):
+        sources.sms_spam_file(download=True, data_dir=tmp_path / "d", urls=[f"{server.url}/big.zip"], progress=False, max_bytes=4096)
+    assert not (tmp_path / "d").exists()
+    # the bundled copy's size is well within the default bound, and so is the zip it comes in
+    assert sources.SMS_SPAM_BYTES == (sources.asset_path("sms_spam_collection/SMSSpamCollection")).stat().st_size
+    assert sources.SMS_SPAM_BYTES * 2 < sources.SMS_SPAM_MAX_BYTES
 
 
 def test_sms_spam_files_already_there(tmp_path, shared_data):

@@ -428,3 +428,47 @@ def test_pth_with_a_custom_class_is_refused_not_executed(tmp_path):
     # The file really is dangerous: a full unpickle runs the payload.
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+# --- non-finite weights -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, name", [("jaxft", "model"), ("hf", "hf"), ("torch-reference", "model.pth"),
+                                       ("torch-reference", "model.safetensors"), ("openai-tf", "tf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_are_refused_naming_the_tensor(fmt, name, bad, tmp_path):
+    """A diverged run's weights load in no format: they would classify as class 0, generate
+    token 0 and train to a NaN loss at step 1, each blamed on something else."""
+    params = random_params(TINY)
+    params["h_1"]["attn"]["c_proj"]["kernel"][2, 7] = bad
+    params["h_1"]["attn"]["c_proj"]["kernel"][3, 1] = bad
+    path = jaxft.export(TINY, params, tmp_path / name, fmt)
+    with pytest.raises(WeightsError) as info:
+        jaxft.load(path, TINY)
+    message = str(info.value)
+    assert "h_1/attn/c_proj/kernel holds 2 non-finite value(s) (NaN or inf) of 1024" in message and "\n" not in message
+    assert message.startswith(str(tmp_path / name))
+
+
+def test_the_finite_check_is_one_reduction_over_the_tree(tmp_path, monkeypatch):
+    """Cheap on a large model: on the device, one fused reduction (one scalar back) and a tensor
+    looked for only when it fails; host arrays as `load` reads them are checked where they lie
+    (no copy to the device, no compile)."""
+    import jax
+
+    from jaxft.weights import common
+
+    calls = []
+    real = common._all_finite
+    monkeypatch.setattr(common, "_all_finite", lambda leaves: calls.append(len(leaves)) or real(leaves))
+    jaxft.export(TINY, random_params(TINY), tmp_path / "model", "jaxft")
+    config, params = jaxft.load(tmp_path / "model")
+    assert calls == []
+    on_device = jax.device_put(params)
+    monkeypatch.setattr(common.np, "count_nonzero", lambda *a: pytest.fail("a leaf was inspected on finite weights"))
+    common.check_finite("model", on_device)
+    assert calls == [len(expected_shapes(TINY))]
+    monkeypatch.undo()
+    on_device["ln_f"]["bias"] = on_device["ln_f"]["bias"].at[0].set(float("nan"))
+    with pytest.raises(WeightsError, match="model: tensor ln_f/bias holds 1 non-finite value"):
+        common.check_finite("model", on_device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from ..tokenizer import (
     from_files,
     get_tokenizer,
 )
-from ..weights import FORMATS, detect_format, export, load, native, resolve_config
+from ..weights import FORMATS, detect_format, export, load, load_with_metadata, resolve_config, sidecar
 from ..weights.openai import save_openai_checkpoint
 from .common import CLIError
 
@@ -37,6 +38,10 @@ CONFIG_HELP = (
 )
 # Formats written as a directory; "torch-reference" is a single .pth/.safetensors file.
 DIRECTORY_FORMATS = ("openai-tf", "hf", "jaxft")
+
+
+class MetadataDroppedWarning(UserWarning):
+    """A conversion to a format that cannot hold the model's metadata (an instruction model's style, ...)."""
 
 
 def describe(config: GPTConfig) -> str:
@@ -90,12 +95,8 @@ def run_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     source_format = detect_format(src)
     _check_destination(src, dst, args.to)
-    config, params = load(src, resolve_config(args.config))
+    config, params, metadata = load_with_metadata(src, resolve_config(args.config))
     print(f"read {source_format}: {src} ({describe(config)})")
-
-    metadata = None
-    if source_format == "jaxft" and args.to == "jaxft":
-        metadata = native.load_metadata(src if src.is_dir() else src.parent)
     if config.lora_rank and args.to != "jaxft":
         # Only jaxft holds adapters: fold them in first, so that the openai-tf writer (and the
         # head re-tying before it) and the parameter count see the merged model.
@@ -107,6 +108,12 @@ def run_convert(args: argparse.Namespace) -> int:
     else:
         written = export(config, params, dst, args.to, metadata=metadata)
     print(f"wrote {args.to}: {_files_written(Path(written))}, {param_count(params):,} parameters")
+    if metadata and args.to == "torch-reference":
+        print(f"wrote {sidecar.path_for(written)} (what the state dict cannot hold: {', '.join(sorted(metadata))}, the config)")
+    elif metadata and args.to not in ("jaxft", "torch-reference"):
+        warnings.warn(MetadataDroppedWarning(
+            f"{args.to} has no place for the model's metadata ({', '.join(sorted(metadata))}): not written; "
+            "convert to jaxft or torch-reference to keep it"))
     if args.to == "torch-reference" and config.tie_embeddings and config.num_classes is None:
         print("note: the reference keeps a separate out_head; it is written as a copy of wte")
     return 0
@@ -218,7 +225,11 @@ def register(subparsers: Any) -> None:
         ),
     )
     convert.add_argument("src", help="the checkpoint to read (a directory or a file)")
-    convert.add_argument("dst", help="where to write: a directory, or a .pth/.safetensors file for torch-reference")
+    convert.add_argument(
+        "dst",
+        help="where to write: a directory, or a .pth/.safetensors file for torch-reference (with the model's metadata, "
+        "e.g. a classifier's class names, padded length and pooling, and its config in DST.jaxft.json beside it)",
+    )
     convert.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
     convert.add_argument("--config", help=CONFIG_HELP)
     convert.set_defaults(func=run_convert)

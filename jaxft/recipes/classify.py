@@ -30,7 +30,7 @@ from ..plots import plot_values
 from ..tokenizer import PAD_ID
 from ..resume import hash_arrays
 from ..settings import TrainerSettings, run_mesh, setting
-from .common import resolve_model
+from .common import check_vocabulary, resolve_model
 
 
 def _parse_name(value: str) -> str:
@@ -156,6 +156,12 @@ def encode_splits(
 
 
 SPLITS = ("train", "validation", "test")
+
+
+def check_data_vocabulary(model: str, config: GPTConfig, data: ClassificationData) -> None:
+    """Every split's ids, padding included, within the model's vocabulary (else a NaN loss, not an error)."""
+    top = max(int(split.tokens.max()) for split in (data.train, data.validation, data.test) if split.tokens.size)
+    check_vocabulary(model, config, top)
 
 
 class ClassificationTask(train.Task):
@@ -319,6 +325,7 @@ def run(
     config, params = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
     optim.trainable_blocks(config, settings.trainable)  # last-N-blocks against this model's blocks, before the claim
     data = encode_splits(frames, list(class_names), tokenizer, max_length=recipe.max_length, context_length=config.context_length)
+    check_data_vocabulary(settings.model, config, data)
     config, params = with_classifier_head(config, params, len(data.class_names), key_head)
     if settings.lora_rank:
         config, params = add_lora(config, params, settings.lora_rank, settings.lora_alpha, key_lora)

@@ -1,4 +1,5 @@
-"""What both fine-tuning recipes share: resolving `--model` to (config, params)."""
+"""What both fine-tuning recipes share: resolving `--model` to (config, params), and refusing a
+vocabulary too small for the data."""
 
 from __future__ import annotations
 
@@ -7,8 +8,24 @@ from pathlib import Path
 import jax
 
 from .. import sources, weights
-from ..config import GPTConfig, from_hparams, get_config, is_size_name
+from ..config import OPENAI_SIZE_DIRS, GPTConfig, canonical_name, from_hparams, get_config, is_size_name
+from ..download import DownloadError
 from ..model import Params, init_params
+
+# Where a size name's weights cannot be fetched (offline, say): what else works.
+OFFLINE_HINT = (
+    "offline? --init random trains from random weights (with --model a size name or an hparams.json), "
+    "`jaxft download {size}` fetches the weights where online, and --model DIR uses weights already on disk"
+)
+
+
+def check_vocabulary(model: str, config: GPTConfig, top_id: int, where: str = "the data and its padding use") -> None:
+    """Out-of-range ids would train on garbage (NaN losses) rather than fail: refuse them up front."""
+    if top_id >= config.vocab_size:
+        raise ValueError(
+            f"{model}: the model's vocabulary has {config.vocab_size} tokens, too few for the GPT-2 tokenizer "
+            f"({where} token ids up to {top_id})"
+        )
 
 
 def check_model(model: str, *, init: str = "pretrained") -> None:
@@ -60,7 +77,12 @@ def resolve_model(
                 raise ValueError(f"{path}: an hparams.json alone has no weights; pass --init random for a random model of this size")
             config, params = weights.load(path)
         elif is_size_name(model):
-            config, params = weights.load(sources.gpt2_checkpoint(model, models_dir))  # downloads once
+            try:
+                checkpoint = sources.gpt2_checkpoint(model, models_dir)  # downloads once
+            except DownloadError as exc:
+                hint = OFFLINE_HINT.format(size=OPENAI_SIZE_DIRS[canonical_name(model)])  # 124M: what `jaxft download` takes
+                raise DownloadError(f"{exc}; {hint}", exc.failures) from None
+            config, params = weights.load(checkpoint)
         else:
             raise FileNotFoundError(f"{model}: no such checkpoint, and not a GPT-2 size name")
     if drop_rate is not None:

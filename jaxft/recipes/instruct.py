@@ -28,7 +28,7 @@ from ..resume import hash_arrays
 from ..losses import IGNORE_INDEX
 from ..settings import TrainerSettings, run_mesh, setting
 from ..responses import generate_responses, sample_text
-from .common import resolve_model
+from .common import check_vocabulary, resolve_model
 
 Entry = dict[str, Any]
 
@@ -280,13 +280,7 @@ class InstructionTask(train.Task):
 
 
 def _check_vocabulary(model: str, config: GPTConfig, tokens: data.TokenizedInstructions) -> None:
-    """Out-of-range ids would train on garbage (NaN losses) rather than fail: refuse them up front."""
-    top = max([data.PAD_ID, *(max(ids) for ids in tokens.token_ids if ids)])
-    if top >= config.vocab_size:
-        raise ValueError(
-            f"{model}: the model's vocabulary has {config.vocab_size} tokens, too few for the GPT-2 tokenizer "
-            f"(the data and its padding use token ids up to {top})"
-        )
+    check_vocabulary(model, config, max([data.PAD_ID, *(max(ids) for ids in tokens.token_ids if ids)]))
 
 
 def run(

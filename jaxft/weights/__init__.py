@@ -2,7 +2,9 @@
 
 Formats: "openai-tf" (the OpenAI checkpoint directory, read without TensorFlow), "hf"
 (Hugging Face `model.safetensors` + `config.json`), "torch-reference" (the PyTorch
-reference `GPTModel` state dict, `.pth` or `.safetensors`), "jaxft" (config + params).
+reference `GPTModel` state dict, `.pth` or `.safetensors`), "jaxft" (config + params). A torch-reference file written with metadata (a classifier's class
+names, padded length, pooling) gets a sidecar `X.pth.jaxft.json` (see jaxft.weights.sidecar).
+Every load refuses non-finite weights, naming the tensor.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from ..config import GPTConfig, from_hparams, get_config, is_size_name
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..lora import merge_lora
 from ..model import Params
-from . import hf, native, torch_ref
-from .common import WeightsError, read_safetensors, safetensors_keys
+from . import hf, native, sidecar, torch_ref
+from .common import WeightsError, check_finite, read_safetensors, safetensors_keys
 from .openai import load_openai_checkpoint, save_openai_checkpoint
 
 FORMATS = ("openai-tf", "hf", "torch-reference", "jaxft")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
-__all__ = ["FORMATS", "WeightsError", "detect_format", "export", "load", "resolve_config"]
+__all__ = ["FORMATS", "WeightsError", "detect_format", "export", "load", "load_with_metadata", "resolve_config"]
 
 
 def resolve_config(config: GPTConfig | str | Path | None) -> GPTConfig | None:
@@ -129,24 +131,44 @@ def load(path: str | Path, config: GPTConfig | str | Path | None = None) -> tupl
     """Load GPT-2 parameters from any supported format -> (config, params as fp32 NumPy arrays).
 
     `config` (a GPTConfig, a size name or an hparams.json path) is needed only where the
-    format cannot carry it: a reference state dict, or HF weights without `config.json`.
+    format cannot carry it: a reference state dict without its sidecar, or HF weights
+    without `config.json`. Weights holding NaN or inf are refused (a WeightsError naming the tensor).
     """
-    path = Path(path)
-    given = resolve_config(config)
+    config, params, _ = load_with_metadata(path, config)
+    return config, params
+
+
+def load_with_metadata(
+    path: str | Path, config: GPTConfig | str | Path | None = None
+) -> tuple[GPTConfig, Params, dict[str, Any] | None]:
+    """`load`, and what the format records besides the weights: a jaxft model directory's
+    metadata, or a torch-reference file's sidecar's; None where the format records none."""
+    source, found, params, metadata = _load(Path(path), resolve_config(config))
+    check_finite(str(source), params)
+    return found, params, metadata
+
+
+def _load(path: Path, given: GPTConfig | None) -> tuple[Path, GPTConfig, Params, dict[str, Any] | None]:
     fmt = detect_format(path)
     if fmt == "jaxft":
         directory = path if path.is_dir() else path.parent
         found, params = native.load(directory)
-        return _check_same_shape(directory, found, given), params
+        return directory, _check_same_shape(directory, found, given), params, native.load_metadata(directory)
     if fmt == "openai-tf":
         directory = path if path.is_dir() else path.parent
         found, params = load_openai_checkpoint(directory)
-        return _check_same_shape(directory, found, given), params
+        return directory, _check_same_shape(directory, found, given), params, None
 
     file = path / "model.safetensors" if path.is_dir() else path
-    tensors = _read_tensors(file)
     if fmt == "torch-reference":
-        return torch_ref.state_dict_to_params(given, tensors, str(file))
+        beside = sidecar.read(file)  # before the tensors: a malformed sidecar fails fast
+        metadata = None
+        if beside is not None:
+            recorded, metadata = beside
+            given = _check_same_shape(sidecar.path_for(file), recorded, given)
+        found, params = torch_ref.state_dict_to_params(given, _read_tensors(file), str(file))
+        return file, found, params, metadata
+    tensors = _read_tensors(file)
     config_json = file.parent / "config.json"
     if config_json.is_file() and not native.is_native_dir(file.parent):
         found = hf.config_from_hf_json(config_json)
@@ -159,11 +181,15 @@ def load(path: str | Path, config: GPTConfig | str | Path | None = None) -> tupl
             "attention heads; pass config=... (a size name such as 'gpt2-small', an hparams.json, or a GPTConfig; "
             "on the command line, --config)"
         )
-    return hf.state_dict_to_params(base, tensors, str(file))
+    found, params = hf.state_dict_to_params(base, tensors, str(file))
+    return file, found, params, None
 
 
 def export(config: GPTConfig, params: Params, path: str | Path, format: str, metadata: dict[str, Any] | None = None) -> Path:
-    """Write `params` to `path` in `format` (one of FORMATS). Returns the path written."""
+    """Write `params` to `path` in `format` (one of FORMATS). Returns the path written.
+
+    `metadata` is kept by "jaxft" (in config.json) and "torch-reference" (in the sidecar
+    `<path>.jaxft.json`, with the config); "hf" and "openai-tf" have no place for it."""
     path = Path(path)
     if config.lora_rank and format != "jaxft":  # other formats hold plain kernels: fold the adapters in
         config, params = merge_lora(config, params)
@@ -184,6 +210,10 @@ def export(config: GPTConfig, params: Params, path: str | Path, format: str, met
             _torch_save(path, state_dict)
         else:
             raise ValueError(f"{path}: a torch-reference export needs a .pth, .pt or .safetensors file name")
+        if metadata:  # what a state dict cannot hold (class names, ...), beside it
+            sidecar.write(path, config, metadata)
+        else:
+            sidecar.remove(path)  # one from an earlier export to this name describes other weights
         return path
     if format == "openai-tf":
         save_openai_checkpoint(config, params, path)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Callable, Iterable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPTConfig
@@ -78,6 +80,37 @@ def check_params(source: str, config: GPTConfig, flat: dict[str, Any]) -> None:
     for key, shape in shapes.items():
         if tuple(flat[key].shape) != shape:
             raise WeightsError(f"{source}: tensor {key} has shape {tuple(flat[key].shape)}, expected {shape}")
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def check_finite(source: str, params: Params) -> None:
+    """Refuse weights holding NaN or inf (they would classify, generate and train on garbage).
+
+    Cheap either way: arrays on a device get one fused reduction over every float leaf (one
+    scalar back), the offending tensor looked for only when it fails; host (NumPy) arrays, as
+    `load` reads them, one pass each where they lie (copying a model to the device and
+    compiling to check it costs 10x more on a CPU: about 0.3 s against 0.03 s for GPT-2 small).
+    """
+    leaves = {name: leaf for name, leaf in flatten(params).items() if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)}
+    if not leaves:
+        return
+    on_host = all(isinstance(leaf, np.ndarray) for leaf in leaves.values())
+    if not on_host and bool(_all_finite(list(leaves.values()))):
+        return
+    for name, leaf in leaves.items():
+        finite = np.isfinite(leaf) if on_host else jnp.isfinite(leaf)
+        if on_host and finite.all():
+            continue
+        bad = int(finite.size - np.count_nonzero(np.asarray(finite)))
+        if bad:
+            raise WeightsError(
+                f"{source}: tensor {name} holds {bad} non-finite value(s) (NaN or inf) of {int(finite.size)}: "
+                "refusing weights that cannot compute (was the run that wrote them diverging?)"
+            )
 
 
 def to_float32(source: str, name: str, array: Any) -> np.ndarray:
