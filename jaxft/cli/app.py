@@ -9,6 +9,7 @@ a failed write (`jaxft.fileio.WriteError`) is one line too, exit 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -22,6 +23,7 @@ import jax
 from ..distributed import DistributedError
 from ..download import DownloadError
 from ..fileio import WriteError
+from .. import interrupts
 from ..interrupts import Terminated, exit_code, terminate_raises
 from ..rundir import RunDirError
 from ..resume import TrainingStopped
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     stopped (a signal, or one process of several failing) ends the process here, at once."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for messages that repeat the command line
-    with warnings.catch_warnings(), terminate_raises():
+    # a command with safe points (`safe_points`: the fine-tuning commands) checks for a signal at
+    # each (jaxft.interrupts); the others stop where it lands
+    signals = interrupts.defer_signals() if getattr(args, "safe_points", False) else terminate_raises()
+    with warnings.catch_warnings(), signals:
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         try:
             code = _run(args)
@@ -98,7 +103,12 @@ def _run(args: argparse.Namespace) -> int:
     try:
         use_compile_cache(getattr(args, "compile_cache", None))
         args.processes = start_processes(args)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        interrupts.check()  # a signal after the last safe point, or one whose exception Python dropped
+        sys.stdout.flush()  # here, where a reader gone away (`| head -1`) is handled below
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except TrainingStopped as exc:
         # an interruption (130/143, with the command that resumes) or a non-finite loss (1)
         print(f"jaxft {args.command}: {exc}", file=sys.stderr)
@@ -128,6 +138,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"jaxft {args.command}: interrupted{f' ({detail})' if detail else ''}{f'; resume with: {resume}' if resume else ''}",
               file=sys.stderr)
         return exit_code(exc.signum) if isinstance(exc, Terminated) else EXIT_SIGINT
+
+
+def _reader_gone() -> int:
+    """stdout's reader stopped reading (`jaxft classify ... | head -1`): what it read is all it
+    wanted, so exit 0 quietly; stdout goes to /dev/null so that Python's last flush at exit does
+    not complain ("Exception ignored ... BrokenPipeError")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 0
 
 
 if __name__ == "__main__":

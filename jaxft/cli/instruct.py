@@ -80,7 +80,7 @@ def register(subparsers: Any) -> None:
         "instruction fine-tune GPT-2 and generate the test split's responses (the reference's Alpaca recipe by default)",
         InstructRecipe(), GROUPS, "output directory: metrics.json, loss plots, responses, model/, run.json, checkpoints/",
     )
-    p.set_defaults(func=_finetune)
+    p.set_defaults(func=_finetune, safe_points=True)  # signals are checked at safe points (jaxft.interrupts)
 
     r = subparsers.add_parser(
         "respond",
