@@ -122,20 +122,20 @@ def check_writable(path: str | os.PathLike, *, directory: bool = False) -> None:
         raise WriteError(path, f"{ancestor}: permission denied", errno.EACCES)
 
 
-_TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # atomic writes' temporaries; also jaxft.rundir's moved-aside run
 
 
 def _temporary_name(path: Path) -> dict[str, str]:
     """mkstemp/mkdtemp's name for a temporary beside `path`: `.NAME.XXXX.tmp` (hidden; see
     `remove_stale_temporaries`)."""
-    return {"prefix": f".{path.name}.", "suffix": _TMP_SUFFIX}
+    return {"prefix": f".{path.name}.", "suffix": TMP_SUFFIX}
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Remove what atomic writes left in `directory` and its subdirectories (`.NAME.XXXX.tmp`
     files and folders: a process killed mid-write); what was removed. Run only where no write
     can be under way (a run directory this process has just locked)."""
-    stale = lambda entry: entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX) and entry.name.count(".") >= 3
+    stale = lambda entry: entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.name.count(".") >= 3
     removed = [entry for entry in directory.iterdir() if stale(entry)]
     for folder in directory.iterdir():
         if folder.is_dir() and not folder.is_symlink() and folder not in removed:
