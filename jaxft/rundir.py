@@ -173,7 +173,10 @@ def _check(out: Path, command: str, settings: dict[str, Any], resume: bool, over
         raise RunDirError("--resume and --overwrite exclude each other: resume continues the run, overwrite starts it over")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out}: exists and is not a directory; choose another --out")
-    empty = not out.exists() or not any(out.iterdir())
+    try:
+        empty = not out.exists() or not any(out.iterdir())
+    except PermissionError:
+        raise WriteError(out, "permission denied", errno.EACCES) from None  # (as fileio.check_writable says it)
     if empty:
         if resume:
             raise RunDirError(f"cannot resume: {out} holds no run (no {RUN_FILE}); run without --resume to start one")

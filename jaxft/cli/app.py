@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -130,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError, DistributedError) as exc:
         # User mistakes and unreachable servers/files: one line, no traceback.
-        message = " ".join(str(exc).split("\n"))
+        message = " ".join(_os_message(exc).split("\n"))
         print(f"jaxft {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) outside the training steps
@@ -138,6 +139,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"jaxft {args.command}: interrupted{f' ({detail})' if detail else ''}{f'; resume with: {resume}' if resume else ''}",
               file=sys.stderr)
         return exit_code(exc.signum) if isinstance(exc, Terminated) else EXIT_SIGINT
+
+
+def _os_message(exc: BaseException) -> str:
+    """Python's own OSError ("[Errno 13] Permission denied: 'x'") as the other messages read:
+    "x: permission denied"; every other error as it is."""
+    if isinstance(exc, OSError) and type(exc).__str__ is OSError.__str__ and exc.filename is not None and exc.strerror:
+        reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else exc.strerror
+        return f"{os.fsdecode(exc.filename)}: {reason}"
+    return str(exc)
 
 
 def _reader_gone() -> int:

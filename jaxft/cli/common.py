@@ -202,8 +202,8 @@ def check_before_work(args: argparse.Namespace, recipe: Any) -> None:
     distributed.check_same_settings({**flat_settings(recipe), "resume": bool(args.resume), "overwrite": bool(args.overwrite)})
 
     def check_out() -> None:  # process 0 owns --out; the others may find it already taken
+        check_writable(args.out, directory=True)  # first: a directory on the way that may not be searched is named
         check(args.out, command=args.command, settings=flat_settings(recipe), resume=args.resume, overwrite=args.overwrite)
-        check_writable(args.out, directory=True)
 
     distributed.on_main(check_out, "checking --out")
     check_model(recipe.trainer.model, init=recipe.trainer.init)
