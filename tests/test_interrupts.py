@@ -241,3 +241,43 @@ def test_sigterm_at_any_moment_of_a_run_exits_143_and_is_recorded(k, timeline, t
     else:
         record = json.loads((out / "run.json").read_text())
         assert record["status"] == "interrupted" and "SIGTERM" in record["reason"], (timeline[at], record)
+
+
+def test_deferred_signals_are_only_recorded_and_stop_at_a_safe_point():
+    from jaxft import interrupts
+
+    with interrupts.defer_signals():
+        interrupts.check()  # nothing caught: nothing happens
+        signal_inside_gc(signal.SIGTERM)  # no exception to drop: the handler only records
+        assert interrupts.requested() == signal.SIGTERM
+        with catch_signals() as stop:  # a loop started after the signal stops at its first step
+            assert stop.requested == signal.SIGTERM
+            interrupts.check()  # the loop stops on its own: no exception inside it
+        with pytest.raises(interrupts.Terminated) as excinfo:
+            interrupts.check()
+        assert excinfo.value.signum == signal.SIGTERM
+    assert interrupts.requested() is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_signal_caught_by_a_loop_under_defer_signals_stops_the_code_after_it():
+    from jaxft import interrupts
+
+    with interrupts.defer_signals():
+        with catch_signals() as stop:
+            send(signal.SIGINT, stop)
+        with pytest.raises(interrupts.Terminated) as excinfo:
+            interrupts.check()
+        assert excinfo.value.signum == signal.SIGINT and exit_code(excinfo.value.signum) == 130
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, on purpose
+def test_a_raised_signal_dropped_by_the_garbage_collector_is_still_recorded():
+    """terminate_raises (commands without safe points): the handler's exception raised inside a gc
+    callback is lost, but the record is not, and the command's last check raises it."""
+    from jaxft import interrupts
+
+    with interrupts.terminate_raises():
+        signal_inside_gc(signal.SIGTERM)
+        assert interrupts.requested() == signal.SIGTERM
+        with pytest.raises(interrupts.Terminated):
+            interrupts.check()

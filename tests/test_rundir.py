@@ -301,14 +301,34 @@ def test_overwrite_deletes_the_old_run_only_once_the_new_one_owns_the_directory(
         assert sorted(p.name for p in out.iterdir()) == ["run.json"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may remove anything")
+OVERWRITE = textwrap.dedent(
+    """
+    import sys
+    from jaxft.rundir import RunDirError, claim
+    try:
+        claim(sys.argv[1], command="classify", settings={"lr": 1.0}, overwrite=True)
+    except RunDirError as exc:
+        sys.exit(str(exc))
+    """
+)
+
+
 def test_overwrite_of_a_run_with_an_unwritable_directory_removes_nothing(tmp_path):
+    """A real permission error (for root: without the capabilities that override permission bits)."""
     out = tmp_path / "out"
     finished_run(out, "completed", checkpoint_steps=(3,))
     before = _tree(out)
+    prefix = [] if os.geteuid() != 0 else ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
     (out / "checkpoints").chmod(0o555)
     try:
-        refused(f"{out / 'checkpoints'}: permission denied; nothing was removed", out, overwrite=True)
-        assert _tree(out) == before
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        try:
+            result = subprocess.run([*prefix, sys.executable, "-c", OVERWRITE, str(out)], env=env, capture_output=True, text=True, timeout=120)
+        except OSError:
+            pytest.skip("no setpriv here")
     finally:
         (out / "checkpoints").chmod(0o755)
+    if prefix and result.stderr.startswith("setpriv:"):
+        pytest.skip(f"setpriv cannot drop the capabilities here: {result.stderr[-300:]}")
+    assert result.stderr.strip() == f"cannot overwrite {out}: {out / 'checkpoints'}: permission denied; nothing was removed"
+    assert _tree(out) == before
