@@ -151,14 +151,15 @@ def _os_message(exc: BaseException) -> str:
 
 
 def _reader_gone() -> int:
-    """stdout's reader stopped reading (`jaxft classify ... | head -1`): what it read is all it
-    wanted, so exit 0 quietly; stdout goes to /dev/null so that Python's last flush at exit does
-    not complain ("Exception ignored ... BrokenPipeError")."""
+    """stdout's reader stopped reading (`jaxft classify ... | head -1`): exit quietly with the
+    status of a Unix tool that SIGPIPE ended (141; a training run also records it failed);
+    stdout goes to /dev/null so that Python's last flush at exit does not complain either
+    ("Exception ignored ... BrokenPipeError")."""
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    return 0
+    return exit_code(signal.SIGPIPE)
 
 
 if __name__ == "__main__":
