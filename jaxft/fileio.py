@@ -15,6 +15,7 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -109,39 +110,70 @@ def check_writable(path: str | os.PathLike, *, directory: bool = False) -> None:
     or replace, which needs its directory writable). What `path` itself is (a file where a
     directory is wanted, say) is the caller's question."""
     path = Path(path)
-    if directory and path.is_dir():
+    try:
+        dangling = path.is_symlink() and not path.exists()
+        is_dir = directory and path.is_dir()
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent  # the nearest one that exists: where mkdir starts
+    except PermissionError:  # a directory on the way that may not be searched
+        raise WriteError(path, f"{_unsearchable(path)}: permission denied", errno.EACCES) from None
+    if dangling:
+        raise WriteError(path, f"a dangling symbolic link (to {os.readlink(path)}); remove it or name another path", errno.ENOENT)
+    if is_dir:
         if not os.access(path, os.W_OK | os.X_OK):
             raise WriteError(path, "permission denied", errno.EACCES)
         return
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent  # the nearest one that exists: where mkdir starts
     if not ancestor.is_dir():
         raise WriteError(path, f"{ancestor} is not a directory", errno.ENOTDIR)
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise WriteError(path, f"{ancestor}: permission denied", errno.EACCES)
 
 
-_TMP_SUFFIX = ".tmp"
+def _unsearchable(path: Path) -> Path:
+    """The first directory above `path` that this process may not search (stat below it fails)."""
+    for parent in reversed(path.parents):
+        if not os.access(parent, os.X_OK):
+            return parent
+    return path.parent
+
+
+TMP_SUFFIX = ".tmp"  # atomic writes' temporaries; also jaxft.rundir's moved-aside run
 
 
 def _temporary_name(path: Path) -> dict[str, str]:
     """mkstemp/mkdtemp's name for a temporary beside `path`: `.NAME.XXXX.tmp` (hidden; see
     `remove_stale_temporaries`)."""
-    return {"prefix": f".{path.name}.", "suffix": _TMP_SUFFIX}
+    return {"prefix": f".{path.name}.", "suffix": TMP_SUFFIX}
+
+
+_OLD = re.compile(r"\.(.+)\.[0-9a-f]{8}\.old")  # `atomic_dir`'s previous directory, renamed aside
+
+
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Remove what atomic writes left in `directory` and its subdirectories (`.NAME.XXXX.tmp`
-    files and folders: a process killed mid-write); what was removed. Run only where no write
-    can be under way (a run directory this process has just locked)."""
-    stale = lambda entry: entry.name.startswith(".") and entry.name.endswith(_TMP_SUFFIX) and entry.name.count(".") >= 3
-    removed = [entry for entry in directory.iterdir() if stale(entry)]
+    files and folders: a process killed mid-write; `.NAME.XXXXXXXX.old`, the previous directory
+    of a swap killed between its two renames: put back as NAME where NAME is missing, else
+    removed); what was removed or put back. Run only where no write can be under way (a run directory this
+    process has just locked)."""
+    stale = lambda entry: entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.name.count(".") >= 3
+    old = lambda entry: _OLD.fullmatch(entry.name) is not None and entry.is_dir() and not entry.is_symlink()
+    removed = [entry for entry in directory.iterdir() if stale(entry) or old(entry)]
     for folder in directory.iterdir():
         if folder.is_dir() and not folder.is_symlink() and folder not in removed:
-            removed += [entry for entry in folder.iterdir() if stale(entry)]
+            removed += [entry for entry in folder.iterdir() if stale(entry) or old(entry)]
     for entry in removed:
-        _remove(entry)
+        match = _OLD.fullmatch(entry.name)
+        original = entry.with_name(match.group(1)) if match else None
+        if original is not None and not original.exists() and not original.is_symlink():
+            with contextlib.suppress(OSError):  # (failing, it stays: it may be the only copy)
+                os.rename(entry, original)  # the swap's new directory never arrived: the previous one is the output
+        else:
+            _remove(entry)
     return removed
 
 
@@ -255,7 +287,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         if path.exists() or path.is_symlink():
-            old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+            old = _old_name(path)
             os.rename(path, old)  # `path` is aside now (a fresh name: nothing there to replace)
             try:
                 os.replace(tmp, path)

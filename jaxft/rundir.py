@@ -11,7 +11,10 @@ Rules (`check` applies them without touching anything, `claim` then takes the di
   * OUT with any files, without resume or overwrite: refused, saying what is there (and,
     for an unfinished run, how to resume it);
   * overwrite: OUT is cleared first; only a directory holding a jaxft run (a run.json)
-    is ever cleared, so a mistyped --out cannot delete unrelated files;
+    is ever cleared, so a mistyped --out cannot delete unrelated files. Nothing is removed
+    unless all of it can be: every directory in OUT must be writable, then the old entries
+    are moved aside (into a hidden `OUT/.overwritten.XXXX.tmp`; moved back if a move fails),
+    the new run.json is written, and only then is the old run deleted;
   * resume: OUT must hold an unfinished run of the same command with equal settings
     (apart from `RESUMABLE_DIFFERENTLY`);
   * a directory in use by a live process (which holds a lock on it) is refused in every case.
@@ -26,15 +29,17 @@ import errno
 import json
 import os
 import platform
+import secrets
 import shutil
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .checkpoint import complete_steps
-from .fileio import WriteError, remove_stale_temporaries, to_strict_json, write_json
+from .fileio import TMP_SUFFIX, WriteError, remove_stale_temporaries, to_strict_json, write_json
 
 try:
     import fcntl
@@ -54,6 +59,10 @@ RESUMABLE_DIFFERENTLY = frozenset({"resume", "overwrite", "attention", "head_voc
 
 class RunDirError(Exception):
     """The run directory cannot be used as asked; str() is one line (the CLI exits 2)."""
+
+
+class RunDirWarning(UserWarning):
+    """Something about the run directory a user should know; not an error (one line)."""
 
 
 def now() -> str:
@@ -164,7 +173,10 @@ def _check(out: Path, command: str, settings: dict[str, Any], resume: bool, over
         raise RunDirError("--resume and --overwrite exclude each other: resume continues the run, overwrite starts it over")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out}: exists and is not a directory; choose another --out")
-    empty = not out.exists() or not any(out.iterdir())
+    try:
+        empty = not out.exists() or not any(out.iterdir())
+    except PermissionError:
+        raise WriteError(out, "permission denied", errno.EACCES) from None  # (as fileio.check_writable says it)
     if empty:
         if resume:
             raise RunDirError(f"cannot resume: {out} holds no run (no {RUN_FILE}); run without --resume to start one")
@@ -179,6 +191,7 @@ def _check(out: Path, command: str, settings: dict[str, Any], resume: bool, over
                 f"{out}: holds files that are not a jaxft run ({_contents(out)}; no {RUN_FILE}); "
                 "refusing to delete them: choose another --out or remove them yourself"
             )
+        _check_removable(out)
         return "overwrite"
     if not resume:
         if record is None:
@@ -274,12 +287,7 @@ def claim(
     try:
         # again under the lock: another process may have claimed OUT since `check`
         mode = _check(out, command, settings, resume, overwrite, ignore, test_lock=False)
-        if mode == "overwrite":
-            for entry in out.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+        aside = _move_aside(out) if mode == "overwrite" else None
         attempt = {"started": now(), "host": socket.gethostname(), "pid": os.getpid(), "argv": list(sys.argv if argv is None else argv)}
         if mode == "resume":
             remove_stale_temporaries(out)  # half-written outputs of the attempt that was killed
@@ -292,8 +300,72 @@ def claim(
             record = {"command": command, "settings": _normalise(settings), "started": attempt["started"], "attempts": [attempt], "versions": versions()}
         record["status"] = "running"
         record["updated"] = now()
-        write_json(out / RUN_FILE, record)
+        try:
+            write_json(out / RUN_FILE, record)
+        except BaseException:
+            if aside is not None:
+                _move_back(out, aside, [entry.name for entry in aside.iterdir()])
+            raise
     except BaseException:
         _unlock(fd)
         raise
+    if aside is not None:
+        _delete_aside(out, aside)  # the new run owns OUT now: the old one goes
     return RunDir(out, record, mode, fd)
+
+
+def _denied(path: str | os.PathLike, exc: OSError | None = None) -> str:
+    reason = "permission denied" if exc is None or exc.errno in (errno.EACCES, errno.EPERM) else (exc.strerror or str(exc))
+    return f"{path}: {reason}"
+
+
+def _check_removable(out: Path) -> None:
+    """Refuse (changing nothing) an overwrite of `out` that could not remove all of it: each
+    directory in it must be listable and writable (its entries removable)."""
+
+    def refuse(what: str) -> None:
+        raise RunDirError(f"cannot overwrite {out}: {what}; nothing was removed")
+
+    def unlistable(exc: OSError) -> None:
+        refuse(_denied(exc.filename, exc))
+
+    for directory, _, _ in os.walk(out, onerror=unlistable):  # (symbolic links are not followed: removed as links)
+        if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+            refuse(_denied(directory))
+
+
+def _move_aside(out: Path) -> Path:
+    """Move every entry of `out` into a new hidden directory in it (renames: nothing is copied or
+    deleted); if one cannot move, the others go back and the overwrite is refused."""
+    aside = out / f".overwritten.{secrets.token_hex(4)}{TMP_SUFFIX}"  # a stale temporary's name: a resume removes it
+    try:
+        aside.mkdir()
+    except OSError as exc:
+        raise RunDirError(f"cannot overwrite {out}: {_denied(aside, exc)}; nothing was removed") from None
+    moved: list[str] = []
+    for entry in sorted(out.iterdir()):
+        if entry == aside:
+            continue
+        try:
+            os.rename(entry, aside / entry.name)
+        except OSError as exc:
+            _move_back(out, aside, moved)
+            raise RunDirError(f"cannot overwrite {out}: {_denied(entry, exc)}; nothing was removed") from None
+        moved.append(entry.name)
+    return aside
+
+
+def _move_back(out: Path, aside: Path, names: list[str]) -> None:
+    for name in reversed(names):
+        os.rename(aside / name, out / name)
+    aside.rmdir()
+
+
+def _delete_aside(out: Path, aside: Path) -> None:
+    """Delete the previous run, moved aside; what cannot be deleted stays there, with a warning."""
+    try:
+        shutil.rmtree(aside)
+    except OSError as exc:
+        shutil.rmtree(aside, ignore_errors=True)  # as much as can go
+        warnings.warn(RunDirWarning(f"{out}: could not delete all of the previous run ({_denied(exc.filename or aside, exc)}); "
+                                    f"what is left is in {aside}"), stacklevel=3)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import losses, model, trunk
+from . import interrupts, losses, model, trunk
 from .config import GPTConfig
 from .model import Params
 from .optim import merge, split
@@ -194,12 +194,14 @@ def host_values(tree: Any) -> Any:
 
 def evaluate(eval_step: Callable, params: Params, batches: Iterable[Batch], num_batches: int | None = None) -> dict[str, float]:
     """The reference's calc_loss_loader / calc_accuracy_loader: mean of per-batch losses over the
-    first `num_batches` batches, and accuracy over their examples. NaN loss for no batches."""
+    first `num_batches` batches, and accuracy over their examples. NaN loss for no batches.
+    After each batch a signal caught by the command stops it (`interrupts.check`, a safe point)."""
     loss_sum, n_batches, correct, count = 0.0, 0, 0.0, 0.0
     for batch in batches:
         if num_batches is not None and n_batches >= num_batches:
             break
         m = host_values(eval_step(params, batch))
+        interrupts.check()
         loss_sum += float(m["loss"])
         n_batches += 1
         if "correct" in m:

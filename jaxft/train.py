@@ -40,7 +40,7 @@ from .steps import (
     make_steps,
 )
 from .fileio import atomic_dir, write_json
-from .interrupts import catch_signals
+from .interrupts import catch_signals, check as stop_if_signalled
 from .resume import Checkpoints, Interrupted, NonFiniteLoss, Position, TrainingStopped, fingerprint
 from .progress import Progress
 from .settings import TrainerSettings, run_mesh
@@ -307,6 +307,7 @@ def fit(
     # and a GPU may round their init differently); computed before sharding: addressable here
     frozen_hash = fingerprint(state.frozen) if checkpoint_dir is not None and settings.init == "pretrained" else None
     options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
+    stop_if_signalled()  # safe points (jaxft.interrupts): a signal stops the run after the phase it lands in
     dtype = settings.compute_dtype
     train_step, eval_step = make_steps(
         config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, attention=settings.attention, **options
@@ -328,6 +329,7 @@ def fit(
                 checkpoints.save(run, task, position)  # step 0: a resume never needs the initial evaluation again
         else:
             log(f"resuming from step {run.history.total_steps} (epoch {position.epoch + 1}, batch {position.batch})")
+        stop_if_signalled()
         initial = position.initial
         _train_epochs(run, train_step, task, position, checkpoints)
     finally:
@@ -338,6 +340,7 @@ def fit(
 
     final = task.final(run)
     run.state = distributed.gather(run.state)  # outputs from whole host copies (all-gathered across processes)
+    stop_if_signalled()
     params = run.params
     epochs_run = history.total_steps / task.steps_per_epoch()  # fewer than settings.epochs with max_steps
 
@@ -365,9 +368,12 @@ def fit(
         drawn = plot_values(epochs_run, history.total_seen, history.train_losses, history.val_losses, out_dir, "loss", seen_label=task.seen_label)
         outputs["plots"] += [str(p) for p in drawn]
     outputs["model"] = str(save_model_dir(config, params, out_dir / "model", task.model_metadata()))
+    stop_if_signalled()
     if settings.export_pth:
         outputs["torch_reference"] = str(weights.export(config, params, out_dir / task.pth_name(config), "torch-reference"))
+        stop_if_signalled()
     task_metrics, task_outputs = task.outputs(run, out_dir, params)
+    stop_if_signalled()  # (after the responses of an instruction run: a stop waits for them)
     outputs["plots"] += task_outputs.pop("plots", [])
     outputs.update(task_outputs)
 

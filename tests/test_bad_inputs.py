@@ -99,6 +99,8 @@ SETUPS = {
     "file": lambda out: out.write_text("i am a file\n"),
     "unrelated": lambda out: (out.mkdir(), (out / "notes.txt").write_text("mine\n")),
     "dir": lambda out: out.mkdir(),
+    "dangling": lambda out: out.symlink_to(out.parent / "gone"),
+    "not-responses": lambda out: out.write_text(json.dumps({"notes": "mine"})),
 }
 
 SW = ["sweep-classifier", "--init", "random", "--model", "{in}/hparams.json", "--out", "{out}", "--max-length", "16"]
@@ -146,6 +148,7 @@ CASES = [
     ("fc-out-holds-other-files", FC, 2, "not empty (notes.txt)", "unrelated"),
     ("fc-overwrite-other-files", [*FC, "--overwrite"], 2, "refusing to delete them", "unrelated"),
     ("fc-out-under-a-file", [*FC[:-3], UNDER_FILE, "--max-length", "16"], 1, "a-file is not a directory", None),
+    ("fc-out-dangling-symlink", FC, 1, "out: cannot write: a dangling symbolic link (to ", "dangling"),
     ("fc-export-pth-without-torch", [*FC, "--export-pth"], 2, "needs PyTorch", "no-torch"),
     # ---- finetune-classifier: data files
     ("fc-data-missing", [*FC, "--data", "{in}/nothing.tsv"], 2, "nothing.tsv", None),
@@ -217,6 +220,9 @@ CASES = [
     ("respond-data-wrong-types", [*RESPOND[:4], "{in}/wrong-types.json", *RESPOND[5:]], 2, "entry 1", None),
     ("respond-out-is-a-directory", RESPOND, 2, "is a directory", "dir"),
     ("respond-out-under-a-file", [*RESPOND[:6], UNDER_FILE], 1, "a-file is not a directory", None),
+    ("respond-out-dangling-symlink", RESPOND, 1, "out: cannot write: a dangling symbolic link (to ", "dangling"),
+    ("respond-out-not-responses", RESPOND, 2, "out: exists and is not a responses file (a JSON list of entries with 'model_response'); "
+     "pass --overwrite", "not-responses"),
     ("respond-max-new-tokens-context", [*RESPOND, "--max-new-tokens", "64"], 2, "smaller than the context length (64)", None),
     ("respond-batch-size-0", [*RESPOND, "--batch-size", "0"], 2, "--batch-size must be >= 1", None),
     ("respond-model-classifier", [*RESPOND[:2], "{in}/clf", *RESPOND[3:]], 2, "a classification model", None),
@@ -274,8 +280,9 @@ CASES = [
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under `root`: a file's bytes, None for a directory."""
-    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+    """Every path under `root`: a file's bytes, None for a directory, a symbolic link's target."""
+    return {str(p.relative_to(root)): (os.readlink(p) if p.is_symlink() else None if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
 
 
 def one_line(err: str) -> str:
@@ -411,3 +418,4 @@ def test_generate_crops_a_long_prompt_with_a_one_line_note(inputs, capsys):
     assert main(["generate", "--model", str(inputs / "lm"), "--prompt", "word" + " word" * 79, "--max-new-tokens", "4"]) == 0
     line = one_line(capsys.readouterr().err)
     assert line.startswith("note: the prompt is 80 tokens; the model sees its last 60") and "dropped the first 20" in line
+

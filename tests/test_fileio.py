@@ -233,3 +233,52 @@ def test_atomic_dir_under_a_file(tmp_path):
     with pytest.raises(WriteError, match=f"^{tmp_path / 'runs' / 'model'}: cannot write: {tmp_path / 'runs'} is not a directory$"):
         with atomic_dir(tmp_path / "runs" / "model"):
             pytest.fail("the block must not run")
+
+
+KILLED_MID_SWAP = """
+import os, sys
+from pathlib import Path
+import jaxft.fileio as fileio
+target, when = Path(sys.argv[1]), sys.argv[2]
+real_replace, real_remove = os.replace, fileio._remove
+def replace(src, dst):
+    if when == "between-renames" and ".tmp" in str(src):
+        os._exit(9)  # killed after `model` went aside, before the new one came
+    return real_replace(src, dst)
+def remove(path):
+    if when == "before-removal" and str(path).endswith(".old"):
+        os._exit(9)  # killed after the swap, before the previous one was removed
+    return real_remove(path)
+fileio.os.replace, fileio._remove = replace, remove
+with fileio.atomic_dir(target) as tmp:
+    (tmp / "weights").write_text("v2")
+"""
+
+
+@pytest.mark.parametrize("when, survivor", [("between-renames", "v1"), ("before-removal", "v2")])
+def test_a_swap_killed_between_its_renames_is_repaired_by_the_sweep(when, survivor, tmp_path):
+    """Killed between the two renames, the previous directory is `.model.XXXXXXXX.old` and `model`
+    is missing: the next run's sweep puts it back; killed after the swap, it removes the old one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    env = {**os.environ, "PYTHONPATH": str(Path(fileio.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", KILLED_MID_SWAP, str(target), when], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 9, result.stderr
+    assert [name for name in listing(tmp_path) if name.endswith(".old")], listing(tmp_path)
+    fileio.remove_stale_temporaries(tmp_path)
+    assert listing(tmp_path) == ["model"]
+    assert (target / "weights").read_text() == survivor
+
+
+def test_a_dangling_symbolic_link_is_named_as_such(tmp_path):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    for directory in (False, True):
+        with pytest.raises(WriteError) as excinfo:
+            fileio.check_writable(link, directory=directory)
+        assert one_line(excinfo.value) == f"{link}: cannot write: a dangling symbolic link (to {tmp_path / 'gone'}); remove it or name another path"

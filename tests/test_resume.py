@@ -286,10 +286,17 @@ sys.exit(main())  # as the `jaxft` command (it reads sys.argv)
 def test_a_signal_during_start_up_exits_143_not_a_crash(hparams, tmp_path):
     """SIGTERM while XLA compiles (on other threads) used to end in a segfault at interpreter exit
     (139; here with delays of 0.2 and 0.4 s, not 0.05 or 0.8). As the `jaxft` command, a stopped
-    run now leaves the process at once."""
+    run now leaves the process at once. A busy machine once saw exit 0: the handler's exception had
+    landed inside XLA's garbage-collection callback, which drops it; the handler now only records
+    the signal, and wherever it lands (start-up on most machines, the first steps on a fast one)
+    the run stops at its next safe point."""
     for delay in ("0.2", "0.4"):
         argv = [sys.executable, "-c", SIGTERM_WHILE_COMPILING, delay, "finetune-classifier", "--init", "random", "--model", str(hparams),
                 "--out", str(tmp_path / delay), *COMMANDS["finetune-classifier"], "--compile-cache", "off", "--no-progress"]
         result = _run(argv, timeout=120)
         assert result.returncode == 143, result.stderr[-2000:]
-        assert result.stderr.strip().splitlines()[-1] == "jaxft finetune-classifier: interrupted (SIGTERM)"
+        assert "Exception ignored" not in result.stderr, result.stderr[-2000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("jaxft finetune-classifier: interrupted") and "(SIGTERM)" in line, line
+        if (tmp_path / delay).exists():  # --out was taken before the signal
+            assert json.loads((tmp_path / delay / "run.json").read_text())["status"] == "interrupted"

@@ -238,3 +238,97 @@ def test_resume_removes_what_a_killed_attempt_half_wrote(tmp_path):
         pass
     assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
     assert (out / "checkpoints" / "3" / "commit_success.txt").exists()
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def test_overwrite_refused_when_something_cannot_be_removed_removes_nothing(tmp_path, monkeypatch):
+    """A directory of the old run this process may not write (checkpoints/ of another user, say):
+    refused before anything goes, the old run whole (as root, chmod stops nothing: os.access
+    answers as it would for such a directory)."""
+    out = tmp_path / "out"
+    finished_run(out, "completed", checkpoint_steps=(3,))
+    before = _tree(out)
+    real = os.access
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False if Path(path).name == "checkpoints" else real(path, mode))
+    refused(f"cannot overwrite {out}: {out / 'checkpoints'}: permission denied; nothing was removed", out, overwrite=True)
+    assert _tree(out) == before
+
+
+def test_overwrite_whose_move_aside_fails_puts_everything_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    finished_run(out, "completed", checkpoint_steps=(3,))
+    before = _tree(out)
+    real = os.rename
+
+    def rename(src, dst):
+        if Path(src).name == "model":  # after checkpoints/ and metrics.json have moved
+            raise PermissionError(13, "Permission denied", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(rundir.os, "rename", rename)
+    with pytest.raises(RunDirError, match=f"cannot overwrite {out}: {out / 'model'}: permission denied; nothing was removed"):
+        start(out, overwrite=True)
+    assert _tree(out) == before
+
+
+def test_overwrite_deletes_the_old_run_only_once_the_new_one_owns_the_directory(tmp_path, monkeypatch):
+    """A removal that fails anyway (here checkpoints/) leaves the new run in charge, the old
+    files set aside where the warning says, not a half-deleted directory without an owner."""
+    out = tmp_path / "out"
+    finished_run(out, "completed", checkpoint_steps=(3,))
+    real = rundir.shutil.rmtree
+    seen = []
+
+    def rmtree(path, ignore_errors=False, **kw):
+        seen.append(json.loads((out / "run.json").read_text())["status"])
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(Path(path) / "checkpoints"))
+        return real(path, ignore_errors=ignore_errors, **kw)
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", rmtree)
+    with pytest.warns(rundir.RunDirWarning, match="could not delete all of the previous run") as warned:
+        run = start(out, overwrite=True, settings={**SETTINGS, "lr": 1.0})
+    with run:
+        assert seen[0] == "running" and record(out)["settings"]["lr"] == 1.0  # the new run's record came first
+        assert "checkpoints: permission denied" in str(warned[0].message)
+        assert run.latest_checkpoint() is None
+    # a later resume sweeps what is left, as it does atomic writes' temporaries
+    monkeypatch.setattr(rundir.shutil, "rmtree", real)
+    with start(out, resume=True, settings={**SETTINGS, "lr": 1.0}):
+        assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
+OVERWRITE = textwrap.dedent(
+    """
+    import sys
+    from jaxft.rundir import RunDirError, claim
+    try:
+        claim(sys.argv[1], command="classify", settings={"lr": 1.0}, overwrite=True)
+    except RunDirError as exc:
+        sys.exit(str(exc))
+    """
+)
+
+
+def test_overwrite_of_a_run_with_an_unwritable_directory_removes_nothing(tmp_path):
+    """A real permission error (for root: without the capabilities that override permission bits)."""
+    out = tmp_path / "out"
+    finished_run(out, "completed", checkpoint_steps=(3,))
+    before = _tree(out)
+    prefix = [] if os.geteuid() != 0 else ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    (out / "checkpoints").chmod(0o555)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        try:
+            result = subprocess.run([*prefix, sys.executable, "-c", OVERWRITE, str(out)], env=env, capture_output=True, text=True, timeout=120)
+        except OSError:
+            pytest.skip("no setpriv here")
+    finally:
+        (out / "checkpoints").chmod(0o755)
+    if prefix and result.stderr.startswith("setpriv:"):
+        pytest.skip(f"setpriv cannot drop the capabilities here: {result.stderr[-300:]}")
+    assert result.stderr.strip() == f"cannot overwrite {out}: {out / 'checkpoints'}: permission denied; nothing was removed"
+    assert _tree(out) == before

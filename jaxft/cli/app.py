@@ -9,6 +9,8 @@ a failed write (`jaxft.fileio.WriteError`) is one line too, exit 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -22,6 +24,7 @@ import jax
 from ..distributed import DistributedError
 from ..download import DownloadError
 from ..fileio import WriteError
+from .. import interrupts
 from ..interrupts import Terminated, exit_code, terminate_raises
 from ..rundir import RunDirError
 from ..resume import TrainingStopped
@@ -60,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     stopped (a signal, or one process of several failing) ends the process here, at once."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for messages that repeat the command line
-    with warnings.catch_warnings(), terminate_raises():
+    # a command with safe points (`safe_points`: the fine-tuning commands) checks for a signal at
+    # each (jaxft.interrupts); the others stop where it lands
+    signals = interrupts.defer_signals() if getattr(args, "safe_points", False) else terminate_raises()
+    with warnings.catch_warnings(), signals:
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         try:
             code = _run(args)
@@ -98,7 +104,12 @@ def _run(args: argparse.Namespace) -> int:
     try:
         use_compile_cache(getattr(args, "compile_cache", None))
         args.processes = start_processes(args)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        interrupts.check()  # a signal after the last safe point, or one whose exception Python dropped
+        sys.stdout.flush()  # here, where a reader gone away (`| head -1`) is handled below
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except TrainingStopped as exc:
         # an interruption (130/143, with the command that resumes) or a non-finite loss (1)
         print(f"jaxft {args.command}: {exc}", file=sys.stderr)
@@ -120,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError, DistributedError) as exc:
         # User mistakes and unreachable servers/files: one line, no traceback.
-        message = " ".join(str(exc).split("\n"))
+        message = " ".join(_os_message(exc).split("\n"))
         print(f"jaxft {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) outside the training steps
@@ -128,6 +139,27 @@ def _run(args: argparse.Namespace) -> int:
         print(f"jaxft {args.command}: interrupted{f' ({detail})' if detail else ''}{f'; resume with: {resume}' if resume else ''}",
               file=sys.stderr)
         return exit_code(exc.signum) if isinstance(exc, Terminated) else EXIT_SIGINT
+
+
+def _os_message(exc: BaseException) -> str:
+    """Python's own OSError ("[Errno 13] Permission denied: 'x'") as the other messages read:
+    "x: permission denied"; every other error as it is."""
+    if isinstance(exc, OSError) and type(exc).__str__ is OSError.__str__ and exc.filename is not None and exc.strerror:
+        reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else exc.strerror
+        return f"{os.fsdecode(exc.filename)}: {reason}"
+    return str(exc)
+
+
+def _reader_gone() -> int:
+    """stdout's reader stopped reading (`jaxft classify ... | head -1`): exit quietly with the
+    status of a Unix tool that SIGPIPE ended (141; a training run also records it failed);
+    stdout goes to /dev/null so that Python's last flush at exit does not complain either
+    ("Exception ignored ... BrokenPipeError")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return exit_code(signal.SIGPIPE)
 
 
 if __name__ == "__main__":

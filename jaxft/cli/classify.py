@@ -78,7 +78,7 @@ def register(subparsers: Any) -> None:
         subparsers, "finetune-classifier", "fine-tune GPT-2 as a text classifier (the reference's SMS spam recipe by default)",
         ClassifierRecipe(), GROUPS, "output directory: metrics.json, plots, model/, run.json, checkpoints/",
     )
-    p.set_defaults(func=_finetune)
+    p.set_defaults(func=_finetune, safe_points=True)  # signals are checked at safe points (jaxft.interrupts)
 
     c = subparsers.add_parser("classify", help="classify text with a fine-tuned classifier")
     c.add_argument("--model", required=True, help="a model directory written by finetune-classifier (its model/ folder)")

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import jax
 
-from .. import distributed
+from .. import distributed, interrupts
 from ..fileio import check_writable
 from ..recipes.common import check_model
 from ..rundir import check, claim
@@ -202,8 +202,8 @@ def check_before_work(args: argparse.Namespace, recipe: Any) -> None:
     distributed.check_same_settings({**flat_settings(recipe), "resume": bool(args.resume), "overwrite": bool(args.overwrite)})
 
     def check_out() -> None:  # process 0 owns --out; the others may find it already taken
+        check_writable(args.out, directory=True)  # first: a directory on the way that may not be searched is named
         check(args.out, command=args.command, settings=flat_settings(recipe), resume=args.resume, overwrite=args.overwrite)
-        check_writable(args.out, directory=True)
 
     distributed.on_main(check_out, "checking --out")
     check_model(recipe.trainer.model, init=recipe.trainer.init)
@@ -224,6 +224,7 @@ class LazyRun:
         processes, process 0 owns the directory (run.json, outputs); the others wait until it
         has taken it, then share its checkpoint directory (orbax writes every process's shards)."""
         args = self.args
+        interrupts.check()  # a signal while the data and the model loaded: stop before --out is taken
 
         def take() -> None:
             self.run = claim(args.out, command=args.command, settings=flat_settings(self.recipe), resume=args.resume,
@@ -243,6 +244,7 @@ def claimed_run(args: argparse.Namespace, recipe: Any, then: Any = None) -> Iter
     lazy = LazyRun(args, recipe, then)
     try:
         yield lazy
+        interrupts.check()  # a signal after the run's last safe point: not recorded as completed
     except Interrupted as exc:
         if lazy.run is not None:
             lazy.run.mark("interrupted", str(exc))
@@ -253,7 +255,7 @@ def claimed_run(args: argparse.Namespace, recipe: Any, then: Any = None) -> Iter
         if lazy.run is not None:
             lazy.run.mark("failed", str(exc))
         raise
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM outside the training steps (interrupts.Terminated)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a signal outside the training steps (interrupts.Terminated)
         if lazy.run is not None:
             lazy.run.mark("interrupted", str(exc) or "KeyboardInterrupt")
             if lazy.run.latest_checkpoint() is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _respond(args: argparse.Namespace) -> int:
     out = Path(args.out)  # checked before any work: the responses are written last
+    check_writable(out)  # first: a directory on the way that may not be searched is named
     if out.is_dir():
         raise CLIError(f"{out}: is a directory; --out is the JSON file to write")
-    check_writable(out)
+    if out.exists() and not args.overwrite and not _is_responses_file(out, args.response_key):
+        raise CLIError(f"{out}: exists and is not a responses file (a JSON list of entries with {args.response_key!r}); "
+                       "pass --overwrite to replace it or choose another --out")
     for name in ("max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -73,6 +77,15 @@ def _respond(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_responses_file(path: Path, key: str) -> bool:
+    """Whether `path` holds what `respond` writes (a rerun may replace it without --overwrite)."""
+    try:
+        entries = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(entries, list) and bool(entries) and all(isinstance(e, dict) and key in e for e in entries)
+
+
 def register(subparsers: Any) -> None:
     styles = sorted(data.PROMPT_STYLES)
     p = add_recipe_command(
@@ -80,7 +93,7 @@ def register(subparsers: Any) -> None:
         "instruction fine-tune GPT-2 and generate the test split's responses (the reference's Alpaca recipe by default)",
         InstructRecipe(), GROUPS, "output directory: metrics.json, loss plots, responses, model/, run.json, checkpoints/",
     )
-    p.set_defaults(func=_finetune)
+    p.set_defaults(func=_finetune, safe_points=True)  # signals are checked at safe points (jaxft.interrupts)
 
     r = subparsers.add_parser(
         "respond",
@@ -91,6 +104,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--config", help="size name or hparams.json, for checkpoints that do not record their shape")
     r.add_argument("--data", required=True, help="JSON list of {instruction, input[, output]} entries")
     r.add_argument("--out", required=True, help="JSON file to write: the entries with their responses")
+    r.add_argument("--overwrite", action="store_true", help="replace an --out that is not a previous responses file")
     r.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens per response")
     r.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     r.add_argument("--style", choices=styles, default=None, help="prompt style; unset: the one the model was trained with, else alpaca")

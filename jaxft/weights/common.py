@@ -150,6 +150,8 @@ def safetensors_problem(path: str | Path) -> str | None:
             if 8 + header_len > size:
                 return f"truncated inside the header ({size} bytes, the header alone needs {8 + header_len})"
             header = json.loads(f.read(header_len))
+    except PermissionError:
+        return "permission denied"  # (safetensors itself says "No such file or directory")
     except (OSError, ValueError):
         return None
     data_size = size - 8 - header_len
