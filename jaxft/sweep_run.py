@@ -133,7 +133,7 @@ def run_sweep(
     pool = jax.device_put({"x": x, "lengths": lengths})
     frozen = jax.device_put(frozen)
     state = init_states(settings, trainables, [r.trainer.lr for _, _, r in runs], [r.trainer.weight_decay for _, _, r in runs],
-                        [r.trainer.seed for _, _, r in runs])
+                        [r.trainer.seed for _, _, r in runs], steps_per_epoch=batching_steps(n_train, settings.batch_size))
     # Runs with one seed see the same rows in the same order: their batches are shared.
     shared = all(
         r.seed == rows[0].seed and r.width == rows[0].width

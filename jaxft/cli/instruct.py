@@ -19,6 +19,7 @@ from ..recipes.instruct import (
 )
 from ..responses import generate_responses
 from ..settings import run_mesh
+from ..timing import Timing
 from ..tokenizer import get_tokenizer
 from ..fileio import check_writable, write_json
 from ..weights import native
@@ -34,11 +35,13 @@ GROUPS = {
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    timing = Timing()
     recipe = settings_from_args(InstructRecipe, args)
     check_before_work(args, recipe)
-    tokenizer = get_tokenizer(args.vocab_dir)
+    with timing.phase("data_s"):
+        tokenizer = get_tokenizer(args.vocab_dir)
     with claimed_run(args, recipe) as rundir:
-        metrics = run(recipe, args.out, data_file(recipe), tokenizer, claim=rundir.claim, resume=args.resume)
+        metrics = run(recipe, args.out, data_file(recipe), tokenizer, claim=rundir.claim, resume=args.resume, timing=timing)
     if "total_seconds" in metrics:  # process 0, the one that writes the outputs
         print(f"wrote {Path(args.out) / METRICS_FILE} ({metrics['total_seconds'] / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["final_validation_loss"]) else 1
