@@ -130,7 +130,7 @@ def adamw(
     # lr and weight decay are optimizer state (inject_hyperparams), not constants of the compiled
     # step: a rerun with other values loads the same programs from the compilation cache. The same
     # float32 arithmetic as optax.adamw(lr, ...) (tests/test_optim_masked.py checks bit equality).
-    opt = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps"), hyperparam_dtype=jnp.float32)(
+    opt = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root"), hyperparam_dtype=jnp.float32)(
         learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
     )
     if grad_clip_norm is not None:

@@ -15,6 +15,7 @@ from ..recipes.classify import ClassifierRecipe, load_frames, run
 from ..timing import Timing
 from ..tokenizer import get_tokenizer
 from ..data.labeled import read_text
+from .commands import COMMANDS
 from .common import CLIError, add_recipe_command, check_before_work, claimed_run, settings_from_args
 
 GROUPS = {"data": "data (default: the SMS Spam Collection)", "model": "model", "training": "training", "output": "output"}
@@ -78,12 +79,12 @@ def _classify(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = add_recipe_command(
-        subparsers, "finetune-classifier", "fine-tune GPT-2 as a text classifier (the reference's SMS spam recipe by default)",
+        subparsers, "finetune-classifier", COMMANDS["finetune-classifier"].help,
         ClassifierRecipe(), GROUPS, "output directory: metrics.json, plots, model/, run.json, checkpoints/",
     )
     p.set_defaults(func=_finetune)
 
-    c = subparsers.add_parser("classify", help="classify text with a fine-tuned classifier")
+    c = subparsers.add_parser("classify", help=COMMANDS["classify"].help)
     c.add_argument("--model", required=True, help="a model directory written by finetune-classifier (its model/ folder)")
     c.add_argument("text", nargs="*", help="texts to classify")
     c.add_argument("--file", help="a file with one text per line (one answer per line; a blank line answers with a blank line)")

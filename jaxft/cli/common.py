@@ -19,11 +19,7 @@ from ..recipes.common import check_model
 from ..rundir import check, claim
 from ..resume import Interrupted, TrainingStopped
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the work itself failed (non-finite loss, a write error)
-EXIT_USAGE = 2  # a user mistake: bad flag, missing file, malformed data
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
+from .commands import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE  # noqa: F401 (their home before)
 
 
 class CLIError(Exception):

@@ -23,6 +23,7 @@ from ..timing import Timing
 from ..tokenizer import get_tokenizer
 from ..fileio import check_writable, write_json
 from ..weights import native
+from .commands import COMMANDS
 from .common import CLIError, add_recipe_command, check_before_work, claimed_run, settings_from_args
 
 GROUPS = {
@@ -79,15 +80,14 @@ def _respond(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     styles = sorted(data.PROMPT_STYLES)
     p = add_recipe_command(
-        subparsers, "finetune-instruct",
-        "instruction fine-tune GPT-2 and generate the test split's responses (the reference's Alpaca recipe by default)",
+        subparsers, "finetune-instruct", COMMANDS["finetune-instruct"].help,
         InstructRecipe(), GROUPS, "output directory: metrics.json, loss plots, responses, model/, run.json, checkpoints/",
     )
     p.set_defaults(func=_finetune)
 
     r = subparsers.add_parser(
         "respond",
-        help="generate a model_response for every entry of an instruction JSON file with a saved model",
+        help=COMMANDS["respond"].help,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     r.add_argument("--model", required=True, help="a model saved by finetune-instruct (its model/ folder) or any checkpoint")

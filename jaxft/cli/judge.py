@@ -30,6 +30,7 @@ from ..judge_client import (
     JudgeError,
 )
 from ..fileio import atomic_write_text, check_writable
+from .commands import COMMANDS
 from .common import EXIT_FAILED, EXIT_OK, CLIError
 
 
@@ -53,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `judge` subcommand."""
     p = subparsers.add_parser(
         "judge",
-        help="score instruction responses with an LLM judge (Ollama or OpenAI-compatible)",
+        help=COMMANDS["judge"].help,
         description="Score every response with an LLM judge, resumably; also report exact match "
                     "and ROUGE-L between 'output' and the response. Exit status 1 when no response "
                     "could be scored (every answer unparsable, or no entries).",
