@@ -156,6 +156,10 @@ def use_compile_cache(directory: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:  # also the GPU autotuning results (XLA's per-fusion cache, beside the programs), where this JAX has the option
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "xla_gpu_per_fusion_autotune_cache_dir")
+    except AttributeError:  # (an older JAX: no such option)
+        pass
 
 
 # --------------------------------------------------------------------------- run directories
