@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -150,17 +150,17 @@ def worker_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="jaxft-compile")
 
 
-def precompile_steps(pool: ThreadPoolExecutor, train_step: Callable, eval_step: Callable, state: Any, train_batch: Any,
-                     eval_batch: Any, place: Callable = lambda batch: batch, log: Callable[[str], None] = print) -> tuple[Precompiled, Precompiled]:
+def precompile_steps(pool: ThreadPoolExecutor, train_step: Callable, eval_step: Callable, state: Any, train_batches: Sequence[Any],
+                     eval_batches: Sequence[Any], place: Callable = lambda batch: batch, log: Callable[[str], None] = print) -> tuple[Precompiled, Precompiled]:
     """jaxft.steps' train_step(state, batch) and eval_step(params, batch) as `Precompiled`, compiling
-    on `pool` for a training batch's shape (train and eval: periodic evaluations read training
-    batches) and an evaluation batch's (eval). Other shapes (more buckets) compile when first used.
-    `place`: a host batch as the steps take it (on a mesh, sharded)."""
+    on `pool` for the shapes of these training batches (train and eval: periodic evaluations read
+    training batches) and evaluation batches (eval); any other shape compiles when first used.
+    The first evaluation and the first training batch's programs are queued first: they are
+    needed first. `place`: a host batch as the steps take it (on a mesh, sharded)."""
     train, evaluate = Precompiled(train_step, "train step", log), Precompiled(eval_step, "eval step", log)
-    if train_batch is not None:
-        train.submit(pool, state, place(train_batch))
     params = state.params
-    for batch in (eval_batch, train_batch):  # the eval program first: the initial evaluation needs it
-        if batch is not None:
-            evaluate.submit(pool, params, place(batch))
+    for batch in [*eval_batches[:1], *train_batches[:1], *eval_batches[1:], *train_batches[1:]]:
+        if any(batch is b for b in train_batches):
+            train.submit(pool, state, place(batch))
+        evaluate.submit(pool, params, place(batch))
     return train, evaluate

@@ -1,6 +1,7 @@
-"""Where a run's time goes: metrics.json's `timing` object (README, "metrics.json").
+"""Where a run's time goes: metrics.json's `timing` object (README, "Compilation and where the
+time goes"), and `run_info`, where and when it ran.
 
-Phases add their seconds (`with timing.phase("data"):`); marks are seconds since the process
+Phases add their seconds (`with timing.phase("data_s"):`); marks are seconds since the process
 started (`first_step_s`, `total_s`). Compilation is counted separately (jaxft.programs): it
 overlaps the phases, so compile_s is not part of a sum.
 """
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import time
 from typing import Any, Iterator
+
+import jax
 
 from .programs import CompileStats, compile_stats
 
@@ -71,3 +75,15 @@ class Timing:
             "first_step_s": None if self.first_step is None else self.first_step - PROCESS_START,
             "total_s": now - PROCESS_START,
         }
+
+
+def run_info() -> dict[str, Any]:
+    """Where and when a run happened (stored with its metrics)."""
+    devices = jax.devices()
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": devices[0].device_kind if devices else "unknown",
+        "python": platform.python_version(),
+    }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from .interrupts import catch_signals
 from .resume import Checkpoints, Interrupted, NonFiniteLoss, Position, TrainingStopped, fingerprint
 from .progress import Progress
 from .settings import TrainerSettings, run_mesh
-from .timing import Timing
+from .timing import Timing, run_info
 
 __all__ = ["TrainingStopped", "Interrupted", "NonFiniteLoss", "TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
 
@@ -126,6 +125,10 @@ class Task:
         """Extra options for `make_steps` (e.g. `start_block` with a cached frozen trunk);
         called once, before training, with the initial parameters and the trainable mask."""
         return {}
+
+    def example_batches(self) -> tuple[list[Batch], list[Batch]]:
+        """(train, eval) batches of each shape the run meets (default: the first): compiled for ahead of time."""
+        return [*itertools.islice(self.train_batches(0), 1)], [*itertools.islice(self.eval_batches("validation"), 1)]
 
     def describe(self, config: GPTConfig, params: Params, trainable: Params) -> str:
         """The line logged before training."""
@@ -326,8 +329,7 @@ def fit(
         log(f"mesh {sharding.describe(mesh)} over {mesh.size} devices ({jax.process_count()} process(es))")
     run = Run(config, settings, eval_step, log, state, mesh=mesh, timing=timing)
     pool = programs.worker_pool()  # the initial evaluation and the first checkpoint overlap the compilations
-    train_step, run.eval_step = programs.precompile_steps(
-        pool, train_step, eval_step, state, next(iter(task.train_batches(0)), None), next(iter(task.eval_batches("validation")), None), run.place, log)
+    train_step, run.eval_step = programs.precompile_steps(pool, train_step, eval_step, state, *task.example_batches(), run.place, log)
     log(task.describe(config, state.params, state.trainable))
 
     record = record if record is not None else dataclasses.asdict(settings)
@@ -396,15 +398,3 @@ def fit(
 
 def _quiet(line: str) -> None:
     """The log of every process but the first."""
-
-
-def run_info() -> dict[str, Any]:
-    """Where and when a run happened (stored with its metrics)."""
-    devices = jax.devices()
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": devices[0].device_kind if devices else "unknown",
-        "python": platform.python_version(),
-    }

@@ -6,6 +6,7 @@ the test split's responses (jaxft.responses) for the judge. Every variant is a s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -189,6 +190,17 @@ class InstructionTask(train.Task):
 
     def steps_per_epoch(self) -> int:
         return num_batches(len(self.splits.train), self.recipe.trainer.batch_size, drop_last=True)
+
+    def example_batches(self) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+        """One batch of each width of the first epoch (its steps that run) and of the validation and
+        test splits (collating is cheap next to compiling): each bucket's step compiles ahead of time."""
+        def one_per_shape(batches: Iterator[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+            return list({batch["inputs"].shape: batch for batch in batches}.values())
+
+        seen_shapes = set(self.batch_shapes)  # (the record of the shapes trained on: only steps add to it)
+        train = one_per_shape(itertools.islice(self.train_batches(0), self.recipe.trainer.max_steps))
+        self.batch_shapes = seen_shapes
+        return train, one_per_shape(itertools.chain(self.eval_batches("validation"), self.eval_batches("test")))
 
     def seen(self, batch: dict[str, np.ndarray]) -> int:
         if "segments" in batch:  # packed: examples x the longest example's length
