@@ -106,8 +106,11 @@ class Precompiled:
         self._futures: dict[tuple, Future] = {}
         self._ready: dict[tuple, Any] = {}
 
-    def submit(self, pool: ThreadPoolExecutor, *args: Any) -> Future:
-        """Compile for `args`' signature on `pool` (arrays or ShapeDtypeStructs; none is read)."""
+    def submit(self, pool: ThreadPoolExecutor, *args: Any) -> Future | None:
+        """Compile for `args`' signature on `pool` (arrays or ShapeDtypeStructs; none is read). A
+        function that cannot be lowered (not jitted, e.g. a wrapper) compiles as it runs: None."""
+        if not hasattr(self.fn, "lower"):
+            return None
         specs = abstract(args)
         key = signature(specs)
         if key not in self._futures:
@@ -141,7 +144,7 @@ class Precompiled:
 
     def _cache_size(self) -> int:
         """Programs compiled for this step: ahead of time, and by the jitted function for other shapes."""
-        return len(self._futures) + self.fn._cache_size()
+        return len(self._futures) + self.fn._cache_size()  # (a wrapper without `lower` has no futures)
 
 
 def worker_pool() -> ThreadPoolExecutor:
