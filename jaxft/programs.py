@@ -133,18 +133,14 @@ class Precompiled:
         self._ready[key] = executable
         return executable
 
-    def wait(self) -> None:
-        """Every submitted compilation finished (its exception raised, if any)."""
-        for key in list(self._futures):
-            self._executable(key)
-
     def __call__(self, *args: Any) -> Any:
         executable = self._executable(signature(args)) if self._futures else None
         return self.fn(*args) if executable is None else executable(*args)
 
     def _cache_size(self) -> int:
         """Programs compiled for this step: ahead of time, and by the jitted function for other shapes."""
-        return len(self._futures) + self.fn._cache_size()  # (a wrapper without `lower` has no futures)
+        ahead = sum(not future.cancelled() for future in self._futures.values())
+        return ahead + self.fn._cache_size()
 
 
 def worker_pool() -> ThreadPoolExecutor:
