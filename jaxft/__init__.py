@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 from typing import Any
 
-__version__ = "0.1.0"  # first: modules imported below read it
+__version__ = "0.1.0"  # (modules read it: defined before any of them is imported)
 
 _EXPORTS = {  # public name -> the module that defines it
     "FORMATS": "weights",

@@ -54,7 +54,7 @@ for pass in cold:5e-5 warm:1e-4; do
     > "$OUT/cold_warm_$name.log" 2>&1
   echo "$name: exit $?, $((SECONDS - start)) s wall"
   $PYTHON -c "import json, sys; m = json.load(open('/tmp/jaxft_$name/metrics.json')); json.dump({'pass': '$name', 'lr': $lr, 'wall_s': $((SECONDS - start)), 'timing': m.get('timing'), 'test_accuracy': m.get('test_accuracy')}, sys.stdout, indent=1)" \
-    > "$OUT/cold_warm_$name.json" 2>>"$OUT/cold_warm_$name.log" && cat "$OUT/cold_warm_$name.json"
+    > "$OUT/cold_warm_$name.json" 2>>"$OUT/cold_warm_$name.log" && cat "$OUT/cold_warm_$name.json" && echo
 done
 
 part3=$(( $(left) - 5 ))
