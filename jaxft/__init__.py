@@ -9,42 +9,55 @@ The functional pieces (README, "Functional API"): `apply` (the model), `with_cla
 `trainable_mask` + `masked` (one tree) or `split`/`merge` + `init_state` (two trees), `adamw`,
 the loss functions `classification_metrics` / `lm_metrics`, `make_steps`, `evaluate`; data via
 `get_tokenizer`, `jaxft.data`, `jaxft.sources`.
+
+Importing jaxft imports none of this: each name (and each submodule, `jaxft.train`, ...) is
+imported when first used, so that `jaxft --help` and scripts that need a part start fast.
 """
 
-__version__ = "0.1.0"  # first: modules imported below read it
+import importlib
+import importlib.util
+from typing import Any
 
-from .config import GPTConfig, get_config
-from .model import apply, init_params, logits, param_count
-from .optim import adamw, masked, merge, split, trainable_mask
-from .recipes.classify import with_classifier_head
-from .steps import TrainState, classification_metrics, evaluate, init_state, lm_metrics, make_steps
-from .tokenizer import encode_text, get_tokenizer
-from .weights import FORMATS, export, load
+__version__ = "0.1.0"  # (modules read it: defined before any of them is imported)
+
+_EXPORTS = {  # public name -> the module that defines it
+    "FORMATS": "weights",
+    "GPTConfig": "config",
+    "TrainState": "steps",
+    "adamw": "optim",
+    "apply": "model",
+    "classification_metrics": "steps",
+    "encode_text": "tokenizer",
+    "evaluate": "steps",
+    "export": "weights",
+    "get_config": "config",
+    "get_tokenizer": "tokenizer",
+    "init_params": "model",
+    "init_state": "steps",
+    "lm_metrics": "steps",
+    "load": "weights",
+    "logits": "model",
+    "make_steps": "steps",
+    "masked": "optim",
+    "merge": "optim",
+    "param_count": "model",
+    "split": "optim",
+    "trainable_mask": "optim",
+    "with_classifier_head": "recipes.classify",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
 
 
-__all__ = [
-    "FORMATS",
-    "GPTConfig",
-    "TrainState",
-    "adamw",
-    "apply",
-    "classification_metrics",
-    "encode_text",
-    "evaluate",
-    "export",
-    "get_config",
-    "get_tokenizer",
-    "init_params",
-    "init_state",
-    "lm_metrics",
-    "load",
-    "logits",
-    "make_steps",
-    "masked",
-    "merge",
-    "param_count",
-    "split",
-    "trainable_mask",
-    "with_classifier_head",
-    "__version__",
-]
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # once: later lookups do not come here
+        return value
+    if importlib.util.find_spec(f"{__name__}.{name}") is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

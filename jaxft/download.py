@@ -21,8 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from jaxft.config import OPENAI_SIZE_DIRS, canonical_name, from_hparams, get_config
 from jaxft.tokenizer import (
@@ -31,6 +30,9 @@ from jaxft.tokenizer import (
     VOCAB_BPE,
     VOCAB_BPE_SHA256,
 )
+
+if TYPE_CHECKING:  # (imported where a download starts: importing jaxft stays light)
+    from tqdm import tqdm
 
 # Roots of the OpenAI checkpoint directories; a file's URL is `{root}/{124M|...}/{file}`.
 PRIMARY_ROOT = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -49,7 +51,6 @@ GPT2_FILES = (
 
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "jaxft-downloader/0.1"
-
 
 class DownloadError(OSError):
     """Every URL for one file failed; `failures` holds the (url, reason) pairs in the order tried."""
@@ -200,6 +201,8 @@ def _download_one(url: str, part: Path, label: str, timeout: float, progress: bo
         if max_bytes is not None and (offset > max_bytes or (total or 0) > max_bytes or offset + (length or 0) > max_bytes):
             part.unlink(missing_ok=True)  # announced too big: not one byte is read
             raise _UrlFailure(_too_big(max_bytes))
+        from tqdm import tqdm  # here: importing jaxft stays light
+
         try:
             with open(part, mode) as fh, tqdm(
                 total=total,

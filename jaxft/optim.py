@@ -127,7 +127,12 @@ def adamw(
     accumulation_steps = int(accumulation_steps) if isinstance(accumulation_steps, np.integer) else accumulation_steps
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
-    opt = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    # lr and weight decay are optimizer state (inject_hyperparams), not constants of the compiled
+    # step: a rerun with other values loads the same programs from the compilation cache. The same
+    # float32 arithmetic as optax.adamw(lr, ...) (tests/test_optim_masked.py checks bit equality).
+    opt = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root"), hyperparam_dtype=jnp.float32)(
+        learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+    )
     if grad_clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
     if accumulation_steps > 1:
@@ -139,6 +144,9 @@ class AccumulateState(NamedTuple):
     steps: jax.Array  # batches seen (int32)
     grads: optax.Updates  # the group's gradients so far, each divided by k
     inner: optax.OptState
+    # Data, not constants of the compiled step (a rerun with other --max-steps compiles nothing new):
+    steps_per_epoch: jax.Array  # int32; 0: no epochs
+    last_step: jax.Array  # int32; -1: none
 
 
 def accumulate(
@@ -154,22 +162,24 @@ def accumulate(
         raise ValueError(f"accumulation steps must be >= 1, got {k}")
 
     def init(params: optax.Params) -> AccumulateState:
-        return AccumulateState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map(jnp.zeros_like, params), inner.init(params))
+        return AccumulateState(
+            jnp.zeros([], jnp.int32), jax.tree_util.tree_map(jnp.zeros_like, params), inner.init(params),
+            jnp.asarray(steps_per_epoch or 0, jnp.int32), jnp.asarray(-1 if last_step is None else last_step, jnp.int32),
+        )
 
     def update(grads: optax.Updates, state: AccumulateState, params: optax.Params | None = None):
         summed = jax.tree_util.tree_map(lambda a, g: a + g / k, state.grads, grads)
         steps = state.steps + 1
-        in_epoch = steps % steps_per_epoch if steps_per_epoch else steps  # 0: the epoch's last batch
-        apply = in_epoch % k == 0
-        if last_step is not None:
-            apply = apply | (steps == last_step)
+        per_epoch = state.steps_per_epoch
+        in_epoch = jnp.where(per_epoch > 0, steps % jnp.maximum(per_epoch, 1), steps)  # 0: the epoch's last batch
+        apply = (in_epoch % k == 0) | (steps == state.last_step)
 
         def step(_):
             updates, inner_state = inner.update(summed, state.inner, params)
-            return updates, AccumulateState(steps, jax.tree_util.tree_map(jnp.zeros_like, summed), inner_state)
+            return updates, state._replace(steps=steps, grads=jax.tree_util.tree_map(jnp.zeros_like, summed), inner=inner_state)
 
         def hold(_):
-            return jax.tree_util.tree_map(jnp.zeros_like, summed), AccumulateState(steps, summed, state.inner)
+            return jax.tree_util.tree_map(jnp.zeros_like, summed), state._replace(steps=steps, grads=summed)
 
         return jax.lax.cond(apply, step, hold, None)
 

@@ -10,8 +10,6 @@ import sys
 import time
 from typing import Callable
 
-from tqdm import tqdm
-
 PLAIN_EVERY_S = 30.0
 
 
@@ -28,7 +26,11 @@ class Progress:
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
         self.done, self.seen, self.start = 0, 0, time.perf_counter()
         self.last_line, self.next_fraction = self.start, 0.1
-        self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True) if self.enabled and self.terminal else None
+        self.bar = None
+        if self.enabled and self.terminal:
+            from tqdm import tqdm  # here: a run without a terminal (and importing jaxft) never needs it
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
 
     def _rates(self) -> tuple[float, float, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -62,7 +64,7 @@ class Progress:
         if self.bar is None:
             self.log(line)
             return
-        with tqdm.external_write_mode():
+        with type(self.bar).external_write_mode():
             self.log(line)
 
     def close(self) -> None:

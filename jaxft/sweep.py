@@ -203,7 +203,7 @@ class SweepState(NamedTuple):
 def sweep_optimizer(settings: Any, lr: Any, weight_decay: Any, steps_per_epoch: int | None = None) -> optax.GradientTransformation:
     """`optim.adamw` with lr and weight decay as state (`optax.inject_hyperparams`): same
     arithmetic, but one optimizer serves runs with different values (`steps_per_epoch`: see
-    `optim.accumulate`; the state does not depend on it)."""
+    `optim.accumulate`, which keeps it in the state that `init` makes)."""
     opt = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps"))(
         learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay
     )
@@ -214,10 +214,11 @@ def sweep_optimizer(settings: Any, lr: Any, weight_decay: Any, steps_per_epoch: 
     return opt
 
 
-def init_states(settings: Any, trainables: Sequence[Params], lrs: Sequence[float], wds: Sequence[float], seeds: Sequence[int]) -> SweepState:
+def init_states(settings: Any, trainables: Sequence[Params], lrs: Sequence[float], wds: Sequence[float], seeds: Sequence[int],
+                steps_per_epoch: int | None = None) -> SweepState:
     """The K runs' states stacked: what `steps.init_state` makes for each run alone."""
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trainables)
-    init = jax.vmap(lambda t, lr, wd: sweep_optimizer(settings, lr, wd).init(t))
+    init = jax.vmap(lambda t, lr, wd: sweep_optimizer(settings, lr, wd, steps_per_epoch).init(t))
     opt_state = init(stacked, jnp.asarray(lrs, jnp.float32), jnp.asarray(wds, jnp.float32))
     k = len(trainables)
     rng = jnp.stack([jax.random.PRNGKey(s) for s in seeds])

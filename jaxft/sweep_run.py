@@ -22,6 +22,7 @@ from .lora import add_lora
 from .plots import new_figure, plot_values, save_figure
 from .recipes.classify import ClassifierRecipe, Classifier, check_data_vocabulary, encode_splits, load_frames, with_classifier_head
 from .recipes.common import resolve_model
+from .timing import Timing
 from .sweep import SPLITS, batches, build_pool, check_memory, evaluate, expand, init_states, make_sweep_steps, row_widths, run_bytes, _count
 
 
@@ -65,7 +66,7 @@ def run_sweep(
     each run as `recipes.classify.run` would alone, in one vmapped program. `frames`/`class_names`
     as `classify.run` takes them (default: `load_frames` of each run's recipe, i.e. the bundled
     data split by each run's seed). Returns {"runs": {name: metrics}, "step_losses": {name: [..]}, ...}."""
-    started = time.perf_counter()
+    started, timing = time.perf_counter(), Timing()  # one clock for the K runs (each metrics.json gets its timing)
     out_dir = Path(out_dir)
     recipe.validate(devices=False)  # one device, whatever the host has
     runs = expand(recipe, grid)
@@ -88,12 +89,18 @@ def run_sweep(
     if settings.batch_size > n_train:
         raise ValueError(f"batch size {settings.batch_size} is larger than the {n_train} training examples (drop_last would leave no batch)")
 
+    timing.seconds["data_s"] += time.perf_counter() - started
     key_model = jax.random.split(jax.random.PRNGKey(runs[0][2].trainer.seed), 3)[0]
+    t_model = time.perf_counter()
     config, base = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
+    timing.seconds["model_s"] += time.perf_counter() - t_model
+    t_data = time.perf_counter()
     encoded = {seed: encode_splits(f, list(class_names), tokenizer, max_length=recipe.max_length, context_length=config.context_length)
                for seed, f in by_seed.items()}
     for data in encoded.values():
         check_data_vocabulary(settings.model, config, data)
+    timing.seconds["data_s"] += time.perf_counter() - t_data
+    t_model = time.perf_counter()
     trainables, frozen, mask, model_config = [], None, None, config
     for _, _, r in runs:
         _, key_head, key_lora = jax.random.split(jax.random.PRNGKey(r.trainer.seed), 3)
@@ -104,6 +111,7 @@ def run_sweep(
         trainable, frozen = optim.split(params, mask)
         trainables.append(trainable)
     config = model_config
+    timing.seconds["model_s"] += time.perf_counter() - t_model
     datas = [encoded[r.trainer.seed] for _, _, r in runs]
     tokens, lengths, rows = build_pool(datas, [r.trainer.seed for _, _, r in runs])
 
@@ -127,6 +135,7 @@ def run_sweep(
         else:
             x, positions = trunk.trunk_pass(config, params, tokens, plan.start_block, batch_size=settings.batch_size, widths=widths, progress=progress)
         cache = {**plan.record(time.perf_counter() - t0, positions), "bytes": x.nbytes}
+        timing.seconds["trunk_s"] += cache["seconds"]
         log(f"Trunk cache: {plan.reason}; {len(tokens)} distinct examples x {tokens.shape[1]} positions, {trunk.gigabytes(x.nbytes)}, {cache['seconds']:.1f} s")
     else:
         x = tokens
@@ -135,7 +144,7 @@ def run_sweep(
     pool = jax.device_put({"x": x, "lengths": lengths})
     frozen = jax.device_put(frozen)
     state = init_states(settings, trainables, [r.trainer.lr for _, _, r in runs], [r.trainer.weight_decay for _, _, r in runs],
-                        [r.trainer.seed for _, _, r in runs])
+                        [r.trainer.seed for _, _, r in runs], steps_per_epoch=batching_steps(n_train, settings.batch_size))
     # Runs with one seed see the same rows in the same order: their batches are shared.
     same_batches = all(
         r.seed == rows[0].seed and r.width == rows[0].width
@@ -150,7 +159,8 @@ def run_sweep(
 
     def ev(split: str, n: int | None = None, epoch: int = 0) -> list[dict[str, float]]:
         it = batches(rows, split, B, pad, shuffle=split == "train", epoch=epoch)
-        return evaluate(eval_step, state.trainable, frozen, pool, it, n)
+        with timing.phase("eval_s"):
+            return evaluate(eval_step, state.trainable, frozen, pool, it, n)
 
     n = settings.eval_iter
     tr, va = ev("train", n), ev("validation", n)
@@ -164,6 +174,7 @@ def run_sweep(
         for batch, width in batches(rows, "train", B, pad, shuffle=True, epoch=epoch):
             state, m = train_step(state, frozen, pool, batch, width)
             losses = np.asarray(m["loss"], np.float64)
+            timing.first_step_done()
             global_step += 1
             step_losses.append(losses.tolist())
             for r in np.flatnonzero(~np.isfinite(losses)):
@@ -187,6 +198,8 @@ def run_sweep(
         if done():
             break
     train_seconds = time.perf_counter() - t_train
+    timing.seconds["train_s"] += train_seconds
+    t_outputs = time.perf_counter()
     total_steps = global_step + 1
     log(f"Training completed in {train_seconds / 60:.2f} minutes.")
     final = {"train": ev("train", None, settings.epochs), "validation": ev("validation"), "test": ev("test")}
@@ -236,6 +249,7 @@ def run_sweep(
             "recipe": dataclasses.asdict(run_recipe),
             "mesh": None,  # a sweep runs on one device
             "outputs": outputs,
+            "timing": {**timing.record(), "outputs_s": time.perf_counter() - t_outputs},  # outputs: so far
             "run": {**train.run_info(), "sweep": {"size": k, "index": r, "values": values, "diverged_at_step": diverged[r]}},
         }
         write_json(run_dir / train.METRICS_FILE, metrics)

@@ -15,10 +15,12 @@ import functools
 import json
 import os
 from pathlib import Path
-
-import tiktoken
+from typing import TYPE_CHECKING
 
 from jaxft.assets import check_sha256, read_asset
+
+if TYPE_CHECKING:  # imported where an encoding is built: importing jaxft stays light
+    import tiktoken
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
@@ -78,6 +80,8 @@ def mergeable_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
 @functools.lru_cache(maxsize=4)
 def _encoding(vocab_bpe: bytes, encoder_json: bytes) -> tiktoken.Encoding:
     # Cached per content (building takes about a second); bytes hash once per object.
+    import tiktoken
+
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_PAT_STR,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterator
 import jax
 from jax.sharding import Mesh
 
-from . import distributed, optim, sharding, weights
+from . import distributed, optim, programs, sharding, weights
 from .config import GPTConfig
 from .model import param_count
 from .plots import plot_values
@@ -44,6 +43,7 @@ from .interrupts import catch_signals, check as stop_if_signalled
 from .resume import Checkpoints, Interrupted, NonFiniteLoss, Position, TrainingStopped, fingerprint
 from .progress import Progress
 from .settings import TrainerSettings, run_mesh
+from .timing import Timing, run_info
 
 __all__ = ["TrainingStopped", "Interrupted", "NonFiniteLoss", "TrainerSettings", "Task", "History", "Run", "fit", "make_steps", "init_state", "evaluate", "compile_count", "TrainState"]
 
@@ -77,6 +77,7 @@ class Run:
     state: TrainState | None = None
     history: History = field(default_factory=History)
     mesh: Mesh | None = None  # None: one device, arrays placed as JAX places them
+    timing: Timing = field(default_factory=Timing)
 
     @property
     def params(self) -> Params:
@@ -91,7 +92,8 @@ class Run:
         return sharding.global_batch({key: value[rows] for key, value in batch.items()}, self.mesh)
 
     def evaluate(self, batches: Iterator[Batch], num_batches: int | None = None, params: Params | None = None) -> dict[str, float]:
-        return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches)
+        with self.timing.phase("eval_s"):
+            return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches)
 
 
 class Task:
@@ -123,6 +125,10 @@ class Task:
         """Extra options for `make_steps` (e.g. `start_block` with a cached frozen trunk);
         called once, before training, with the initial parameters and the trainable mask."""
         return {}
+
+    def example_batches(self) -> tuple[list[Batch], list[Batch]]:
+        """(train, eval) batches of each shape the run meets (default: the first): compiled for ahead of time."""
+        return [*itertools.islice(self.train_batches(0), 1)], [*itertools.islice(self.eval_batches("validation"), 1)]
 
     def describe(self, config: GPTConfig, params: Params, trainable: Params) -> str:
         """The line logged before training."""
@@ -219,6 +225,7 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                         run.state, metrics = train_step(run.state, run.place(batch))
                         scalars = host_values({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})  # one host sync per step
                         loss, grad_norm = float(scalars["loss"]), float(scalars["grad_norm"])
+                        run.timing.first_step_done()
                         global_step += 1
                         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                             what = "training loss" if not math.isfinite(loss) else "gradient norm"
@@ -277,6 +284,7 @@ def fit(
     started: float | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    timing: Timing | None = None,
 ) -> dict[str, Any]:
     """Train `params` on `task` with `settings`, evaluate, and write the run's outputs to
     `out_dir`: loss plot, `model/`, the reference `.pth` when asked, and `metrics.json`
@@ -285,7 +293,9 @@ def fit(
 
     With `checkpoint_dir`, training writes checkpoints there (see `_train_epochs`); with
     `resume` too, it continues from the latest one, which must have been written with equal
-    settings (`record`) and training data."""
+    settings (`record`) and training data. `timing`: the run's clock, started by the caller at its
+    first work (data_s, model_s so far); metrics.json's `timing` object."""
+    timing = Timing() if timing is None else timing
     started = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
     main = distributed.is_main_process()
@@ -301,12 +311,14 @@ def fit(
         settings.lr, settings.weight_decay, grad_clip_norm=settings.grad_clip_norm, accumulation_steps=settings.accumulation_steps,
         steps_per_epoch=task.steps_per_epoch(), last_step=settings.max_steps,
     )
-    state = init_state(params, mask, optimizer, seed=settings.seed)
+    with timing.phase("model_s"):
+        state = init_state(params, mask, optimizer, seed=settings.seed)
     del params  # the state holds its own copy
     # Loaded frozen weights must be those the run began with (random ones follow from the settings,
     # and a GPU may round their init differently); computed before sharding: addressable here
     frozen_hash = fingerprint(state.frozen) if checkpoint_dir is not None and settings.init == "pretrained" else None
-    options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
+    with timing.phase("trunk_s"):
+        options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
     stop_if_signalled()  # safe points (jaxft.interrupts): a signal stops the run after the phase it lands in
     dtype = settings.compute_dtype
     train_step, eval_step = make_steps(
@@ -316,7 +328,9 @@ def fit(
         state = sharding.shard_tree(state, mesh)
         train_step, eval_step = sharding.shard_steps(train_step, eval_step, mesh, state)
         log(f"mesh {sharding.describe(mesh)} over {mesh.size} devices ({jax.process_count()} process(es))")
-    run = Run(config, settings, eval_step, log, state, mesh=mesh)
+    run = Run(config, settings, eval_step, log, state, mesh=mesh, timing=timing)
+    pool = programs.worker_pool()  # the initial evaluation and the first checkpoint overlap the compilations
+    train_step, run.eval_step = programs.precompile_steps(pool, train_step, eval_step, state, *task.example_batches(), run.place, log)
     log(task.describe(config, state.params, state.trainable))
 
     record = record if record is not None else dataclasses.asdict(settings)
@@ -331,14 +345,17 @@ def fit(
             log(f"resuming from step {run.history.total_steps} (epoch {position.epoch + 1}, batch {position.batch})")
         stop_if_signalled()
         initial = position.initial
-        _train_epochs(run, train_step, task, position, checkpoints)
+        with timing.phase("train_s"):
+            _train_epochs(run, train_step, task, position, checkpoints)
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # (a worker still compiling finishes on its own)
         if checkpoints is not None:
             checkpoints.close()
     history = run.history
     log(f"Training completed in {history.seconds / 60:.2f} minutes.")
 
     final = task.final(run)
+    outputs_started = time.perf_counter()
     run.state = distributed.gather(run.state)  # outputs from whole host copies (all-gathered across processes)
     stop_if_signalled()
     params = run.params
@@ -355,7 +372,7 @@ def fit(
         "epochs": epochs_run,
         "train_seconds": history.seconds,
         "train_step_compilations": compile_count(train_step),
-        "eval_step_compilations": compile_count(eval_step),
+        "eval_step_compilations": compile_count(run.eval_step),
         "model_config": config.to_dict(),
         "recipe": record,
         "mesh": sharding.describe(mesh) if mesh is not None else None,
@@ -379,21 +396,11 @@ def fit(
 
     metrics.update(task_metrics)
     metrics.update({"total_seconds": time.perf_counter() - started, "outputs": outputs, "run": run_info()})
+    timing.seconds["outputs_s"] += time.perf_counter() - outputs_started
+    metrics["timing"] = timing.record()
     write_json(out_dir / METRICS_FILE, metrics)
     return metrics
 
 
 def _quiet(line: str) -> None:
     """The log of every process but the first."""
-
-
-def run_info() -> dict[str, Any]:
-    """Where and when a run happened (stored with its metrics)."""
-    devices = jax.devices()
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": devices[0].device_kind if devices else "unknown",
-        "python": platform.python_version(),
-    }

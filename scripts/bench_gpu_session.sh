@@ -7,6 +7,8 @@
 #      and explicit attention) and the classification recipe with and without the trunk cache;
 #   2. scripts/bench_recipes.py: the classification recipe end to end, jaxft's commands against
 #      the reference's training loop on the same GPU (padded, and last-non-pad + buckets);
+#   2b. the classification recipe cold (an empty compilation cache) and warm (again, another --lr):
+#      metrics.json's timing of each (issue 21: compiles 0 when warm);
 #   3. scripts/bench_gpu.py: the train steps against the reference (fp32 and bf16), with the time left.
 # Each part has a deadline inside the whole one (TOTAL_S, default 480 s) and writes JSON and a log
 # under $OUT as it goes. QUICK=1: tiny shapes, for checking the script on any machine.
@@ -39,6 +41,21 @@ part2=$(( $(left) * 65 / 100 ))
 echo "== 2. the classification race against the reference ($part2 s)"
 timeout -k 10 "$part2" $PYTHON scripts/bench_recipes.py $QUICK --races cls,bucket --ref-device auto --quiet-reference \
   --work-dir /tmp/bench_recipes_gpu --out "$OUT/bench_recipes_gpu.json" 2>&1 | tee "$OUT/bench_recipes_gpu.log"
+
+part2b=$(( $(left) * 45 / 100 ))
+echo "== 2b. cold and warm: the classification recipe with an empty compilation cache, then again with another --lr ($part2b s)"
+# (the model bench_recipes wrote; --quick: a few steps. The reference's time for the same work: part 2's JSON.)
+CACHE=/tmp/jaxft_cold_warm_cache; rm -rf "$CACHE"
+for pass in cold:5e-5 warm:1e-4; do
+  name=${pass%%:*}; lr=${pass#*:}
+  start=$SECONDS
+  timeout -k 10 $(( part2b / 2 )) $PYTHON -m jaxft finetune-classifier --model /tmp/bench_recipes_gpu/base-model --init pretrained \
+    --lr "$lr" --compile-cache "$CACHE" --out "/tmp/jaxft_$name" --overwrite --no-progress ${QUICK:+--epochs 1 --max-steps 4 --eval-freq 2 --eval-iter 1} \
+    > "$OUT/cold_warm_$name.log" 2>&1
+  echo "$name: exit $?, $((SECONDS - start)) s wall"
+  $PYTHON -c "import json, sys; m = json.load(open('/tmp/jaxft_$name/metrics.json')); json.dump({'pass': '$name', 'lr': $lr, 'wall_s': $((SECONDS - start)), 'timing': m.get('timing'), 'test_accuracy': m.get('test_accuracy')}, sys.stdout, indent=1)" \
+    > "$OUT/cold_warm_$name.json" 2>>"$OUT/cold_warm_$name.log" && cat "$OUT/cold_warm_$name.json" && echo
+done
 
 part3=$(( $(left) - 5 ))
 echo "== 3. train steps against the reference ($part3 s)"

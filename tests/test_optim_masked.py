@@ -136,7 +136,8 @@ def test_masked_equals_the_split_path_over_20_steps():
             else:
                 assert isinstance(_at(moments, path), optax.MaskedNode)
     state_size = sum(x.size for x in _array_leaves(masked_state))
-    assert state_size == 2 * trainable_count + 1  # mu, nu and Adam's step count: nothing more
+    # mu, nu, Adam's step count, and the injected lr and weight decay with their step count: nothing more
+    assert state_size == 2 * trainable_count + 4
 
 
 def test_masked_with_gradient_accumulation_wraps_the_inner_optimizer():
@@ -176,7 +177,7 @@ def test_masked_with_every_leaf_frozen_changes_nothing():
     mask = jax.tree_util.tree_map(lambda _: False, params)
     masked_params, state = _run_masked(params, mask, optim.adamw(1e-2, 0.1), _batches(2, seed=3))
     _assert_frozen_bitwise(params, masked_params, mask)
-    assert sum(x.size for x in _array_leaves(state)) == 1  # Adam's step count only
+    assert sum(x.size for x in _array_leaves(state)) == 4  # step counts (Adam's, the injected lr and decay's) and lr, decay only
 
 
 def test_mask_leaves_must_be_bools():

@@ -23,7 +23,7 @@ import pytest
 import jaxft
 
 TINY = {"n_vocab": 50257, "n_ctx": 128, "n_embd": 32, "n_head": 4, "n_layer": 2}
-TIMING = {"train_seconds", "total_seconds", "response_seconds", "run", "outputs"}
+TIMING = {"train_seconds", "total_seconds", "response_seconds", "run", "outputs", "timing"}
 # how many shapes this process compiled: a resumed process compiles only the shapes it meets
 PER_PROCESS = {"train_step_compilations", "eval_step_compilations", "generate_compilations"}
 

@@ -3,14 +3,15 @@
 Each module of `jaxft.cli` exposes `register(subparsers)`, which adds its parser(s) and sets
 `func` (called with the parsed args; returns an exit code). A user mistake raises
 `CLIError` (or ValueError/FileNotFoundError) and is reported as one line on stderr, exit 2;
-a failed write (`jaxft.fileio.WriteError`) is one line too, exit 1.
+a failed write (`jaxft.fileio.WriteError`) is one line too, exit 1 (jaxft.cli.dispatch).
+
+Start-up: only the chosen command's module is imported (`jaxft --help` lists the commands from
+jaxft.cli.commands and imports neither a command module nor JAX).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import importlib
 import os
 import signal
@@ -19,17 +20,9 @@ import traceback
 import typing
 import warnings
 
-import jax
-
-from ..distributed import DistributedError
-from ..download import DownloadError
-from ..fileio import WriteError
 from .. import interrupts
-from ..interrupts import Terminated, exit_code, terminate_raises
-from ..rundir import RunDirError
-from ..resume import TrainingStopped
-from ..tokenizer import TokenizerNotFoundError
-from .common import EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, CLIError, start_processes, use_compile_cache
+from ..interrupts import exit_code, terminate_raises
+from .commands import COMMANDS, EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE
 
 COMMAND_MODULES = (
     "jaxft.cli.weights",  # download, convert, generate
@@ -50,26 +43,48 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: typing.Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command of `modules` (default: COMMAND_MODULES)."""
     parser = Parser(prog="jaxft", description="Fine-tune GPT-2 in JAX.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(name).register(subparsers)
     return parser
+
+
+def command_list_parser() -> argparse.ArgumentParser:
+    """The top level alone (`jaxft --help`, no or an unknown command): every command's name and
+    help, none of their flags, no command module imported."""
+    parser = Parser(prog="jaxft", description="Fine-tune GPT-2 in JAX.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        if command.module in COMMAND_MODULES:
+            subparsers.add_parser(name, help=command.help)
+    return parser
+
+
+def parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for this command line: the named command's module only, else the command list."""
+    command = COMMANDS.get(argv[0]) if argv and not argv[0].startswith("-") else None
+    if command is None or command.module not in COMMAND_MODULES:
+        return command_list_parser()
+    return build_parser([command.module])
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `jaxft` command: its exit status. Run as the command (argv None: sys.argv), a run that
     stopped (a signal, or one process of several failing) ends the process here, at once."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for messages that repeat the command line
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = parser_for(words).parse_args(words)
+    args.argv = words  # for messages that repeat the command line
+    dispatch = importlib.import_module("jaxft.cli.dispatch")  # (JAX and the error types: once a command runs)
     # a command with safe points (`safe_points`: the fine-tuning commands) checks for a signal at
     # each (jaxft.interrupts); the others stop where it lands
     signals = interrupts.defer_signals() if getattr(args, "safe_points", False) else terminate_raises()
     with warnings.catch_warnings(), signals:
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         try:
-            code = _run(args)
+            code = dispatch.run(args)
         except Exception:  # a bug: its traceback; with several processes, not then JAX's exit barrier (below)
             if argv is None and getattr(args, "processes", 1) > 1:
                 traceback.print_exc()
@@ -98,68 +113,6 @@ def _one_line_warnings(command: str, default: typing.Callable) -> typing.Callabl
             default(message, category, filename, lineno, file, line)
 
     return show
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        use_compile_cache(getattr(args, "compile_cache", None))
-        args.processes = start_processes(args)
-        code = int(args.func(args) or 0)
-        interrupts.check()  # a signal after the last safe point, or one whose exception Python dropped
-        sys.stdout.flush()  # here, where a reader gone away (`| head -1`) is handled below
-        return code
-    except BrokenPipeError:
-        return _reader_gone()
-    except TrainingStopped as exc:
-        # an interruption (130/143, with the command that resumes) or a non-finite loss (1)
-        print(f"jaxft {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except WriteError as exc:
-        # the work failed writing (a full disk, no permission, a path component that is a
-        # file): exit 1; what was written before (checkpoints, earlier outputs) stays intact
-        message = " ".join(str(exc).split())
-        print(f"jaxft {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_FAILED
-    except RunDirError as exc:
-        print(f"jaxft {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except getattr(jax.errors, "JaxRuntimeError", RuntimeError) as exc:  # (named so from JAX 0.4.34)
-        if getattr(args, "processes", 1) == 1:
-            raise
-        # with several processes, typically a collective whose peer stopped (see its own output)
-        print(f"jaxft {args.command}: error: {str(exc).splitlines()[0]} (has another process stopped?)", file=sys.stderr)
-        return EXIT_FAILED
-    except (CLIError, ValueError, OSError, DownloadError, TokenizerNotFoundError, DistributedError) as exc:
-        # User mistakes and unreachable servers/files: one line, no traceback.
-        message = " ".join(_os_message(exc).split("\n"))
-        print(f"jaxft {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated) outside the training steps
-        detail, resume = " ".join(str(exc).split()), getattr(exc, "resume", None)  # resume: set by claimed_run
-        print(f"jaxft {args.command}: interrupted{f' ({detail})' if detail else ''}{f'; resume with: {resume}' if resume else ''}",
-              file=sys.stderr)
-        return exit_code(exc.signum) if isinstance(exc, Terminated) else EXIT_SIGINT
-
-
-def _os_message(exc: BaseException) -> str:
-    """Python's own OSError ("[Errno 13] Permission denied: 'x'") as the other messages read:
-    "x: permission denied"; every other error as it is."""
-    if isinstance(exc, OSError) and type(exc).__str__ is OSError.__str__ and exc.filename is not None and exc.strerror:
-        reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else exc.strerror
-        return f"{os.fsdecode(exc.filename)}: {reason}"
-    return str(exc)
-
-
-def _reader_gone() -> int:
-    """stdout's reader stopped reading (`jaxft classify ... | head -1`): exit quietly with the
-    status of a Unix tool that SIGPIPE ended (141; a training run also records it failed);
-    stdout goes to /dev/null so that Python's last flush at exit does not complain either
-    ("Exception ignored ... BrokenPipeError")."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    return exit_code(signal.SIGPIPE)
 
 
 if __name__ == "__main__":

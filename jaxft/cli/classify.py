@@ -12,19 +12,23 @@ import numpy as np
 from ..data import spam
 from ..classifier import Classifier
 from ..recipes.classify import ClassifierRecipe, load_frames, run
+from ..timing import Timing
 from ..tokenizer import get_tokenizer
 from ..data.labeled import read_text
+from .commands import COMMANDS
 from .common import CLIError, add_recipe_command, check_before_work, claimed_run, settings_from_args
 
 GROUPS = {"data": "data (default: the SMS Spam Collection)", "model": "model", "training": "training", "output": "output"}
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    timing = Timing()
     recipe = settings_from_args(ClassifierRecipe, args)
     check_before_work(args, recipe)
-    tokenizer = get_tokenizer(args.vocab_dir)
     start = time.perf_counter()
-    frames, class_names, split_here = load_frames(recipe)
+    with timing.phase("data_s"):
+        tokenizer = get_tokenizer(args.vocab_dir)
+        frames, class_names, split_here = load_frames(recipe)
     print(f"splits: train {len(frames[0])}, validation {len(frames[1])}, test {len(frames[2])}; classes {class_names}")
 
     def write_splits() -> None:  # once the directory is ours
@@ -32,7 +36,7 @@ def _finetune(args: argparse.Namespace) -> int:
             spam.write_splits(Path(args.out) / "data", *frames)  # the reference's train/validation/test.csv
 
     with claimed_run(args, recipe, then=write_splits) as rundir:
-        metrics = run(recipe, args.out, frames, class_names, tokenizer, claim=rundir.claim, resume=args.resume)
+        metrics = run(recipe, args.out, frames, class_names, tokenizer, claim=rundir.claim, resume=args.resume, timing=timing)
     if "total_seconds" in metrics:  # process 0, the one that writes the outputs
         print(f"wrote {Path(args.out) / 'metrics.json'} ({(time.perf_counter() - start) / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["test_loss"]) else 1
@@ -75,12 +79,12 @@ def _classify(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = add_recipe_command(
-        subparsers, "finetune-classifier", "fine-tune GPT-2 as a text classifier (the reference's SMS spam recipe by default)",
+        subparsers, "finetune-classifier", COMMANDS["finetune-classifier"].help,
         ClassifierRecipe(), GROUPS, "output directory: metrics.json, plots, model/, run.json, checkpoints/",
     )
     p.set_defaults(func=_finetune, safe_points=True)  # signals are checked at safe points (jaxft.interrupts)
 
-    c = subparsers.add_parser("classify", help="classify text with a fine-tuned classifier")
+    c = subparsers.add_parser("classify", help=COMMANDS["classify"].help)
     c.add_argument("--model", required=True, help="a model directory written by finetune-classifier (its model/ folder)")
     c.add_argument("text", nargs="*", help="texts to classify")
     c.add_argument("--file", help="a file with one text per line (one answer per line; a blank line answers with a blank line)")

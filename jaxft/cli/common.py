@@ -19,11 +19,7 @@ from ..recipes.common import check_model
 from ..rundir import check, claim
 from ..resume import Interrupted, TrainingStopped
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the work itself failed (non-finite loss, a write error)
-EXIT_USAGE = 2  # a user mistake: bad flag, missing file, malformed data
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
+from .commands import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE  # noqa: F401 (their home before)
 
 
 class CLIError(Exception):
@@ -160,6 +156,10 @@ def use_compile_cache(directory: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:  # also the GPU autotuning results (XLA's per-fusion cache, beside the programs), where this JAX has the option
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "xla_gpu_per_fusion_autotune_cache_dir")
+    except AttributeError:  # (an older JAX: no such option)
+        pass
 
 
 # --------------------------------------------------------------------------- run directories

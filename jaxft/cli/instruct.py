@@ -20,9 +20,11 @@ from ..recipes.instruct import (
 )
 from ..responses import generate_responses
 from ..settings import run_mesh
+from ..timing import Timing
 from ..tokenizer import get_tokenizer
 from ..fileio import check_writable, write_json
 from ..weights import native
+from .commands import COMMANDS
 from .common import CLIError, add_recipe_command, check_before_work, claimed_run, settings_from_args
 
 GROUPS = {
@@ -35,11 +37,13 @@ GROUPS = {
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    timing = Timing()
     recipe = settings_from_args(InstructRecipe, args)
     check_before_work(args, recipe)
-    tokenizer = get_tokenizer(args.vocab_dir)
+    with timing.phase("data_s"):
+        tokenizer = get_tokenizer(args.vocab_dir)
     with claimed_run(args, recipe) as rundir:
-        metrics = run(recipe, args.out, data_file(recipe), tokenizer, claim=rundir.claim, resume=args.resume)
+        metrics = run(recipe, args.out, data_file(recipe), tokenizer, claim=rundir.claim, resume=args.resume, timing=timing)
     if "total_seconds" in metrics:  # process 0, the one that writes the outputs
         print(f"wrote {Path(args.out) / METRICS_FILE} ({metrics['total_seconds'] / 60:.2f} minutes in all)")
     return 0 if np.isfinite(metrics["final_validation_loss"]) else 1
@@ -89,15 +93,14 @@ def _is_responses_file(path: Path, key: str) -> bool:
 def register(subparsers: Any) -> None:
     styles = sorted(data.PROMPT_STYLES)
     p = add_recipe_command(
-        subparsers, "finetune-instruct",
-        "instruction fine-tune GPT-2 and generate the test split's responses (the reference's Alpaca recipe by default)",
+        subparsers, "finetune-instruct", COMMANDS["finetune-instruct"].help,
         InstructRecipe(), GROUPS, "output directory: metrics.json, loss plots, responses, model/, run.json, checkpoints/",
     )
     p.set_defaults(func=_finetune, safe_points=True)  # signals are checked at safe points (jaxft.interrupts)
 
     r = subparsers.add_parser(
         "respond",
-        help="generate a model_response for every entry of an instruction JSON file with a saved model",
+        help=COMMANDS["respond"].help,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     r.add_argument("--model", required=True, help="a model saved by finetune-instruct (its model/ folder) or any checkpoint")

@@ -31,6 +31,7 @@ from ..judge_client import (
 )
 from ..judge_compare import check_same_entries, compare_summaries, format_comparison
 from ..fileio import atomic_write_text, check_writable
+from .commands import COMMANDS
 from .common import EXIT_FAILED, EXIT_OK, CLIError
 
 
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `judge` subcommand."""
     p = subparsers.add_parser(
         "judge",
-        help="score instruction responses with an LLM judge (Ollama or OpenAI-compatible)",
+        help=COMMANDS["judge"].help,
         description="Score every response with an LLM judge, resumably; also report exact match "
                     "and ROUGE-L between 'output' and the response. With --compare A B, judge two "
                     "responses files to the same entries and report A's win rate over B. Exit status 1 "

@@ -13,6 +13,7 @@ from ..sweep import parse_sweep
 from ..sweep_run import run_sweep
 from ..tokenizer import get_tokenizer
 from .classify import GROUPS
+from .commands import COMMANDS
 from .common import CLIError, add_recipe_command, claimed_run, on_off, settings_from_args
 
 
@@ -39,7 +40,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = add_recipe_command(
-        subparsers, "sweep-classifier", "finetune-classifier for every combination of --sweep values, in one vmapped program",
+        subparsers, "sweep-classifier", COMMANDS["sweep-classifier"].help,
         ClassifierRecipe(), GROUPS, "output directory: runs/<name>/ (each as finetune-classifier's), summary.csv, sweep-plot.png, sweep.json",
     )
     g = p.add_argument_group("sweep")

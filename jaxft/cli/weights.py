@@ -30,6 +30,7 @@ from ..tokenizer import (
 )
 from ..weights import FORMATS, detect_format, export, load, load_with_metadata, resolve_config, sidecar
 from ..weights.openai import save_openai_checkpoint
+from .commands import COMMANDS
 from .common import CLIError
 
 CONFIG_HELP = (
@@ -195,7 +196,7 @@ def run_download(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "download",
-        help="download an OpenAI GPT-2 checkpoint",
+        help=COMMANDS["download"].help,
         description="Download the OpenAI GPT-2 checkpoint files (primary URL, then the backup), "
         "skipping complete files and resuming interrupted ones.",
     )
@@ -217,7 +218,7 @@ def register(subparsers: Any) -> None:
 
     convert = subparsers.add_parser(
         "convert",
-        help="convert GPT-2 weights between formats",
+        help=COMMANDS["convert"].help,
         description=(
             "Read GPT-2 weights in any supported format (detected from SRC: an OpenAI checkpoint directory, "
             "Hugging Face model.safetensors, a PyTorch reference state dict .pth/.safetensors, a jaxft model "
@@ -236,7 +237,7 @@ def register(subparsers: Any) -> None:
 
     gen = subparsers.add_parser(
         "generate",
-        help="continue a prompt with a GPT-2 model",
+        help=COMMANDS["generate"].help,
         description="Greedy decoding by default; --temperature > 0 samples (with --top-k / --top-p). Stops at <|endoftext|>.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

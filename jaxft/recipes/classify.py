@@ -30,6 +30,7 @@ from ..plots import plot_values
 from ..tokenizer import PAD_ID
 from ..resume import hash_arrays
 from ..settings import TrainerSettings, run_mesh, setting
+from ..timing import Timing
 from .common import check_vocabulary, resolve_model
 
 
@@ -311,25 +312,29 @@ def run(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     claim: Callable[[], Path] | None = None,
+    timing: Timing | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on (train, validation, test) frames (`Label` ids, `Text`), evaluate, plot and
     save. Returns the metrics (also written to out_dir/metrics.json). `recipe` must be valid.
     `checkpoint_dir`/`resume`: see `train.fit`; `claim()`, called once the checks have passed, returns
-    the checkpoint directory (the CLI takes --out then)."""
-    settings = recipe.trainer
+    the checkpoint directory (the CLI takes --out then); `timing`: see `train.fit`."""
+    settings, timing = recipe.trainer, Timing() if timing is None else timing
     n_train = len(frames[0])
     if settings.batch_size > n_train:
         raise ValueError(f"batch size {settings.batch_size} is larger than the {n_train} training examples (drop_last would leave no batch)")
 
-    key_model, key_head, key_lora = jax.random.split(jax.random.PRNGKey(settings.seed), 3)
-    config, params = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
+    with timing.phase("model_s"):
+        key_model, key_head, key_lora = jax.random.split(jax.random.PRNGKey(settings.seed), 3)
+        config, params = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
     optim.trainable_blocks(config, settings.trainable)  # last-N-blocks against this model's blocks, before the claim
-    data = encode_splits(frames, list(class_names), tokenizer, max_length=recipe.max_length, context_length=config.context_length)
-    check_data_vocabulary(settings.model, config, data)
-    config, params = with_classifier_head(config, params, len(data.class_names), key_head)
-    if settings.lora_rank:
-        config, params = add_lora(config, params, settings.lora_rank, settings.lora_alpha, key_lora)
+    with timing.phase("data_s"):
+        data = encode_splits(frames, list(class_names), tokenizer, max_length=recipe.max_length, context_length=config.context_length)
+        check_data_vocabulary(settings.model, config, data)
+    with timing.phase("model_s"):
+        config, params = with_classifier_head(config, params, len(data.class_names), key_head)
+        if settings.lora_rank:
+            config, params = add_lora(config, params, settings.lora_rank, settings.lora_alpha, key_lora)
     if claim is not None:  # the checks passed: take the run directory just before training
         checkpoint_dir = claim()
     return train.fit(settings, config, params, ClassificationTask(recipe, data), out_dir, record=dataclasses.asdict(recipe), log=log,
-                     checkpoint_dir=checkpoint_dir, resume=resume)
+                     checkpoint_dir=checkpoint_dir, resume=resume, timing=timing)

@@ -6,6 +6,7 @@ the test split's responses (jaxft.responses) for the judge. Every variant is a s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ..fileio import write_json
 from ..resume import hash_arrays
 from ..losses import IGNORE_INDEX
 from ..settings import TrainerSettings, run_mesh, setting
+from ..timing import Timing
 from ..responses import generate_responses, sample_text
 from .common import check_vocabulary, resolve_model
 
@@ -189,6 +191,17 @@ class InstructionTask(train.Task):
     def steps_per_epoch(self) -> int:
         return num_batches(len(self.splits.train), self.recipe.trainer.batch_size, drop_last=True)
 
+    def example_batches(self) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+        """One batch of each width of the first epoch (its steps that run) and of the validation and
+        test splits (collating is cheap next to compiling): each bucket's step compiles ahead of time."""
+        def one_per_shape(batches: Iterator[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+            return list({batch["inputs"].shape: batch for batch in batches}.values())
+
+        seen_shapes = set(self.batch_shapes)  # (the record of the shapes trained on: only steps add to it)
+        train = one_per_shape(itertools.islice(self.train_batches(0), self.recipe.trainer.max_steps))
+        self.batch_shapes = seen_shapes
+        return train, one_per_shape(itertools.chain(self.eval_batches("validation"), self.eval_batches("test")))
+
     def seen(self, batch: dict[str, np.ndarray]) -> int:
         if "segments" in batch:  # packed: examples x the longest example's length
             return packing.reference_numel(batch["segments"])
@@ -294,13 +307,15 @@ def run(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     claim: Callable[[], Path] | None = None,
+    timing: Timing | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on `entries` (a validated list, a JSON file, or None: the recipe's data file), evaluate, plot, generate the
     test split's responses and save everything in `out_dir`. Returns the metrics (also
     `out_dir/metrics.json`, written last: its presence means the run completed). `recipe`
-    must be valid."""
-    settings = recipe.trainer
+    must be valid. `timing`: see `train.fit`."""
+    settings, timing = recipe.trainer, Timing() if timing is None else timing
     source: str | Path = "<data>"
+    data_started = time.perf_counter()
     if entries is None:
         entries = data_file(recipe)
     if isinstance(entries, (str, Path)):
@@ -313,24 +328,26 @@ def run(
     splits = _split(entries, recipe, source)
     tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
     start = time.perf_counter()
+    timing.seconds["data_s"] += start - data_started
 
-    key_model, key_lora = jax.random.split(jax.random.PRNGKey(settings.seed))
-    config, params = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
-    if config.num_classes is not None:
-        raise ValueError(f"{settings.model}: a classification model; instruction tuning needs a language model")
-    if not recipe.tie_head:
-        config, params = untie_head(config, params)
-    if settings.lora_rank:
-        config, params = add_lora(config, params, settings.lora_rank, settings.lora_alpha, key_lora)
+    with timing.phase("model_s"):
+        key_model, key_lora = jax.random.split(jax.random.PRNGKey(settings.seed))
+        config, params = resolve_model(settings.model, init=settings.init, models_dir=settings.models_dir, key=key_model, drop_rate=settings.drop_rate)
+        if config.num_classes is not None:
+            raise ValueError(f"{settings.model}: a classification model; instruction tuning needs a language model")
+        if not recipe.tie_head:
+            config, params = untie_head(config, params)
+        if settings.lora_rank:
+            config, params = add_lora(config, params, settings.lora_rank, settings.lora_alpha, key_lora)
     if recipe.responses and recipe.max_new_tokens >= config.context_length:
         raise ValueError(f"max-new-tokens ({recipe.max_new_tokens}) must be smaller than the context length ({config.context_length})")
 
-    # Tokenise the whole file at once so that errors name the entry's index in the file.
-    tokens = data.tokenize_entries(entries, tokenizer, recipe.style, max_length=config.context_length, source=source)
-    _check_vocabulary(settings.model, config, tokens)
-    optim.trainable_blocks(config, settings.trainable)  # last-N-blocks against this model's blocks, before the claim
-    task = InstructionTask(recipe, config, tokens, splits, tokenizer, source, progress)
+    with timing.phase("data_s"):  # the whole file at once, so that errors name the entry's index in the file
+        tokens = data.tokenize_entries(entries, tokenizer, recipe.style, max_length=config.context_length, source=source)
+        _check_vocabulary(settings.model, config, tokens)
+        optim.trainable_blocks(config, settings.trainable)  # last-N-blocks against this model's blocks, before the claim
+        task = InstructionTask(recipe, config, tokens, splits, tokenizer, source, progress)
     if claim is not None:  # the checks passed: take the run directory just before training
         checkpoint_dir = claim()
     return train.fit(settings, config, params, task, out_dir, record=dataclasses.asdict(recipe), log=log, started=start,
-                     checkpoint_dir=checkpoint_dir, resume=resume)
+                     checkpoint_dir=checkpoint_dir, resume=resume, timing=timing)
