@@ -387,7 +387,8 @@ def fit(
     outputs["model"] = str(save_model_dir(config, params, out_dir / "model", task.model_metadata()))
     stop_if_signalled()
     if settings.export_pth:
-        outputs["torch_reference"] = str(weights.export(config, params, out_dir / task.pth_name(config), "torch-reference"))
+        outputs["torch_reference"] = str(weights.export(config, params, out_dir / task.pth_name(config), "torch-reference",
+                                                                    metadata=task.model_metadata()))  # + its sidecar
         stop_if_signalled()
     task_metrics, task_outputs = task.outputs(run, out_dir, params)
     stop_if_signalled()  # (after the responses of an instruction run: a stop waits for them)

@@ -269,8 +269,13 @@ def test_cli_finetune_classifier_on_user_csvs_then_classify(tmp_path, shared_dat
     answers = capsys.readouterr().out.split("\n")
     assert len(answers) == 4 and answers[1] == answers[3] == "" and {answers[0], answers[2]} <= {"neg", "neu", "pos"}
 
-    # The exported .pth classifies too, given the shape it does not record: the same classes, as ids
-    # (the state dict holds no class names).
+    # The exported .pth classifies too: its sidecar (review_classifier.pth.jaxft.json) holds the
+    # config, class names, padded length and pooling the state dict cannot.
+    assert main(["classify", "--model", str(out / "review_classifier.pth"), "great lovely wonderful great", "awful bad terrible"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split() == printed and captured.err == ""
+    # Without the sidecar, given the shape it does not record: the same classes, as ids.
+    (out / "review_classifier.pth.jaxft.json").unlink()
     assert main(["classify", "--model", str(out / "review_classifier.pth"), "--config", str(_tiny_hparams(tmp_path)),
                  "great lovely wonderful great", "awful bad terrible"]) == 0
     captured = capsys.readouterr()
