@@ -61,6 +61,7 @@ class History:
     seen: list[int] = field(default_factory=list)
     epoch_seen: list[int] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)  # every training step's batch loss
+    eval_metrics: dict[str, list[float]] = field(default_factory=dict)  # Task.eval_metrics at each evaluation: "train_KEY", "validation_KEY"
     total_seen: int = 0
     total_steps: int = 0
     seconds: float = 0.0
@@ -77,6 +78,7 @@ class Run:
     state: TrainState | None = None
     history: History = field(default_factory=History)
     mesh: Mesh | None = None  # None: one device, arrays placed as JAX places them
+    eval_means: tuple[str, ...] = ()  # metrics besides the loss that `evaluate` averages per batch
 
     @property
     def params(self) -> Params:
@@ -91,7 +93,7 @@ class Run:
         return sharding.global_batch({key: value[rows] for key, value in batch.items()}, self.mesh)
 
     def evaluate(self, batches: Iterator[Batch], num_batches: int | None = None, params: Params | None = None) -> dict[str, float]:
-        return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches)
+        return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches, means=self.eval_means)
 
 
 class Task:
@@ -101,6 +103,12 @@ class Task:
     loss: str = "classification"  # make_steps' task: "classification" or "lm"
     pooling: str = "last"  # classification only
     seen_label: str = "Examples seen"  # the loss plot's upper x axis
+    eval_metrics: dict[str, str] = {}  # eval-step metrics also averaged, logged and kept at each evaluation: key -> log label
+
+    def make_steps(self, config: GPTConfig, optimizer: Any, **options: Any) -> tuple[Callable, Callable]:
+        """The jitted (train_step, eval_step); `options`: fit's (dtype, remat, attention) and
+        `step_options`'. Default: `steps.make_steps` for `loss`."""
+        return make_steps(config, optimizer, self.loss, pooling=self.pooling, **options)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """The training batches of `epoch`, a function of (seed, epoch) only."""
@@ -229,13 +237,18 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                         history.total_steps = global_step + 1
                         position.batch += 1
                         if global_step % settings.eval_freq == 0:
-                            train_loss = run.evaluate(task.train_batches(epoch), settings.eval_iter)["loss"]
-                            val_loss = run.evaluate(task.eval_batches("validation"), settings.eval_iter)["loss"]
+                            train_eval = run.evaluate(task.train_batches(epoch), settings.eval_iter)
+                            val_eval = run.evaluate(task.eval_batches("validation"), settings.eval_iter)
+                            train_loss, val_loss, extra = train_eval["loss"], val_eval["loss"], ""
+                            for key, label in task.eval_metrics.items():
+                                history.eval_metrics.setdefault(f"train_{key}", []).append(train_eval[key])
+                                history.eval_metrics.setdefault(f"validation_{key}", []).append(val_eval[key])
+                                extra += f", Train {label} {train_eval[key]:.3f}, Val {label} {val_eval[key]:.3f}"
                             history.train_losses.append(train_loss)
                             history.val_losses.append(val_loss)
                             history.steps.append(global_step)
                             history.seen.append(history.total_seen)
-                            progress.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                            progress.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}{extra}")
                         if settings.checkpoint_every is not None and history.total_steps % settings.checkpoint_every == 0:
                             save()
                         stop_if_asked()
@@ -308,14 +321,12 @@ def fit(
     frozen_hash = fingerprint(state.frozen) if checkpoint_dir is not None and settings.init == "pretrained" else None
     options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
     dtype = settings.compute_dtype
-    train_step, eval_step = make_steps(
-        config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, attention=settings.attention, **options
-    )
+    train_step, eval_step = task.make_steps(config, optimizer, remat=settings.remat, dtype=dtype, attention=settings.attention, **options)
     if mesh is not None:  # parameters and optimizer state sharded by the rules, batches by rows
         state = sharding.shard_tree(state, mesh)
         train_step, eval_step = sharding.shard_steps(train_step, eval_step, mesh, state)
         log(f"mesh {sharding.describe(mesh)} over {mesh.size} devices ({jax.process_count()} process(es))")
-    run = Run(config, settings, eval_step, log, state, mesh=mesh)
+    run = Run(config, settings, eval_step, log, state, mesh=mesh, eval_means=tuple(task.eval_metrics))
     log(task.describe(config, state.params, state.trainable))
 
     record = record if record is not None else dataclasses.asdict(settings)
