@@ -7,6 +7,9 @@
 #      and explicit attention) and the classification recipe with and without the trunk cache;
 #   2. scripts/bench_recipes.py: the classification recipe end to end, jaxft's commands against
 #      the reference's training loop on the same GPU (padded, and last-non-pad + buckets);
+#   2b. scripts/bench_recipes.py --races pref: the gpt2-medium preference (DPO) race, the reference's
+#      loop against jaxft finetune-preference (precomputed reference log-probabilities), whole
+#      recipe (PREF_STEPS steps, default 30) and per step;
 #   3. scripts/bench_gpu.py: the train steps against the reference (fp32 and bf16), with the time left.
 # Each part has a deadline inside the whole one (TOTAL_S, default 480 s) and writes JSON and a log
 # under $OUT as it goes. QUICK=1: tiny shapes, for checking the script on any machine.
@@ -39,6 +42,13 @@ part2=$(( $(left) * 65 / 100 ))
 echo "== 2. the classification race against the reference ($part2 s)"
 timeout -k 10 "$part2" $PYTHON scripts/bench_recipes.py $QUICK --races cls,bucket --ref-device auto --quiet-reference \
   --work-dir /tmp/bench_recipes_gpu --out "$OUT/bench_recipes_gpu.json" 2>&1 | tee "$OUT/bench_recipes_gpu.log"
+
+part2b=$(( $(left) * 60 / 100 ))
+echo "== 2b. the gpt2-medium preference race against the reference ($part2b s)"
+pref_size=gpt2-medium pref_steps=${PREF_STEPS:-30}; [ -n "$QUICK" ] && pref_size=64x2x2 pref_steps=4
+timeout -k 10 "$part2b" $PYTHON scripts/bench_recipes.py $QUICK --races pref --size "$pref_size" \
+  --max-steps "$pref_steps" --ref-device auto --quiet-reference \
+  --work-dir /tmp/bench_recipes_gpu_pref --out "$OUT/bench_recipes_gpu_pref.json" 2>&1 | tee "$OUT/bench_recipes_gpu_pref.log"
 
 part3=$(( $(left) - 5 ))
 echo "== 3. train steps against the reference ($part3 s)"
