@@ -78,7 +78,6 @@ class Run:
     state: TrainState | None = None
     history: History = field(default_factory=History)
     mesh: Mesh | None = None  # None: one device, arrays placed as JAX places them
-    eval_means: tuple[str, ...] = ()  # metrics besides the loss that `evaluate` averages per batch
 
     @property
     def params(self) -> Params:
@@ -92,8 +91,8 @@ class Run:
         rows = sharding.process_rows(len(next(iter(batch.values()))), self.mesh)
         return sharding.global_batch({key: value[rows] for key, value in batch.items()}, self.mesh)
 
-    def evaluate(self, batches: Iterator[Batch], num_batches: int | None = None, params: Params | None = None) -> dict[str, float]:
-        return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches, means=self.eval_means)
+    def evaluate(self, batches: Iterator[Batch], num_batches: int | None = None, params: Params | None = None, means: Any = ()) -> dict[str, float]:
+        return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches, means=means)
 
 
 class Task:
@@ -105,9 +104,7 @@ class Task:
     seen_label: str = "Examples seen"  # the loss plot's upper x axis
     eval_metrics: dict[str, str] = {}  # eval-step metrics also averaged, logged and kept at each evaluation: key -> log label
 
-    def make_steps(self, config: GPTConfig, optimizer: Any, **options: Any) -> tuple[Callable, Callable]:
-        """The jitted (train_step, eval_step); `options`: fit's (dtype, remat, attention) and
-        `step_options`'. Default: `steps.make_steps` for `loss`."""
+    def make_steps(self, config: GPTConfig, optimizer: Any, **options: Any) -> tuple[Callable, Callable]:  # options: fit's and step_options'
         return make_steps(config, optimizer, self.loss, pooling=self.pooling, **options)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
@@ -237,13 +234,12 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                         history.total_steps = global_step + 1
                         position.batch += 1
                         if global_step % settings.eval_freq == 0:
-                            train_eval = run.evaluate(task.train_batches(epoch), settings.eval_iter)
-                            val_eval = run.evaluate(task.eval_batches("validation"), settings.eval_iter)
-                            train_loss, val_loss, extra = train_eval["loss"], val_eval["loss"], ""
-                            for key, label in task.eval_metrics.items():
-                                history.eval_metrics.setdefault(f"train_{key}", []).append(train_eval[key])
-                                history.eval_metrics.setdefault(f"validation_{key}", []).append(val_eval[key])
-                                extra += f", Train {label} {train_eval[key]:.3f}, Val {label} {val_eval[key]:.3f}"
+                            train_eval = run.evaluate(task.train_batches(epoch), settings.eval_iter, means=task.eval_metrics)
+                            val_eval = run.evaluate(task.eval_batches("validation"), settings.eval_iter, means=task.eval_metrics)
+                            train_loss, val_loss = train_eval["loss"], val_eval["loss"]
+                            for key, (split, values) in itertools.product(task.eval_metrics, (("train", train_eval), ("validation", val_eval))):
+                                history.eval_metrics.setdefault(f"{split}_{key}", []).append(values[key])  # the task's besides the loss
+                            extra = "".join(f", Train {label} {train_eval[k]:.3f}, Val {label} {val_eval[k]:.3f}" for k, label in task.eval_metrics.items())
                             history.train_losses.append(train_loss)
                             history.val_losses.append(val_loss)
                             history.steps.append(global_step)
@@ -326,7 +322,7 @@ def fit(
         state = sharding.shard_tree(state, mesh)
         train_step, eval_step = sharding.shard_steps(train_step, eval_step, mesh, state)
         log(f"mesh {sharding.describe(mesh)} over {mesh.size} devices ({jax.process_count()} process(es))")
-    run = Run(config, settings, eval_step, log, state, mesh=mesh, eval_means=tuple(task.eval_metrics))
+    run = Run(config, settings, eval_step, log, state, mesh=mesh)
     log(task.describe(config, state.params, state.trainable))
 
     record = record if record is not None else dataclasses.asdict(settings)

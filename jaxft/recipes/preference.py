@@ -201,7 +201,7 @@ class PreferenceTask(train.Task):
 
     def _evaluate(self, run: train.Run, batches: Iterator[dict[str, np.ndarray]], n: int | None = None) -> dict[str, float]:
         # the reference's compute_dpo_loss_loader: means of per-batch means; "accuracy": the reward accuracy over pairs
-        return train.evaluate(run.eval_step, run.params, map(run.place, batches), n, means=REWARDS)
+        return run.evaluate(batches, n, means=REWARDS)
 
     def initial(self, run: train.Run) -> dict[str, Any]:
         n = run.settings.eval_iter
