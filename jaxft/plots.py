@@ -19,7 +19,8 @@ def plot_values(
     label: str = "loss",
     seen_label: str = "Examples seen",
 ) -> list[Path]:
-    """Save `{label}-plot.pdf` and `{label}-plot.png` in out_dir; returns the paths.
+    """Save `{label}-plot.pdf` and `{label}-plot.png` in out_dir (spaces in the name as dashes:
+    `reward-margin-plot.png`); returns the paths.
 
     Points are spread evenly over 0..num_epochs (and 0..total_seen), as the reference's
     `torch.linspace` does.
@@ -40,7 +41,7 @@ def plot_values(
     fig.tight_layout()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return save_figure(fig, out_dir / f"{label}-plot")
+    return save_figure(fig, out_dir / f"{label.replace(' ', '-')}-plot")
 
 
 def new_figure(**options: Any) -> Any:

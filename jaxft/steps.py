@@ -192,22 +192,30 @@ def host_values(tree: Any) -> Any:
     )
 
 
-def evaluate(eval_step: Callable, params: Params, batches: Iterable[Batch], num_batches: int | None = None) -> dict[str, float]:
+def evaluate(eval_step: Callable, params: Params, batches: Iterable[Batch], num_batches: int | None = None,
+             means: Iterable[str] = ()) -> dict[str, float]:
     """The reference's calc_loss_loader / calc_accuracy_loader: mean of per-batch losses over the
     first `num_batches` batches, and accuracy over their examples. NaN loss for no batches.
-    After each batch a signal caught by the command stops it (`interrupts.check`, a safe point)."""
+    After each batch a signal caught by the command stops it (`interrupts.check`, a safe point).
+
+    `means`: other metrics of the eval step averaged over the batches as the loss is."""
+    means = tuple(means)
     loss_sum, n_batches, correct, count = 0.0, 0, 0.0, 0.0
+    sums = dict.fromkeys(means, 0.0)
     for batch in batches:
         if num_batches is not None and n_batches >= num_batches:
             break
         m = host_values(eval_step(params, batch))
         interrupts.check()
         loss_sum += float(m["loss"])
+        for key in means:
+            sums[key] += float(m[key])
         n_batches += 1
         if "correct" in m:
             correct += float(m["correct"])
             count += float(m["count"])
     result = {"loss": loss_sum / n_batches if n_batches else math.nan}
+    result.update({key: total / n_batches if n_batches else math.nan for key, total in sums.items()})
     if count:
         result["accuracy"] = correct / count
     return result

@@ -61,6 +61,7 @@ class History:
     seen: list[int] = field(default_factory=list)
     epoch_seen: list[int] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)  # every training step's batch loss
+    eval_metrics: dict[str, list[float]] = field(default_factory=dict)  # Task.eval_metrics at each evaluation: "train_KEY", "validation_KEY"
     total_seen: int = 0
     total_steps: int = 0
     seconds: float = 0.0
@@ -91,9 +92,9 @@ class Run:
         rows = sharding.process_rows(len(next(iter(batch.values()))), self.mesh)
         return sharding.global_batch({key: value[rows] for key, value in batch.items()}, self.mesh)
 
-    def evaluate(self, batches: Iterator[Batch], num_batches: int | None = None, params: Params | None = None) -> dict[str, float]:
+    def evaluate(self, batches: Iterator[Batch], num_batches: int | None = None, params: Params | None = None, means: Any = ()) -> dict[str, float]:
         with self.timing.phase("eval_s"):
-            return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches)
+            return evaluate(self.eval_step, self.params if params is None else params, map(self.place, batches), num_batches, means=means)
 
 
 class Task:
@@ -103,6 +104,10 @@ class Task:
     loss: str = "classification"  # make_steps' task: "classification" or "lm"
     pooling: str = "last"  # classification only
     seen_label: str = "Examples seen"  # the loss plot's upper x axis
+    eval_metrics: dict[str, str] = {}  # eval-step metrics also averaged, logged and kept at each evaluation: key -> log label
+
+    def make_steps(self, config: GPTConfig, optimizer: Any, **options: Any) -> tuple[Callable, Callable]:  # options: fit's and step_options'
+        return make_steps(config, optimizer, self.loss, pooling=self.pooling, **options)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """The training batches of `epoch`, a function of (seed, epoch) only."""
@@ -236,13 +241,17 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                         history.total_steps = global_step + 1
                         position.batch += 1
                         if global_step % settings.eval_freq == 0:
-                            train_loss = run.evaluate(task.train_batches(epoch), settings.eval_iter)["loss"]
-                            val_loss = run.evaluate(task.eval_batches("validation"), settings.eval_iter)["loss"]
+                            train_eval = run.evaluate(task.train_batches(epoch), settings.eval_iter, means=task.eval_metrics)
+                            val_eval = run.evaluate(task.eval_batches("validation"), settings.eval_iter, means=task.eval_metrics)
+                            train_loss, val_loss = train_eval["loss"], val_eval["loss"]
+                            for key, (split, values) in itertools.product(task.eval_metrics, (("train", train_eval), ("validation", val_eval))):
+                                history.eval_metrics.setdefault(f"{split}_{key}", []).append(values[key])  # the task's besides the loss
+                            extra = "".join(f", Train {label} {train_eval[k]:.3f}, Val {label} {val_eval[k]:.3f}" for k, label in task.eval_metrics.items())
                             history.train_losses.append(train_loss)
                             history.val_losses.append(val_loss)
                             history.steps.append(global_step)
                             history.seen.append(history.total_seen)
-                            progress.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                            progress.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}{extra}")
                         if settings.checkpoint_every is not None and history.total_steps % settings.checkpoint_every == 0:
                             save()
                         stop_if_asked()
@@ -321,9 +330,7 @@ def fit(
         options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
     stop_if_signalled()  # safe points (jaxft.interrupts): a signal stops the run after the phase it lands in
     dtype = settings.compute_dtype
-    train_step, eval_step = make_steps(
-        config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, attention=settings.attention, **options
-    )
+    train_step, eval_step = task.make_steps(config, optimizer, remat=settings.remat, dtype=dtype, attention=settings.attention, **options)
     if mesh is not None:  # parameters and optimizer state sharded by the rules, batches by rows
         state = sharding.shard_tree(state, mesh)
         train_step, eval_step = sharding.shard_steps(train_step, eval_step, mesh, state)

@@ -9,6 +9,9 @@
 #      the reference's training loop on the same GPU (padded, and last-non-pad + buckets);
 #   2b. the classification recipe cold (an empty compilation cache) and warm (again, another --lr):
 #      metrics.json's timing of each (issue 21: compiles 0 when warm);
+#   2c. scripts/bench_recipes.py --races pref: the gpt2-medium preference (DPO) race, the reference's
+#      loop against jaxft finetune-preference (precomputed reference log-probabilities), whole
+#      recipe (PREF_STEPS steps, default 30) and per step;
 #   3. scripts/bench_gpu.py: the train steps against the reference (fp32 and bf16), with the time left.
 # Each part has a deadline inside the whole one (TOTAL_S, default 480 s) and writes JSON and a log
 # under $OUT as it goes. QUICK=1: tiny shapes, for checking the script on any machine.
@@ -56,6 +59,12 @@ for pass in cold:5e-5 warm:1e-4; do
   $PYTHON -c "import json, sys; m = json.load(open('/tmp/jaxft_$name/metrics.json')); json.dump({'pass': '$name', 'lr': $lr, 'wall_s': $((SECONDS - start)), 'timing': m.get('timing'), 'test_accuracy': m.get('test_accuracy')}, sys.stdout, indent=1)" \
     > "$OUT/cold_warm_$name.json" 2>>"$OUT/cold_warm_$name.log" && cat "$OUT/cold_warm_$name.json" && echo
 done
+part2c=$(( $(left) * 60 / 100 ))
+echo "== 2c. the gpt2-medium preference race against the reference ($part2c s)"
+pref_size=gpt2-medium pref_steps=${PREF_STEPS:-30}; [ -n "$QUICK" ] && pref_size=64x2x2 pref_steps=4
+timeout -k 10 "$part2c" $PYTHON scripts/bench_recipes.py $QUICK --races pref --size "$pref_size" \
+  --max-steps "$pref_steps" --ref-device auto --quiet-reference \
+  --work-dir /tmp/bench_recipes_gpu_pref --out "$OUT/bench_recipes_gpu_pref.json" 2>&1 | tee "$OUT/bench_recipes_gpu_pref.log"
 
 part3=$(( $(left) - 5 ))
 echo "== 3. train steps against the reference ($part3 s)"

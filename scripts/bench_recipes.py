@@ -17,6 +17,8 @@ Same weights, same data, same CPU, one run. Three races:
    against chapter 7's `train_model_simple` with `custom_collate_fn` and the reference's
    one-prompt-at-a-time `generate(..., eos_id=50256)` (tests/reference_gpt.py). The model is
    the --size shape (gpt2-small by default, not the reference's gpt2-medium: time).
+4. preference tuning (`--races pref`, scripts/bench_preference.py): `jaxft finetune-preference`
+   against the reference's dpo-from-scratch loop, whole recipe and per step.
 
 Weights: a random model of the --size shape (no pretrained GPT-2 exists here), written once as
 a jaxft checkpoint directory that the commands load with `--model DIR --init pretrained`; the
@@ -76,6 +78,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import jaxft  # noqa: E402
+from bench_preference import preference_race, report_lines  # noqa: E402
 from bench_train import cpu_name, load_average, parse_size  # noqa: E402
 from jaxft import sources  # noqa: E402
 from jaxft.config import GPTConfig  # noqa: E402
@@ -523,6 +526,9 @@ def report(results: dict) -> str:
                      f"{ref['train_loop_s']:.1f} s) and {ref['prompts_run']} of {ins['split_sizes'][2]} prompts; its whole recipe "
                      f"({ins['whole_recipe_steps']} steps) is {fmt_s(ref['whole_recipe_no_responses_s'])} s without responses, "
                      f"{fmt_s(ref['whole_recipe_with_responses_s'])} s with them (extrapolated unless everything ran).")
+    pref_rows, pref_notes = report_lines(results)
+    lines += pref_rows
+    notes += pref_notes
     devices = results["machine"].get("devices")
     if devices:
         notes.append(f"devices: the reference on {devices['reference']}, jaxft on {devices['jaxft']}.")
@@ -534,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="gpt2-small", help="GPT-2 size name or EMBxLAYERSxHEADS")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--quick", action="store_true", help="smoke run: a 64x2x2 model, 4 steps, evaluations every 2 steps on 1 batch, 8-token responses, 200 instruction entries")
-    parser.add_argument("--races", default="cls,bucket,instruct", help="comma list of cls, bucket, instruct")
+    parser.add_argument("--races", default="cls,bucket,instruct", help="comma list of cls, bucket, instruct, pref")
     parser.add_argument("--ref-steps", type=int, default=None, help="the reference runs only its first N steps; the rest is extrapolated")
     parser.add_argument("--ref-final", action="store_true", help="with --ref-steps, still run the reference's final accuracies on the whole splits")
     parser.add_argument("--ref-prompts", type=int, default=1, help="test prompts the reference answers (the rest extrapolated); -1: all")
@@ -546,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cls-eval-freq", type=int, default=50)
     parser.add_argument("--instruct-eval-freq", type=int, default=5)
     parser.add_argument("--eval-iter", type=int, default=5)
+    parser.add_argument("--pref-eval-freq", type=int, default=5, help="the preference race's evaluation period (the reference's 5)")
+    parser.add_argument("--pref-step-batches", type=int, default=4, help="training batches of the preference per-step timing (the first one warms up)")
     parser.add_argument("--instruct-limit", type=int, default=None, help="use only the first N instruction entries (jaxft's --limit)")
     parser.add_argument("--instruct-both", action="store_true", help="also run finetune-instruct --no-responses (else: wall minus response_seconds)")
     parser.add_argument("--cls-args", default="", help="extra flags for both finetune-classifier runs (e.g. '--trunk-cache off')")
@@ -563,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.size = "64x2x2" if args.size == "gpt2-small" else args.size
         args.max_steps = args.max_steps or 4
-        args.cls_eval_freq, args.instruct_eval_freq, args.eval_iter = 2, 2, 1
+        args.cls_eval_freq, args.instruct_eval_freq, args.pref_eval_freq, args.eval_iter = 2, 2, 2, 1
         args.max_new_tokens = min(args.max_new_tokens, 8)
         args.instruct_limit = args.instruct_limit or 200
     if args.ref_prompts is not None and args.ref_prompts < 0:
@@ -601,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         classification_race(args, config, params, tokenizer, work_dir, ckpt, results)
     if "instruct" in args.races:
         instruct_race(args, config, params, tokenizer, work_dir, ckpt, results)
+    if "pref" in args.races:
+        preference_race(args, config, params, tokenizer, work_dir, ckpt, results, run_jaxft=run_jaxft, reference_model=reference_model,
+                        ref_device=REF_DEVICE)
     results["machine"]["load_end"] = load_average()
     results["wall_s"] = time.perf_counter() - started
     table = report(results)

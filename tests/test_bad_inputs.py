@@ -85,6 +85,12 @@ def inputs(tmp_path_factory) -> Path:
     (d / "wrong-types.json").write_text(json.dumps([entry, {**entry, "instruction": 5}]))
     (d / "missing-output.json").write_text(json.dumps([{"instruction": "Say hi.", "input": ""}]))
     (d / "latin1.json").write_bytes(json.dumps([{**entry, "output": "caf\xe9"}], ensure_ascii=False).encode("latin-1"))
+    # preference data
+    pair = {**entry, "chosen": "Hi there.", "rejected": "Go away."}
+    (d / "preference-ok.json").write_text(json.dumps([pair] * 40))
+    (d / "preference-no-rejected.json").write_text(json.dumps([pair, {**entry, "chosen": "Hi."}]))
+    (d / "preference-long-prompt.json").write_text(json.dumps([pair] * 3 + [{**pair, "instruction": "word " * 80}] + [pair] * 36))
+    (d / "preference-wrong-types.json").write_text(json.dumps([pair, {**pair, "chosen": ["Hi."]}]))
     # judge
     (d / "responses-no-key.json").write_text(json.dumps([entry]))
     (d / "responses.json").write_text(json.dumps([{**entry, "model_response": "Hi."}]))
@@ -107,6 +113,8 @@ SW = ["sweep-classifier", "--init", "random", "--model", "{in}/hparams.json", "-
 FC = ["finetune-classifier", "--init", "random", "--model", "{in}/hparams.json", "--out", "{out}", "--max-length", "16"]
 FI = ["finetune-instruct", "--init", "random", "--model", "{in}/hparams.json", "--out", "{out}", "--limit", "40", "--no-responses",
       "--data", "{in}/instruct-ok.json"]
+FP = ["finetune-preference", "--init", "random", "--model", "{in}/hparams.json", "--out", "{out}", "--no-responses",
+      "--data", "{in}/preference-ok.json"]
 RESPOND = ["respond", "--model", "{in}/lm", "--data", "{in}/instruct-ok.json", "--out", "{out}"]
 CSVS = ["--train", "{in}/train.csv", "--validation", "{in}/train.csv", "--test", "{in}/train.csv"]  # short texts: no truncation notes
 UNDER_FILE = "{in}/a-file/sub/out"  # a path component that is a file
@@ -201,6 +209,29 @@ CASES = [
     ("fi-seed-beyond-64-bits", [*FI, "--seed", "99999999999999999999"], 2, "seed must be 0 to 2**32 - 1", None),
     ("fi-seed-negative", [*FI, "--seed", "-1"], 2, "seed must be 0 to 2**32 - 1, got -1", None),
     ("fi-more-blocks-than-the-model", [*FI, "--trainable", "last-3-blocks"], 2, "N must be 1 to 2", None),
+    # ---- finetune-preference
+    ("fp-beta-0", [*FP, "--beta", "0"], 2, "beta must be finite and > 0", None),
+    ("fp-beta-nan", [*FP, "--beta", "nan"], 2, "beta must be finite and > 0", None),
+    ("fp-label-smoothing-half", [*FP, "--label-smoothing", "0.5"], 2, "label-smoothing must be in [0, 0.5)", None),
+    ("fp-label-smoothing-with-ipo", [*FP, "--loss", "ipo", "--label-smoothing", "0.1"], 2, "for the sigmoid loss", None),
+    ("fp-unknown-loss", [*FP, "--loss", "kto"], 2, "invalid choice: 'kto'", None),
+    ("fp-unknown-logprob", [*FP, "--logprob", "max"], 2, "invalid choice: 'max'", None),
+    ("fp-unknown-reference-logprobs", [*FP, "--reference-logprobs", "cached"], 2, "invalid choice: 'cached'", None),
+    ("fp-lr-inf", [*FP, "--lr", "inf"], 2, "lr must be finite", None),
+    ("fp-limit-0", [*FP, "--limit", "0"], 2, "limit must be >= 1", None),
+    ("fp-data-missing", [*FP, "--data", "{in}/nothing.json"], 2, "nothing.json", None),
+    ("fp-data-malformed-json", [*FP, "--data", "{in}/malformed.json"], 2, "malformed.json", None),
+    ("fp-data-no-rejected", [*FP, "--data", "{in}/preference-no-rejected.json"], 2, "entry 1: missing required field 'rejected'", None),
+    ("fp-data-wrong-types", [*FP, "--data", "{in}/preference-wrong-types.json"], 2, "entry 1: field 'chosen' must be a string", None),
+    ("fp-prompt-beyond-context", [*FP, "--data", "{in}/preference-long-prompt.json"], 2,
+     "entry 3: the chosen text (", None),
+    ("fp-data-few-entries", [*FP, "--limit", "5"], 2, "5 entries leave the test split empty", None),
+    ("fp-batch-size-above-train", [*FP, "--batch-size", "64"], 2, "larger than the 34 training entries", None),
+    ("fp-classifier-model", [*FP[:2], "pretrained", "--model", "{in}/clf", *FP[5:]], 2, "a classification model", None),
+    ("fp-vocab-too-small", [*FP[:4], "{in}/hparams-vocab300.json", *FP[5:]], 2, "too few for the GPT-2 tokenizer", None),
+    ("fp-resume-on-nothing", [*FP, "--resume"], 2, "holds no run", None),
+    ("fp-out-under-a-file", [*FP[:6], UNDER_FILE, *FP[7:]], 1, "a-file is not a directory", None),
+    ("fp-lora-without-rank", [*FP, "--trainable", "lora"], 2, "--lora-rank R", None),
     # ---- classify
     ("classify-file-missing", ["classify", "--model", "{in}/clf", "--file", "{in}/texts.txt"], 2, "texts.txt: no such file", None),
     ("classify-file-not-utf8", ["classify", "--model", "{in}/clf", "--file", "{in}/texts-latin1.txt"], 2,

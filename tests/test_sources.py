@@ -43,6 +43,7 @@ def no_network(monkeypatch):
 
 BUNDLED = {  # bundled file -> how SOURCES.md names the original
     "instruction-data.json": "instruction-data.json",
+    "instruction-data-with-preference.json": "instruction-data-with-preference.json",
     "sms_spam_collection/SMSSpamCollection": "sms_spam_collection/SMSSpamCollection",
     "sms_spam_collection/readme": "sms_spam_collection/readme",
     "gpt2_vocab/encoder.json.gz": "gpt2_vocab/encoder.json",

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "jaxft.cli.weights",  # download, convert, generate
     "jaxft.cli.classify",  # finetune-classifier, classify
     "jaxft.cli.instruct",  # finetune-instruct, respond
+    "jaxft.cli.preference",  # finetune-preference
     "jaxft.cli.judge",  # judge
     "jaxft.cli.sweep",  # sweep-classifier
 )
