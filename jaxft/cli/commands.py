@@ -26,11 +26,11 @@ COMMANDS = {  # in the order `jaxft --help` lists them
     "finetune-instruct": Command(
         "jaxft.cli.instruct", "instruction fine-tune GPT-2 and generate the test split's responses (the reference's Alpaca recipe by default)"
     ),
+    "respond": Command("jaxft.cli.instruct", "generate a model_response for every entry of an instruction JSON file with a saved model"),
     "finetune-preference": Command(
         "jaxft.cli.preference",
         "preference-tune (DPO) an instruction-tuned model and generate the test split's responses of it and of the reference model",
     ),
-    "respond": Command("jaxft.cli.instruct", "generate a model_response for every entry of an instruction JSON file with a saved model"),
     "judge": Command("jaxft.cli.judge", "score instruction responses with an LLM judge (Ollama or OpenAI-compatible)"),
     "sweep-classifier": Command("jaxft.cli.sweep", "finetune-classifier for every combination of --sweep values, in one vmapped program"),
 }
