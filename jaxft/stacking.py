@@ -114,13 +114,7 @@ def unstack(params: Params) -> Params:
         group = params[run_name(start, stop)]
         for i in range(start, stop):
             out[f"h_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x if x is None or isinstance(x, (bool, np.bool_)) else x[i - start], group)
-    return dict(sorted(out.items(), key=lambda item: _order(item[0])))
-
-
-def _order(name: str) -> tuple[int, int, str]:
-    if name.startswith("h_") and name[2:].isdigit():
-        return (1, int(name[2:]), "")
-    return (0 if name in ("wte", "wpe") else 2, 0, name)
+    return dict(sorted(out.items()))  # the key order of a tree out of jax (jit sorts dict keys)
 
 
 @jax.jit

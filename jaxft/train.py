@@ -301,7 +301,7 @@ def fit(
         settings.lr, settings.weight_decay, grad_clip_norm=settings.grad_clip_norm, accumulation_steps=settings.accumulation_steps,
         steps_per_epoch=task.steps_per_epoch(), last_step=settings.max_steps,
     )
-    state = init_state(params, mask, optimizer, seed=settings.seed)
+    state = init_state(params, mask, optimizer, seed=settings.seed, scan_layers=settings.scan_layers)
     del params  # the state holds its own copy
     # Loaded frozen weights must be those the run began with (random ones follow from the settings,
     # and a GPU may round their init differently); computed before sharding: addressable here
@@ -309,7 +309,8 @@ def fit(
     options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
     dtype = settings.compute_dtype
     train_step, eval_step = make_steps(
-        config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, attention=settings.attention, **options
+        config, optimizer, task.loss, pooling=task.pooling, remat=settings.remat, dtype=dtype, attention=settings.attention,
+        scan_layers=settings.scan_layers, **options
     )
     if mesh is not None:  # parameters and optimizer state sharded by the rules, batches by rows
         state = sharding.shard_tree(state, mesh)
