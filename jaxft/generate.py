@@ -39,7 +39,8 @@ from jax.sharding import Mesh
 from . import sharding
 from .progress import Progress
 from .config import GPTConfig
-from .model import Block, Params, _layer_norm
+from . import model, stacking
+from .model import Params
 
 EOS_ID = 50256
 PAD_ID = 50256
@@ -55,17 +56,18 @@ def _batch_bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length() if n <= 8 else _round_up(n, 8)
 
 
-def _head_matrix(config: GPTConfig, params: Params, dtype: Any, batch: int) -> tuple[jax.Array, str]:
-    """The LM head (`wte` when tied, as the model's head) and its einsum spec.
+def _head_matrix(config: GPTConfig, params: Params, dtype: Any, batch: int) -> tuple[jax.Array, str, Any]:
+    """The LM head (`model.head_matrix`: which matrix, in which dtype), its einsum spec, its dtype.
 
     The layout is chosen for XLA's CPU matmuls (measured on gpt2-small, 2 cores): one row
     is a fast matrix-vector product against [d, vocab] (7 ms), but several rows against
     [d, vocab] go through a packing gemm that costs 45-65 ms; against [vocab, d] they
     take 23-30 ms. The transpose happens once per call, outside the decode loop."""
-    weight = params["wte"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]
+    weight, layout, head_dtype = model.head_matrix(config, params, dtype)
+    weight = weight.T if layout == "vd" else weight  # [d, vocab]
     if batch == 1:
-        return weight.astype(dtype), "bd,dv->bv"
-    return weight.T.astype(dtype), "bd,vd->bv"
+        return weight.astype(head_dtype), "bd,dv->bv", head_dtype
+    return weight.T.astype(head_dtype), "bd,vd->bv", head_dtype
 
 
 def _filter_logits(logits: jax.Array, top_k: int | None, top_p: jax.Array | None) -> jax.Array:
@@ -104,7 +106,7 @@ def _select(
     return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
 
 
-LayerCaches = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, S, heads, head_dim]
+LayerCaches = Any  # per layer (k, v), each [B, S, heads, head_dim]; scanned: one (k, v) pair [layers, B, S, heads, head_dim]
 
 
 def _forward(
@@ -117,29 +119,20 @@ def _forward(
     index: jax.Array | int,
     dtype: Any,
 ) -> tuple[jax.Array, LayerCaches]:
-    """The GPT2 module's forward pass with the cache kept as one buffer per layer.
-
-    It applies the model's own `Block`s (attention, MLP, norms) and final norm; only the
-    plumbing differs: `GPT2` slices and re-stacks one [layers, ...] cache array on every
-    call, which inside the decode loop copies the whole cache per token (3x slower per step
-    at 1024 slots on CPU). Separate per-layer buffers are updated in place.
-    Returns (final-norm hidden states of the last position [B, d], new caches).
-    """
+    """The model's pieces (`model.embed`, `cached_blocks`, `final_norm`) on the cache. Returns
+    (final-norm hidden states of the last position [B, d], new caches)."""
     seq = tokens.shape[1]
-    num_keys = caches[0][0].shape[1]
-    x = jnp.take(params["wte"]["embedding"], tokens, axis=0) + jnp.take(params["wpe"]["embedding"], positions, axis=0)
+    x = model.embed(config, params, tokens, positions)
+    stacked = stacking.stacked_runs(params)
+    num_keys = (caches[0] if stacked else caches[0][0]).shape[-3]
     causal = (index + jnp.arange(seq))[:, None] >= jnp.arange(num_keys)[None, :]
     mask = causal[None, None] & key_valid[:, None, None, :]
-    new_caches = []
-    for i in range(config.n_layers):
-        x, layer_cache = Block(config, dtype).apply({"params": params[f"h_{i}"]}, x, mask, caches[i], index, True)
-        new_caches.append(layer_cache)
-    hidden = _layer_norm(config, "ln_f").apply({"params": params["ln_f"]}, x[:, -1])
-    return hidden, tuple(new_caches)
+    x, new_caches = model.cached_blocks(config, params, x, mask, caches, index, dtype)
+    return model.final_norm(config, params, x[:, -1]), new_caches
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "budget", "sample", "top_k", "use_top_p", "dtype")
+    jax.jit, static_argnames=("config", "budget", "sample", "top_k", "use_top_p", "dtype", "scan")
 )
 def _generate_padded(
     config: GPTConfig,
@@ -159,6 +152,7 @@ def _generate_padded(
     top_k: int | None,
     use_top_p: bool,
     dtype: Any,
+    scan: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Generate up to `max_new` tokens per row. Returns (tokens [B, budget], lengths [B])."""
     batch, prompt_slots = tokens.shape
@@ -166,7 +160,9 @@ def _generate_padded(
     slots = jnp.arange(total_slots)
     key_valid = slots[None, :] >= pad_lens[:, None]  # [B, S]: hide the left padding
     last_position = config.context_length - 1
-    head, head_spec = _head_matrix(config, params, dtype, batch)
+    head, head_spec, head_dtype = _head_matrix(config, params, dtype, batch)
+    if scan and config.n_layers >= 2:  # every block in one scan (stacked once per call, outside the decode loop)
+        params = stacking.stack(params, [(0, config.n_layers)])
 
     def forward(step_tokens, positions, caches, index):
         # Padding may use an id outside a small test vocabulary; masked slots can hold any
@@ -174,7 +170,7 @@ def _generate_padded(
         step_tokens = jnp.where((step_tokens >= 0) & (step_tokens < config.vocab_size), step_tokens, 0)
         positions = jnp.minimum(positions, last_position)
         hidden, caches = _forward(config, params, step_tokens, positions, key_valid, caches, index, dtype)
-        return jnp.einsum(head_spec, hidden.astype(dtype), head).astype(jnp.float32), caches
+        return jnp.einsum(head_spec, hidden.astype(head_dtype), head).astype(jnp.float32), caches
 
     select = functools.partial(_select, sample=sample, top_k=top_k, use_top_p=use_top_p)
 
@@ -190,7 +186,10 @@ def _generate_padded(
     # Prefill: every prompt slot in one pass; positions count from each row's first real token.
     prompt_positions = jnp.maximum(slots[None, :prompt_slots] - pad_lens[:, None], 0)
     shape = (batch, total_slots, config.n_heads, config.head_dim)
-    caches = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers))
+    if stacking.stacked_runs(params):
+        caches = (jnp.zeros((config.n_layers, *shape), dtype), jnp.zeros((config.n_layers, *shape), dtype))
+    else:
+        caches = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers))
     logits, caches = forward(tokens, prompt_positions, caches, 0)
     out = jnp.full((batch, budget), pad_id, jnp.int32)
     lengths = jnp.zeros((batch,), jnp.int32)
@@ -257,6 +256,7 @@ def generate(
     pad_id: int = PAD_ID,
     dtype: Any = jnp.float32,
     mesh: Mesh | None = None,
+    scan_layers: bool | str = False,
     _row_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (eos excluded), all prompts in one batch.
@@ -267,7 +267,8 @@ def generate(
     `max_prompt_tokens(config, max_new_tokens)` keep only their last tokens (see the module
     docstring). With a device `mesh`, the prompts are split by rows over its devices (the
     batch is padded to a multiple of their number) and the parameters sharded by
-    jaxft.sharding's rules: the compiled loop runs on every device.
+    jaxft.sharding's rules: the compiled loop runs on every device. `scan_layers` (see
+    jaxft.stacking.resolve; auto: off, see there): the blocks as one scan, compiled once.
     """
     prompts = list(prompts)  # (any iterable)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, prompts[:1], key, temperature))):
@@ -328,6 +329,7 @@ def generate(
         top_k=top_k if sample else None,
         use_top_p=sample and top_p is not None,
         dtype=dtype,
+        scan=stacking.resolve(scan_layers, generation=True),
     )
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[row, : lengths[row]].tolist() for row in range(len(prompts))]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import model
+from . import model, stacking
 from .config import GPTConfig
 from .model import Params
 from .optim import merge
@@ -65,12 +65,13 @@ def dpo_losses(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen:
 
 
 def pair_logprobs(config: GPTConfig, params: Params, batch: Batch, *, reduction: str = "mean", dropout_key: jax.Array | None = None,
-                  dtype: Any = jnp.float32, remat: bool = False, attention: str = "auto") -> tuple[jax.Array, jax.Array]:
+                  dtype: Any = jnp.float32, remat: bool = False, attention: str = "auto",
+                  scan_layers: bool | str = False) -> tuple[jax.Array, jax.Array]:
     """(chosen, rejected) log-probabilities [B] from one forward pass over both stacked."""
     tokens = jnp.concatenate([jnp.asarray(batch["chosen"]), jnp.asarray(batch["rejected"])])
     mask = jnp.concatenate([jnp.asarray(batch["chosen_mask"]), jnp.asarray(batch["rejected_mask"])])
     key = dropout_key if config.drop_rate > 0 else None
-    logits = model.apply(config, params, tokens, dropout_key=key, dtype=dtype, remat=remat, attention=attention)
+    logits = model.apply(config, params, tokens, dropout_key=key, dtype=dtype, remat=remat, attention=attention, scan_layers=scan_layers)
     logprobs = sequence_logprobs(logits, tokens, mask, reduction)
     n = tokens.shape[0] // 2
     return logprobs[:n], logprobs[n:]
@@ -79,12 +80,12 @@ def pair_logprobs(config: GPTConfig, params: Params, batch: Batch, *, reduction:
 def preference_metrics(config: GPTConfig, params: Params, batch: Batch, reference: tuple[GPTConfig, Params] | None = None, *,
                        beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0, reduction: str = "mean",
                        dropout_key: jax.Array | None = None, dtype: Any = jnp.float32, remat: bool = False,
-                       attention: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
+                       attention: str = "auto", scan_layers: bool | str = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean loss, metrics) of a batch: loss, chosen_reward, rejected_reward, reward_margin (means
     over the real rows), correct / count (pairs whose chosen reward exceeds the rejected one).
     `reference` (config, params): its log-probabilities computed here (no dropout, no gradient);
-    None: taken from the batch's ref_chosen / ref_rejected."""
-    options = dict(reduction=reduction, dtype=dtype, attention=attention)
+    None: taken from the batch's ref_chosen / ref_rejected. `scan_layers`: see jaxft.model.apply."""
+    options = dict(reduction=reduction, dtype=dtype, attention=attention, scan_layers=scan_layers)
     policy_c, policy_r = pair_logprobs(config, params, batch, dropout_key=dropout_key, remat=remat, **options)
     if reference is None:
         ref_c, ref_r = jnp.asarray(batch["ref_chosen"]), jnp.asarray(batch["ref_rejected"])
@@ -117,7 +118,8 @@ class WithReference:
 
 def make_preference_steps(config: GPTConfig, optimizer: optax.GradientTransformation, *, reference: tuple[GPTConfig, Params] | None = None,
                           beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0, reduction: str = "mean",
-                          dtype: Any = jnp.float32, remat: bool = False, attention: str = "auto") -> tuple[Callable, Callable]:
+                          dtype: Any = jnp.float32, remat: bool = False, attention: str = "auto",
+                          scan_layers: bool | str = False) -> tuple[Callable, Callable]:
     """(train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> metrics), as
     jaxft.steps.make_steps' (train_step donates its state; gradients to the trainable tree
     only; metrics carry grad_norm). `reference` (config, params): live reference
@@ -127,7 +129,8 @@ def make_preference_steps(config: GPTConfig, optimizer: optax.GradientTransforma
     if reduction not in LOGPROBS:
         raise ValueError(f"unknown log-probability reduction {reduction!r}: one of {', '.join(LOGPROBS)}")
     ref_config = reference[0] if reference is not None else None
-    options = dict(beta=beta, loss=loss, label_smoothing=label_smoothing, reduction=reduction, dtype=dtype, attention=attention)
+    options = dict(beta=beta, loss=loss, label_smoothing=label_smoothing, reduction=reduction, dtype=dtype, attention=attention,
+                   scan_layers=stacking.resolve(scan_layers))
 
     def loss_fn(trainable, frozen, batch, ref_params, dropout_key):
         ref = None if ref_params is None else (ref_config, ref_params)

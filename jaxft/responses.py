@@ -53,6 +53,7 @@ def generate_responses(
     source: str | Path = "<data>",
     mesh: Any = None,
     log: Callable[[str], None] = _stderr,
+    scan_layers: bool | str = False,
 ) -> list[str]:
     """The reference's response for every entry: greedy until eos or `max_new_tokens`, the text
     after the prompt with the style's response marker removed. Batched, KV-cached; with a
@@ -70,7 +71,7 @@ def generate_responses(
         )
     new_tokens = gen.generate_batched(
         config, params, prompts, batch_size=batch_size, progress=progress, max_new_tokens=max_new_tokens, eos_id=EOT_ID,
-        mesh=mesh,
+        mesh=mesh, scan_layers=scan_layers,
     )
     return [
         data.extract_response(tokenizer.decode(ids + new), text, style)

@@ -52,6 +52,8 @@ class TrainerSettings:
     dtype: str = setting("float32", "compute dtype; parameters and optimizer state stay float32, loss and softmax are float32", choices=("float32", "bfloat16"))
     attention: str = setting("auto", "causal attention: xla (explicit scores, the reference's arithmetic), cudnn (fused flash "
                              "attention, NVIDIA GPUs, bfloat16), auto (cudnn on a GPU with bfloat16, else xla)", choices=ATTENTIONS)
+    scan_layers: str = setting("auto", "run runs of identical blocks as one jax.lax.scan over stacked weights (compiles one block, "
+                               "not every layer): on, off, auto (on on a CPU, off on a GPU/TPU)", choices=("auto", "on", "off"))
     mesh: str | None = setting(None, "device mesh 'data=D,fsdp=F' (default: every device on data; one device: no mesh)", group="devices")
     progress: bool = setting(True, "a progress bar per epoch (plain lines when not on a terminal)", group="output")
     checkpoint_every: int | None = setting(None, "write a checkpoint every this many training steps (batches; default: at every epoch end)", group="output")
@@ -94,6 +96,8 @@ class TrainerSettings:
             raise ValueError(f"seed must be 0 to 2**32 - 1, got {self.seed}")
         if self.trainable == "lora" and not self.lora_rank:
             raise ValueError("trainable lora trains LoRA adapters: give them a rank, --lora-rank R (e.g. 8)")
+        if self.scan_layers not in ("auto", "on", "off"):
+            raise ValueError(f"scan-layers must be auto, on or off, got {self.scan_layers!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if devices and self.attention == "cudnn" and jax.default_backend() != "gpu":  # (else a traceback from XLA)

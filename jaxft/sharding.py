@@ -17,7 +17,9 @@ Sharding rule for every array (parameters, the frozen tree, optimizer state alik
 decided by shape alone, so Adam's mu/nu follow their parameter):
   - ndim >= 2: split the largest dimension divisible by the fsdp size over "fsdp"
     (the first such on a tie; e.g. wte [V, d] along V, c_fc kernel [d, 4d] along 4d);
-  - vectors, scalars, and matrices with no dimension divisible: replicated.
+  - vectors, scalars, and matrices with no dimension divisible: replicated;
+  - a leaf of stacked blocks (jaxft.stacking, axis 0 the layers): its layers' rule, axis 0
+    whole (the scan slices one layer at a time; a sharded layer axis would gather them).
 `None` leaves (the trainable/frozen split of jaxft.optim) stay None.
 
 Typical use (one or many processes alike, see jaxft.distributed for the latter):
@@ -40,6 +42,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from . import stacking
 
 AXES = ("data", "fsdp")
 ROWS = P(AXES)  # a batch's leading (row) dimension over data x fsdp
@@ -120,7 +124,13 @@ def leaf_spec(shape: Sequence[int], fsdp: int) -> P:
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """A NamedSharding for every array leaf of `tree` (arrays or ShapeDtypeStructs); None stays None."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), fsdp)), tree)
+
+    def spec(path, x):
+        if stacking.is_stacked_path(path):
+            return NamedSharding(mesh, P(None, *leaf_spec(np.shape(x)[1:], fsdp)))
+        return NamedSharding(mesh, leaf_spec(np.shape(x), fsdp))
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
 
 
 def shard_tree(tree: Any, mesh: Mesh) -> Any:

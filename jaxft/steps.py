@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import interrupts, losses, model, trunk
+from . import interrupts, losses, model, stacking, trunk
 from .config import GPTConfig
 from .model import Params
 from .optim import merge, split
@@ -36,21 +36,31 @@ class TrainState(NamedTuple):
 
     @property
     def params(self) -> Params:
-        return merge(self.trainable, self.frozen)
+        """The whole parameter tree in the public layout (h_0, h_1, ...: stacked runs unstacked, a copy)."""
+        merged = merge(self.trainable, self.frozen)
+        return stacking.unstack_jit(merged) if stacking.stacked_runs(merged) else merged
 
 
-def init_state(params: Params, mask: Params, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+def init_state(
+    params: Params, mask: Params, optimizer: optax.GradientTransformation, seed: int = 0, *, scan_layers: bool | str = False
+) -> TrainState:
     """The split-tree training state: `params` copied and split by `mask` (True = trains) into
     trainable and frozen trees, the optimizer's state over the trainable tree only, step 0, and
-    the dropout PRNG key of `seed`. The steps of `make_steps` donate and return it."""
+    the dropout PRNG key of `seed`. The steps of `make_steps` donate and return it.
+    `scan_layers` (see jaxft.stacking.resolve): the trees hold runs of blocks with equal masks
+    stacked (`stacking.block_runs`), so the steps scan them without a copy per step;
+    `state.params` is still the public layout."""
     params = jax.tree_util.tree_map(jnp.array, params)  # a copy: steps donate the state
+    if stacking.resolve(scan_layers):
+        runs = stacking.block_runs(stacking.n_blocks(params), mask)
+        params, mask = stacking.stack(params, runs), stacking.stack(mask, runs)
     trainable, frozen = split(params, mask)
     return TrainState(trainable, frozen, optimizer.init(trainable), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed))
 
 
 def _forward(config: GPTConfig, params: Params, tokens: jax.Array, dropout_key, dtype, remat, **kwargs) -> jax.Array:
     key = dropout_key if config.drop_rate > 0 else None
-    return model.apply(config, params, tokens, dropout_key=key, dtype=dtype, remat=remat, **kwargs)
+    return model.apply(config, params, tokens, dropout_key=key, dtype=dtype, remat=remat, **kwargs)  # (kwargs: scan_layers, ...)
 
 
 def classification_metrics(
@@ -63,6 +73,7 @@ def classification_metrics(
     remat: bool = False,
     start_block: int | None = None,
     attention: str = "auto",
+    scan_layers: bool | str = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(weighted mean loss, {loss, correct, count}) for a classification batch: `tokens` [B, T],
     `labels` [B], `lengths` [B] (the real tokens; pooling other than "last" reads them) and
@@ -79,9 +90,10 @@ def classification_metrics(
     packed = {key: batch[key] for key in ("pool_row", "segments") if key in batch}
     index = batch["pool_index"] if packed else losses.pool_index(pooling, batch.get("lengths"), *inputs.shape[:2])
     if start_block is None:
-        logits = _forward(config, params, inputs, dropout_key, dtype, remat, pool_index=index, attention=attention)
+        logits = _forward(config, params, inputs, dropout_key, dtype, remat, pool_index=index, attention=attention, scan_layers=scan_layers)
     else:
-        logits = trunk.suffix_apply(config, params, inputs, start_block, dtype=dtype, remat=remat, pool_index=index, **packed)
+        logits = trunk.suffix_apply(config, params, inputs, start_block, dtype=dtype, remat=remat, pool_index=index, scan_layers=scan_layers,
+                                    **packed)
     pooled = logits if index is not None else losses.pool(logits, batch.get("lengths"), pooling)
     weights = batch["weights"].astype(jnp.float32) if "weights" in batch else jnp.ones(pooled.shape[:1], jnp.float32)
     per_example = optax.softmax_cross_entropy_with_integer_labels(pooled, batch["labels"])
@@ -99,6 +111,7 @@ def lm_metrics(
     remat: bool = False,
     attention: str = "auto",
     vocab_multiple: int | None = None,
+    scan_layers: bool | str = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean next-token loss over non-ignored targets, {loss, tokens}). A batch of packed rows
     (jaxft.packing.pack_lm_batch) also carries `positions` and `segments`.
@@ -114,11 +127,9 @@ def lm_metrics(
         raise ValueError("lm_metrics needs a language-model config; this one has a classification head (num_classes)")
     batch = {key: jnp.asarray(value) for key, value in batch.items()}  # (lists too)
     packed = {key: batch[key] for key in ("positions", "segments") if key in batch}  # packed rows (jaxft.packing)
-    hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True, attention=attention, **packed)
-    if config.tie_embeddings:  # the model's wte.attend: fp32 whatever the compute dtype
-        head, layout, head_dtype = params["wte"]["embedding"], "vd", jnp.promote_types(dtype, jnp.float32)
-    else:
-        head, layout, head_dtype = params["lm_head"]["kernel"], "dv", dtype
+    hidden = _forward(config, params, batch["inputs"], dropout_key, dtype, remat, return_hidden=True, attention=attention,
+                      scan_layers=scan_layers, **packed)
+    head, layout, head_dtype = model.head_matrix(config, params, dtype)
     loss, count = losses.lm_head_loss(hidden, head, batch["targets"], head_layout=layout, dtype=head_dtype, vocab_multiple=vocab_multiple)
     return loss, {"loss": loss, "tokens": count}
 
@@ -134,6 +145,7 @@ def make_steps(
     start_block: int | None = None,
     attention: str = "auto",
     vocab_multiple: int | None = None,
+    scan_layers: bool | str = False,
 ) -> tuple[Callable, Callable]:
     """jit-compiled (train_step(state, batch) -> (state, metrics), eval_step(params, batch) -> metrics).
 
@@ -148,6 +160,10 @@ def make_steps(
     attention: "auto", "xla" or "cudnn" (see jaxft.model.fused_attention).
     vocab_multiple (lm only): pad the LM head's vocabulary to a multiple of this in the loss (see
     `losses.lm_head_loss`; the same loss and gradients).
+    scan_layers (see jaxft.stacking.resolve): runs of blocks as one `jax.lax.scan` (the same
+    losses; a compile time that does not grow with depth). A state from `init_state(...,
+    scan_layers=True)` holds them stacked; given per-layer trees (eval_step's public-layout
+    params) the step stacks them in each call, a copy of those blocks.
     """
     if start_block is not None and task != "classification":
         raise ValueError("start_block (a cached frozen trunk) is for classification only")
@@ -155,12 +171,13 @@ def make_steps(
         raise ValueError(f"start_block: a cached trunk needs dropout off (drop rate {config.drop_rate})")
     if vocab_multiple is not None and (task != "lm" or vocab_multiple < 1):
         raise ValueError(f"vocab_multiple: a positive multiple for the lm task, got {vocab_multiple!r} for {task!r}")
+    scan = stacking.resolve(scan_layers)
     if task == "classification":
         if pooling not in losses.POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(losses.POOLINGS)}")
-        metrics_fn = functools.partial(classification_metrics, config, pooling, start_block=start_block, attention=attention)
+        metrics_fn = functools.partial(classification_metrics, config, pooling, start_block=start_block, attention=attention, scan_layers=scan)
     elif task == "lm":
-        metrics_fn = functools.partial(lm_metrics, config, attention=attention, vocab_multiple=vocab_multiple)
+        metrics_fn = functools.partial(lm_metrics, config, attention=attention, vocab_multiple=vocab_multiple, scan_layers=scan)
     else:
         raise ValueError(f"unknown task {task!r}: 'classification' or 'lm'")
 

@@ -321,7 +321,7 @@ def fit(
         steps_per_epoch=task.steps_per_epoch(), last_step=settings.max_steps,
     )
     with timing.phase("model_s"):
-        state = init_state(params, mask, optimizer, seed=settings.seed)
+        state = init_state(params, mask, optimizer, seed=settings.seed, scan_layers=settings.scan_layers)
     del params  # the state holds its own copy
     # Loaded frozen weights must be those the run began with (random ones follow from the settings,
     # and a GPU may round their init differently); computed before sharding: addressable here
@@ -330,7 +330,8 @@ def fit(
         options = task.step_options(config, state.params, mask, log)  # e.g. a cached frozen trunk
     stop_if_signalled()  # safe points (jaxft.interrupts): a signal stops the run after the phase it lands in
     dtype = settings.compute_dtype
-    train_step, eval_step = task.make_steps(config, optimizer, remat=settings.remat, dtype=dtype, attention=settings.attention, **options)
+    train_step, eval_step = task.make_steps(config, optimizer, remat=settings.remat, dtype=dtype, attention=settings.attention,
+                                            scan_layers=settings.scan_layers, **options)
     if mesh is not None:  # parameters and optimizer state sharded by the rules, batches by rows
         state = sharding.shard_tree(state, mesh)
         train_step, eval_step = sharding.shard_steps(train_step, eval_step, mesh, state)

@@ -4,8 +4,8 @@ When the trainable parameters leave the embeddings and the first k blocks frozen
 "head", "last-block", "last-N-blocks"; not "all", not LoRA, whose adapters train in every
 block) and dropout is off, the hidden state after block k-1 is a fixed function of the
 tokens. `trunk_features` computes it once per example; `suffix_apply` runs blocks k.., the
-final LayerNorm and the head on it. Both use model.py's own modules (`run_blocks`, `_layer_norm`,
-`_dense`, `nn.Embed` under the same names), so together they are `model.apply` split in two:
+final LayerNorm and the head on it. Both are made of the model's own pieces (`model.embed`,
+`run_blocks`, `final_norm`, `head`), so together they are `model.apply` split in two:
 
     suffix_apply(cfg, params, trunk_features(cfg, params, tokens, k), k) == model.apply(cfg, params, tokens)
 
@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,59 +32,13 @@ import numpy as np
 from . import packing
 from .config import GPTConfig
 from .progress import Progress
-from .model import Params, _dense, _layer_norm, run_blocks
+from . import model, stacking
+from .model import Params
 
 TOKENS_PER_CHUNK = 8192  # rows per feature batch: about this many tokens (at least one row)
 # Packed rows are all real tokens: small calls keep the activations in cache (gpt2-small on 2
 # CPU cores: 4 rows of 120 1,200 tokens/s, 8 rows 1,100, 68 rows 770).
 PACKED_TOKENS_PER_CALL = 512
-_INIT_STD = 0.02
-
-
-class _Prefix(nn.Module):
-    """Embeddings and blocks h_0..h_{n_blocks-1} of GPT2 (same names, same ops), no dropout."""
-
-    config: GPTConfig
-    n_blocks: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:
-        """tokens [B, T] at positions 0..T-1, or packed rows (jaxft.packing): their positions and
-        segments [B, T], each token attending to the earlier ones of its segment."""
-        cfg = self.config
-        batch, seq = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=nn.initializers.normal(_INIT_STD), name="wte")
-        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01), name="wpe")
-        x = wte(tokens) + wpe(positions)
-        return run_blocks(cfg, self.dtype, False, x, 0, True, stop=self.n_blocks, segments=segments)
-
-
-class _Suffix(nn.Module):
-    """Blocks h_{start_block}.., ln_f and the head of GPT2 (same names, same ops), no dropout."""
-
-    config: GPTConfig
-    start_block: int
-    dtype: Any = jnp.float32
-    remat: bool = False
-
-    @nn.compact
-    def __call__(
-        self, hidden: jax.Array, pool_index: jax.Array | None = None, pool_row: jax.Array | None = None, segments: jax.Array | None = None
-    ) -> jax.Array:
-        cfg = self.config
-        x = run_blocks(cfg, self.dtype, self.remat, hidden, self.start_block, True, pool_index, pool_row=pool_row, segments=segments)
-        x = _layer_norm(cfg, "ln_f")(x)
-        if cfg.num_classes is not None:
-            out = _dense(cfg.num_classes, "cls_head", self.dtype)(x.astype(self.dtype))
-        elif cfg.tie_embeddings:
-            wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, name="wte")
-            out = wte.attend(x.astype(self.dtype))
-        else:
-            out = _dense(cfg.vocab_size, "lm_head", self.dtype, use_bias=False)(x.astype(self.dtype))
-        return out.astype(jnp.float32)
 
 
 def _subtree(params: Params, names: list[str]) -> Params:
@@ -114,10 +67,12 @@ def prefix_apply(
     dtype: Any = jnp.float32,
     positions: jax.Array | None = None,
     segments: jax.Array | None = None,
+    scan_layers: bool | str = False,
 ) -> jax.Array:
     """The residual stream after blocks 0..n_blocks-1: fp32 [B, T, D]. For packed rows (see
-    jaxft.packing), their `positions` and `segments` [B, T]."""
-    return _Prefix(config, n_blocks, dtype).apply({"params": prefix_params(config, params, n_blocks)}, tokens, positions, segments)
+    jaxft.packing), their `positions` and `segments` [B, T]. `scan_layers`: see model.apply."""
+    x = model.embed(config, params, tokens, positions)
+    return model.run_blocks(config, params, x, 0, n_blocks, dtype=dtype, segments=segments, scan=stacking.resolve(scan_layers))
 
 
 def suffix_apply(
@@ -131,6 +86,7 @@ def suffix_apply(
     pool_index: jax.Array | None = None,
     pool_row: jax.Array | None = None,
     segments: jax.Array | None = None,
+    scan_layers: bool | str = False,
 ) -> jax.Array:
     """fp32 logits [B, T, classes or vocab] from the residual stream `hidden` [B, T, D] after
     block start_block-1 (the embeddings for start_block 0): the rest of `model.apply`. With
@@ -139,13 +95,15 @@ def suffix_apply(
     sequence q's logits from position pool_index[q] of row pool_row[q], [Q, classes or vocab]."""
     if not 0 <= start_block <= config.n_layers:
         raise ValueError(f"start_block {start_block} outside 0..{config.n_layers}")
-    module = _Suffix(config, start_block, dtype, remat)
-    return module.apply({"params": suffix_params(config, params, start_block)}, hidden, pool_index, pool_row, segments)
+    x = model.run_blocks(config, params, hidden, start_block, dtype=dtype, remat=remat, segments=segments, pool_index=pool_index,
+                         pool_row=pool_row, scan=stacking.resolve(scan_layers))
+    return model.head(config, params, model.final_norm(config, params, x), dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _prefix_jit(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks: int, dtype: Any, positions=None, segments=None) -> jax.Array:
-    return prefix_apply(config, params, tokens, n_blocks, dtype=dtype, positions=positions, segments=segments)
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 7))
+def _prefix_jit(config: GPTConfig, params: Params, tokens: jax.Array, n_blocks: int, dtype: Any, positions=None, segments=None,
+                scan: bool = False) -> jax.Array:
+    return prefix_apply(config, params, tokens, n_blocks, dtype=dtype, positions=positions, segments=segments, scan_layers=scan)
 
 
 def needed_widths(pooling: str, lengths: np.ndarray) -> np.ndarray | None:
@@ -167,11 +125,13 @@ def trunk_features(
     dtype: Any = jnp.float32,
     progress: bool | None = None,
     desc: str = "trunk features",
+    scan_layers: bool | str = False,
 ) -> np.ndarray:
     """The frozen prefix's output for every row of `tokens` [N, T]: fp32 NumPy [N, T, D] (see
     `trunk_pass`, which also says how many positions it computed)."""
     return trunk_pass(
-        config, params, tokens, n_blocks, batch_size=batch_size, widths=widths, dtype=dtype, progress=progress, desc=desc
+        config, params, tokens, n_blocks, batch_size=batch_size, widths=widths, dtype=dtype, progress=progress, desc=desc,
+        scan_layers=scan_layers,
     )[0]
 
 
@@ -186,6 +146,7 @@ def trunk_pass(
     dtype: Any = jnp.float32,
     progress: bool | None = None,
     desc: str = "trunk features",
+    scan_layers: bool | str = False,
 ) -> tuple[np.ndarray, int]:
     """(the frozen prefix's output for every row of `tokens` [N, T]: fp32 NumPy [N, T, D] in host
     memory, the positions computed: those of every distinct row, or with `widths` the slots of
@@ -193,7 +154,8 @@ def trunk_pass(
     the last batch is padded so there is one compilation. With `widths` [N] (see
     `needed_widths`), row i is computed only up to position widths[i] and is zero after it:
     the rows are packed (jaxft.packing) into rows of T, about PACKED_TOKENS_PER_CALL per call.
-    A tqdm bar when there are more than a few batches (`progress` forces it on or off)."""
+    A tqdm bar when there are more than a few batches (`progress` forces it on or off).
+    `scan_layers` (see model.apply): the prefix's blocks stacked once, run as one scan."""
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [N, T], got shape {tokens.shape}")
@@ -206,7 +168,8 @@ def trunk_pass(
     rows_of = rows_of.reshape(-1)
     if widths is not None:
         widths = _distinct_widths(widths, rows_of, len(tokens))
-    out, positions = _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc)
+    scan = stacking.resolve(scan_layers)
+    out, positions = _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc, scan)
     return (out if np.array_equal(rows_of, np.arange(n)) else out[rows_of]), positions  # np.unique sorts the rows
 
 
@@ -217,9 +180,12 @@ def _distinct_widths(widths: np.ndarray, rows_of: np.ndarray, n_distinct: int) -
     return distinct
 
 
-def _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc) -> tuple[np.ndarray, int]:
+def _features(config, params, tokens, n_blocks, batch_size, widths, dtype, progress, desc, scan) -> tuple[np.ndarray, int]:
     n, seq = tokens.shape
-    sub = jax.device_put(prefix_params(config, params, n_blocks))
+    sub = prefix_params(config, params, n_blocks)
+    if scan and n_blocks >= 2:  # stacked once here, not in every call
+        sub = stacking.stack(sub, [(0, n_blocks)])
+    sub = jax.device_put(sub)
     out = np.zeros((n, seq, config.emb_dim), np.float32)
     if widths is None:
         batch_size = batch_size or max(1, min(n, TOKENS_PER_CHUNK // max(seq, 1)))
@@ -336,6 +302,7 @@ def cache_splits(
     log: Callable[[str], None] = print,
     progress: bool | None = None,
     dtype: Any = jnp.float32,
+    scan_layers: bool | str = False,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any], int | None]:
     """Plan and build the cache for every split's tokens [N, T]: (features per split or None,
     the record metrics.json keeps, the suffix's start block or None). Without `widths`,
@@ -344,7 +311,8 @@ def cache_splits(
     on CPU. With `widths` (split -> per-row widths, see `needed_widths`), each row only up to
     what the classifier reads, packed: the record's "positions" counts the slots computed.
     `progress`: the pass's progress bar (see `trunk_pass`; False: none). `dtype`: the compute
-    dtype of the steps (bfloat16: the prefix computes in bf16 as the uncached step would)."""
+    dtype of the steps (bfloat16: the prefix computes in bf16 as the uncached step would).
+    `scan_layers`: see `trunk_pass`."""
     rows, seq = sum(len(x) for x in tokens.values()), max(x.shape[1] for x in tokens.values())
     chosen = plan(config, mask, enabled=enabled, rows=rows, seq=seq, max_bytes=max_bytes)
     if not chosen.used:
@@ -361,7 +329,8 @@ def cache_splits(
     all_tokens = np.concatenate([_padded(x, seq) for x in tokens.values()])
     start = time.perf_counter()
     features, positions = trunk_pass(
-        config, params, all_tokens, chosen.start_block, batch_size=batch_size, widths=all_widths, dtype=dtype, progress=progress
+        config, params, all_tokens, chosen.start_block, batch_size=batch_size, widths=all_widths, dtype=dtype, progress=progress,
+        scan_layers=scan_layers,
     )
     bounds = np.cumsum([0] + sizes)
     hidden = {name: features[a:b, : tokens[name].shape[1]] for name, a, b in zip(names, bounds[:-1], bounds[1:])}

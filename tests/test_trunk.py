@@ -154,7 +154,7 @@ def test_pool_index_positions():
     with pytest.raises(ValueError, match="needs the per-row lengths"):
         losses.pool_index("last-non-pad", None, 4, 20)
     with pytest.raises(ValueError, match="only the model's last block"):
-        model.run_blocks(TINY, jax.numpy.float32, False, jax.numpy.zeros((4, 20, 32)), 0, True, lengths, stop=1)
+        model.run_blocks(TINY, {}, jax.numpy.zeros((4, 20, 32)), 0, 1, pool_index=lengths)
 
 
 # --------------------------------------------------------------------------- training

@@ -25,6 +25,7 @@ from ..tokenizer import get_tokenizer
 from ..fileio import check_writable, write_json
 from ..weights import native
 from .commands import COMMANDS
+from .weights import SCAN_HELP
 from .common import CLIError, add_recipe_command, check_before_work, claimed_run, settings_from_args
 
 GROUPS = {
@@ -75,6 +76,7 @@ def _respond(args: argparse.Namespace) -> int:
     responses = generate_responses(
         config, params, entries, tokenizer, style=style, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, progress=not args.quiet, source=args.data, mesh=run_mesh(args.mesh),
+        scan_layers=args.scan_layers,
     )
     write_json(out, [{**entry, args.response_key: text} for entry, text in zip(entries, responses)])
     print(f"wrote {len(responses)} responses to {args.out} ({time.perf_counter() - start:.1f} s, {style} prompts)")
@@ -114,5 +116,6 @@ def register(subparsers: Any) -> None:
     r.add_argument("--response-key", default="model_response", help="field name of the response")
     r.add_argument("--vocab-dir", help="directory with GPT-2's encoder.json and vocab.bpe")
     r.add_argument("--mesh", help="device mesh 'data=D,fsdp=F' splitting each batch of prompts (default: every device on data)")
+    r.add_argument("--scan-layers", choices=("auto", "on", "off"), default="auto", help=SCAN_HELP)
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_respond)

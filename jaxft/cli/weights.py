@@ -41,6 +41,9 @@ CONFIG_HELP = (
 DIRECTORY_FORMATS = ("openai-tf", "hf", "jaxft")
 
 
+SCAN_HELP = "run the blocks as one jax.lax.scan (compiles one block, not every layer): on, off, auto (off: the scanned decode loop copies each layer's cache slice)"
+
+
 class MetadataDroppedWarning(UserWarning):
     """A conversion to a format that cannot hold the model's metadata (an instruction model's style, ...)."""
 
@@ -177,6 +180,7 @@ def run_generate(args: argparse.Namespace) -> int:
         eos_id=EOT_ID if config.vocab_size > EOT_ID else None,
         key=jax.random.key(args.seed) if sample else None,
         mesh=run_mesh(args.mesh),
+        scan_layers=args.scan_layers,
     )[0]
     print(tokenizer.decode(prompt + new_ids))
     return 0
@@ -250,6 +254,7 @@ def register(subparsers: Any) -> None:
     gen.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set with this much probability")
     gen.add_argument("--mesh", help="device mesh 'data=D,fsdp=F' (default: every device on data; one device: none)")
     gen.add_argument("--seed", type=int, default=123, help="PRNG seed for sampling")
+    gen.add_argument("--scan-layers", choices=("auto", "on", "off"), default="auto", help=SCAN_HELP)
     gen.add_argument(
         "--vocab-dir",
         help="directory with GPT-2's encoder.json and vocab.bpe (default: beside the checkpoint, else "

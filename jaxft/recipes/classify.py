@@ -191,7 +191,7 @@ class ClassificationTask(train.Task):
         self.hidden, self.trunk_cache, start_block = trunk.cache_splits(
             config, params, mask, {name: getattr(self.data, name).tokens for name in SPLITS},
             enabled=self.recipe.trunk_cache is not False, batch_size=self.recipe.trainer.batch_size,
-            max_bytes=self.recipe.trunk_cache_max_gb * 1e9, log=log,
+            max_bytes=self.recipe.trunk_cache_max_gb * 1e9, log=log, scan_layers=self.recipe.trainer.scan_layers,
             widths={name: trunk.needed_widths(self.pooling, getattr(self.data, name).lengths) for name in SPLITS},
             progress=None if self.recipe.trainer.progress else False,  # --no-progress: no bar here either
             dtype=self.recipe.trainer.compute_dtype,
