@@ -244,10 +244,18 @@ class InstructionTask(train.Task):
         self.batch_shapes = {tuple(s) for s in state.get("batch_shapes", [])}
 
     def data_hash(self) -> str:
-        part = self.parts["train"]
-        lengths = np.array([len(ids) for ids in part.token_ids], np.int64)
-        flat = np.array([t for ids in part.token_ids for t in ids], np.int64)
-        return hash_arrays(lengths, flat, np.array(part.prompt_lengths, np.int64))
+        return self.data_hashes()["train"]
+
+    def data_hashes(self) -> dict[str, str]:
+        hashes = {}
+        for split, part in self.parts.items():
+            lengths = np.array([len(ids) for ids in part.token_ids], np.int64)
+            flat = np.array([t for ids in part.token_ids for t in ids], np.int64)
+            hashes[split] = hash_arrays(lengths, flat, np.array(part.prompt_lengths, np.int64))
+        return hashes
+
+    def data_files(self) -> dict[str, str]:
+        return {split: f"its {split} split of {self.source}" for split in self.parts}
 
     def outputs(self, run: train.Run, out_dir: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
         outputs: dict[str, Any] = {}
