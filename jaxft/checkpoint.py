@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import distributed
 from .digest import digest
 from .fileio import WriteError, to_strict_json
 
@@ -279,11 +280,16 @@ class Checkpointer:
             saved = meta.pop(DIGEST_KEY, None)
             if not isinstance(saved, str):
                 raise ValueError("its record holds no digest of its arrays")
-            hexdigest, self.finite[int(step)] = digest(names, stored)
+            problem, cause = None, None
         except CheckpointMismatch:
             raise
         except Exception as exc:  # orbax/TensorStore fail in many ways on damaged files, each at length
-            raise CorruptCheckpoint(int(step), self.directory, _short(exc)) from exc
+            problem, cause = _short(exc), exc
+        # each process reads its own shards: one that cannot makes the checkpoint corrupt for all,
+        # agreed before the digest (a computation every process takes part in)
+        if distributed.any_process(int(problem is not None)):
+            raise CorruptCheckpoint(int(step), self.directory, problem or "another process could not read its shards") from cause
+        hexdigest, self.finite[int(step)] = digest(names, stored)
         if hexdigest != saved:
             raise CorruptCheckpoint(int(step), self.directory, "its arrays differ from the digest saved with them (changed files)")
         leaves = [_from_storage(x, l) for x, l in zip(stored, like_leaves)]

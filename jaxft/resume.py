@@ -155,7 +155,7 @@ class Checkpoints:
         directory = self.checkpointer.directory
         steps = self.checkpointer.all_steps()
         if not steps:
-            run.log(f"note: {directory} holds no checkpoint (the run stopped before its first): starting from step 0")
+            run.log(f"note: {directory} holds no checkpoint to resume from: the run starts over from step 0")
             return None
         corrupt: list[CorruptCheckpoint] = []
         for step in reversed(steps):
