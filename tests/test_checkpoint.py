@@ -331,3 +331,25 @@ def test_a_background_save_that_fills_the_disk_is_one_line_and_removes_its_lefto
         assert ckpt.restore(None, like=tree)[1] == {"step": 1}
     assert not [r for r in caplog.records if r.levelno >= 40], "orbax logged its traceback"
     assert "Traceback" not in capfd.readouterr().err
+
+
+SHARDED_DIGEST = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxft.digest import digest
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b"))
+names = [("x",), ("y",), ("z",)]
+leaves = [jnp.arange(24 * 6, dtype=jnp.float32).reshape(24, 6), jnp.arange(10, dtype=jnp.int8), jnp.float32(3.0)]
+base = digest(names, leaves)
+for spec in (P("a", "b"), P("a"), P(None, "b"), P(("a", "b")), P()):
+    placed = [jax.device_put(leaves[0], NamedSharding(mesh, spec)), *(jax.device_put(l, NamedSharding(mesh, P())) for l in leaves[1:])]
+    assert digest(names, placed) == base, spec
+print("ok")
+"""
+
+
+def test_the_digest_is_the_same_on_any_mesh():
+    """A checkpoint written on a mesh verifies on one device, and the other way round."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_DIGEST], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
