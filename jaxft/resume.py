@@ -117,8 +117,7 @@ class Checkpoints:
         self.checkpointer = Checkpointer(directory, keep=settings.keep, async_save=True)
         self.record = _normalised(record)
         self.data_hash = task.data_hash()
-        self.data_hashes = task.data_hashes()
-        self.data_files = task.data_files()
+        self.data_hashes = task.data_hashes()  # by a name that says where the split comes from
         # the model as read from --model's content (its path alone is in the settings), after the recipe's head/LoRA
         self.model_config = _normalised(config.to_dict()) if config is not None else None
         self.frozen_hash = frozen_hash  # `fingerprint` of the frozen parameters: reloaded from --model, not saved
@@ -189,14 +188,13 @@ class Checkpoints:
         if self.model_config is not None:
             diff = _first_difference(meta.get("model_config") or {}, self.model_config)
             if diff is not None:
-                saved = (meta.get("model_config") or {}).get(diff, "unrecorded")
+                then = (meta.get("model_config") or {}).get(diff, "unrecorded")
                 raise ValueError(f"cannot resume from {where}: the model's {diff} is {self.model_config.get(diff)}, the checkpoint's "
-                                 f"{saved} (--model's file changed); resume with the model the run began with")
-        saved_hashes = meta.get("data_hashes") or {"train": meta.get("data_hash")}
-        for split in sorted(set(saved_hashes) | set(self.data_hashes), key=lambda s: (s != "train", s)):
-            if saved_hashes.get(split) != self.data_hashes.get(split):
-                source = f" ({self.data_files[split]})" if split in self.data_files else ""
-                raise ValueError(f"cannot resume from {where}: the {split} data{source} differs from the checkpoint's (another data hash)")
+                                 f"{then} (--model's file changed); resume with the model the run began with")
+        saved = meta.get("data_hashes") or {"training data": meta.get("data_hash")}
+        for name in sorted(set(saved) | set(self.data_hashes), key=lambda name: (not name.startswith("train"), name)):
+            if saved.get(name) != self.data_hashes.get(name):
+                raise ValueError(f"cannot resume from {where}: the {name} differs from the checkpoint's (another data hash)")
         if None not in (meta.get("frozen_hash"), self.frozen_hash) and meta["frozen_hash"] != self.frozen_hash:
             raise ValueError(f"cannot resume from {where}: the frozen parameters differ from the run's "
                              "(--model now holds other weights); resume with the weights the run began with")

@@ -162,14 +162,9 @@ class Task:
         return None
 
     def data_hashes(self) -> dict[str, str]:
-        """A digest of each split ("train", "validation", "test"): a resume refuses other data
-        in any of them (its history would mix two data sets)."""
-        train = self.data_hash()
-        return {} if train is None else {"train": train}
-
-    def data_files(self) -> dict[str, str]:
-        """Where each split comes from, for messages ("--validation FILE")."""
-        return {}
+        """A digest of each split, by a name for messages ("validation data (--validation FILE)"): a
+        resume refuses other data in any of them (its history would mix two data sets)."""
+        return {} if self.data_hash() is None else {"training data": self.data_hash()}
 
 
 def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position | None = None,

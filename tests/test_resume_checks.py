@@ -128,8 +128,8 @@ def test_an_edited_config_json_of_model_weights_is_refused_naming_the_field(tmp_
     assert "the model's n_heads is 2, the checkpoint's 4" in _line(result)
 
 
-@pytest.mark.parametrize("split", ["validation", "test"])
-def test_edited_evaluation_data_is_refused_naming_the_file(split, copy):
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_edited_data_of_any_split_is_refused_naming_the_file(split, copy):
     path = copy / f"{split}.csv"
     path.write_text(path.read_text().replace("ham,", "spam,", 1))
     result = _run(copy, "--resume")

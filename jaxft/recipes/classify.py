@@ -275,21 +275,18 @@ class ClassificationTask(train.Task):
         self.val_accs = list(state.get("val_accs", []))
 
     def data_hash(self) -> str:
-        return self.data_hashes()["train"]
+        arrays = self.data.train.arrays()
+        return hash_arrays(*(arrays[k] for k in sorted(arrays)))
 
     def data_hashes(self) -> dict[str, str]:
+        r = self.recipe
+        whole = f"--data {r.data}" if r.data else (f"the download in {r.data_dir}" if r.download else "the bundled SMS Spam Collection")
         hashes = {}
         for split in SPLITS:
             arrays = getattr(self.data, split).arrays()
-            hashes[split] = hash_arrays(*(arrays[k] for k in sorted(arrays)))
+            source = f"--{split} {getattr(r, split)}" if r.train else f"its {split} split of {whole}"
+            hashes[f"{split} data ({source})"] = hash_arrays(*(arrays[k] for k in sorted(arrays)))
         return hashes
-
-    def data_files(self) -> dict[str, str]:
-        r = self.recipe
-        if r.train:
-            return {"train": f"--train {r.train}", "validation": f"--validation {r.validation}", "test": f"--test {r.test}"}
-        whole = f"--data {r.data}" if r.data else (f"the download in {r.data_dir}" if r.download else "the bundled SMS Spam Collection")
-        return {split: f"its {split} split of {whole}" for split in SPLITS}
 
     def outputs(self, run: train.Run, out_dir: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
         epochs_run = run.history.total_steps / self.steps_per_epoch()
