@@ -14,11 +14,17 @@ mid-save leaves only a temporary directory, which `latest_step` never returns an
 
 The state is any pytree of arrays; leaves that are None (the frozen half of a split
 parameter tree) are not stored and come back as None from the structure of `like`.
+
+Every checkpoint's record holds a digest of its arrays (jaxft.digest, computed on the device
+before the save); `restore` recomputes it from the restored arrays: a checkpoint whose files
+were changed, cut or removed is a one-line `CorruptCheckpoint`, never silently other weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import re
 import shutil
 from collections.abc import Iterator
@@ -28,6 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import distributed
+from .digest import digest
 from .fileio import WriteError, to_strict_json
 
 PyTree = Any
@@ -36,12 +44,48 @@ PyTree = Any
 class CheckpointMismatch(ValueError):
     """The checkpoint holds a differently shaped state (another model or --trainable); one line."""
 
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that cannot be read back as it was written (files changed, cut or missing;
+    its record unreadable); str() is one line naming its step and directory."""
+
+    def __init__(self, step: int, directory: Path, reason: str) -> None:
+        self.step, self.directory, self.reason = step, directory, reason
+        super().__init__(f"the checkpoint of step {step} in {directory} is corrupt: {reason}")
+
 # Space a checkpoint needs beyond its arrays' bytes: TensorStore's index and files, the JSON record.
 SPACE_MARGIN = 1.05, 1 << 20
 _OS_REASONS = re.compile(r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system")
 
+DIGEST_KEY = "arrays_digest"  # in the JSON record: jaxft.digest of the arrays as saved
 COMMIT_FILE = "commit_success.txt"  # orbax's completeness marker, present in every finished step
 _STATE, _META = "state", "meta"
+
+
+class _OrbaxTracebacks(logging.Filter):
+    """Drops the tracebacks orbax logs of a failed save or restore: the failure reaches the
+    caller as one line (WriteError, CorruptCheckpoint); a full disk printed ~190 lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        # (an unreadable _CHECKPOINT_METADATA, orbax's timestamps: restoring needs none of it)
+        return not (record.exc_info or str(record.msg).startswith("Failed to json parse Metadata file"))
+
+
+_ORBAX_TRACEBACKS = _OrbaxTracebacks()
+
+
+def _short(exc: BaseException) -> str:
+    """An exception as a short phrase: the innermost cause (TensorStore's own error, where orbax
+    wraps it in a page of specs), without TensorStore's bracketed spec and source locations."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(str(exc).split())
+    text = re.split(r" \[(?:tensorstore_spec|source locations)=", text)[0] or type(exc).__name__
+    if isinstance(exc, json.JSONDecodeError):
+        text = f"a JSON file of it does not parse ({text})"
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def complete_steps(directory: str | Path) -> list[int]:
@@ -143,6 +187,10 @@ class Checkpointer:
         )
         handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}  # known before any save
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.finite: dict[int, bool] = {}  # steps saved or restored here: whether every float value was finite
+        self._pending: int | None = None  # the step a background save is writing
+        if _ORBAX_TRACEBACKS not in logging.getLogger("absl").filters:
+            logging.getLogger("absl").addFilter(_ORBAX_TRACEBACKS)
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         """Save `state` (a pytree of arrays; None leaves allowed) and `meta` (JSON-able;
@@ -159,9 +207,10 @@ class Checkpointer:
         leaves = [_storable(leaf) for leaf in leaves]
         self._check_space(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(np.shape(leaf))) for leaf in leaves))
         stored = _nest(names, leaves)
-        args = self._ocp.args.Composite(
-            **{_STATE: self._ocp.args.StandardSave(stored), _META: self._ocp.args.JsonSave(to_strict_json(meta))}
-        )
+        hexdigest, self.finite[int(step)] = digest(names, leaves)  # of the arrays as they are saved
+        record = {**to_strict_json(meta), DIGEST_KEY: hexdigest}
+        args = self._ocp.args.Composite(**{_STATE: self._ocp.args.StandardSave(stored), _META: self._ocp.args.JsonSave(record)})
+        self._pending = int(step)
         with self._as_write_error():
             self._manager.save(int(step), args=args, force=True)  # the caller decides when to save
 
@@ -182,7 +231,16 @@ class Checkpointer:
         except Exception as exc:  # anything failing a save means the checkpoint was not written
             text = " ".join(str(exc).split())
             known = _OS_REASONS.search(text)
+            self._remove_unfinished()
             raise WriteError(self.directory, known.group(0) if known else text[:300]) from exc
+
+    def _remove_unfinished(self) -> None:
+        """Delete what a failed save wrote: on a full disk, the space that run.json needs to
+        record the failure (the earlier checkpoints stay)."""
+        if self._pending is not None:
+            for tmp in self.directory.glob(f"{self._pending}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._pending = None
 
     def all_steps(self) -> list[int]:
         """The complete checkpoints' steps, oldest first."""
@@ -199,7 +257,8 @@ class Checkpointer:
         """(state, meta) of checkpoint `step` (None: the latest), restored into the
         structure, dtypes and shardings of `like` (arrays or jax.ShapeDtypeStruct leaves;
         None leaves stay None). Raises FileNotFoundError when there is no such checkpoint,
-        CheckpointMismatch when its arrays' names, shapes or dtypes differ from `like`'s."""
+        CheckpointMismatch when its arrays' names, shapes or dtypes differ from `like`'s,
+        CorruptCheckpoint when it cannot be read or its arrays do not match their digest."""
         self.wait()
         if step is None:
             step = self.latest_step()
@@ -209,14 +268,32 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint for step {step}")
         names, like_leaves, treedef = _named_leaves(like)
         abstract = [_abstract(leaf) for leaf in like_leaves]
-        self._check_matches(step, names, abstract)
-        target = _nest(names, abstract)
-        args = self._ocp.args.Composite(
-            **{_STATE: self._ocp.args.StandardRestore(target), _META: self._ocp.args.JsonRestore()}
-        )
-        restored = self._manager.restore(int(step), args=args)
-        leaves = [_from_storage(x, l) for x, l in zip(_unnest(restored[_STATE], names), like_leaves)]
-        return jax.tree_util.tree_unflatten(treedef, leaves), dict(restored[_META] or {})
+        try:
+            self._check_matches(step, names, abstract)
+            target = _nest(names, abstract)
+            args = self._ocp.args.Composite(**{_STATE: self._ocp.args.StandardRestore(target), _META: self._ocp.args.JsonRestore()})
+            restored = self._manager.restore(int(step), args=args)
+            stored, meta = _unnest(restored[_STATE], names), restored[_META]
+            if not isinstance(meta, dict):
+                raise ValueError(f"its record is {type(meta).__name__}, not a JSON object")
+            meta = dict(meta)
+            saved = meta.pop(DIGEST_KEY, None)
+            if not isinstance(saved, str):
+                raise ValueError("its record holds no digest of its arrays")
+            problem, cause = None, None
+        except CheckpointMismatch:
+            raise
+        except Exception as exc:  # orbax/TensorStore fail in many ways on damaged files, each at length
+            problem, cause = _short(exc), exc
+        # each process reads its own shards: one that cannot makes the checkpoint corrupt for all,
+        # agreed before the digest (a computation every process takes part in)
+        if distributed.any_process(int(problem is not None)):
+            raise CorruptCheckpoint(int(step), self.directory, problem or "another process could not read its shards") from cause
+        hexdigest, self.finite[int(step)] = digest(names, stored)
+        if hexdigest != saved:
+            raise CorruptCheckpoint(int(step), self.directory, "its arrays differ from the digest saved with them (changed files)")
+        leaves = [_from_storage(x, l) for x, l in zip(stored, like_leaves)]
+        return jax.tree_util.tree_unflatten(treedef, leaves), meta
 
     def _check_matches(self, step: int, names: list[tuple[str, ...]], abstract: list[jax.ShapeDtypeStruct]) -> None:
         """One line naming what differs when `like` is not the saved state's shape: orbax
@@ -256,6 +333,7 @@ class Checkpointer:
         save that failed raises WriteError here."""
         with self._as_write_error():
             self._manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
         """Finish any background save and release the manager's resources."""

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from .checkpoint import Checkpointer
-from .fileio import to_strict_json
+from .checkpoint import Checkpointer, CorruptCheckpoint, complete_steps
+from .fileio import WriteError, to_strict_json
 from .interrupts import exit_code, signal_name
 from .rundir import RESUMABLE_DIFFERENTLY
 from .steps import TrainState
 
 if TYPE_CHECKING:  # annotations only: train imports this module
+    from .config import GPTConfig
     from .settings import TrainerSettings
     from .train import Run, Task
 
@@ -111,10 +112,14 @@ def _devices(run: Run) -> str:
 class Checkpoints:
     """`fit`'s use of jaxft.checkpoint.Checkpointer: the state's arrays and the run's record."""
 
-    def __init__(self, directory: Path, settings: TrainerSettings, record: dict[str, Any], task: Task, frozen_hash: str | None = None) -> None:
+    def __init__(self, directory: Path, settings: TrainerSettings, record: dict[str, Any], task: Task, frozen_hash: str | None = None,
+                 config: GPTConfig | None = None) -> None:
         self.checkpointer = Checkpointer(directory, keep=settings.keep, async_save=True)
         self.record = _normalised(record)
         self.data_hash = task.data_hash()
+        self.data_hashes = task.data_hashes()  # by a name that says where the split comes from
+        # the model as read from --model's content (its path alone is in the settings), after the recipe's head/LoRA
+        self.model_config = _normalised(config.to_dict()) if config is not None else None
         self.frozen_hash = frozen_hash  # `fingerprint` of the frozen parameters: reloaded from --model, not saved
         self.last: int | None = None  # the newest checkpoint's step
         self.last_position: tuple[int, int] | None = None  # and its (epoch, batch): at an epoch's end both change
@@ -134,6 +139,8 @@ class Checkpoints:
             "task": task.state_dict(),
             "settings": self.record,
             "data_hash": self.data_hash,
+            "data_hashes": self.data_hashes,
+            "model_config": self.model_config,
             "frozen_hash": self.frozen_hash,
             "devices": _devices(run),
         }
@@ -141,21 +148,28 @@ class Checkpoints:
         self.last, self.last_position = step, (position.epoch, position.batch)
 
     def restore(self, run: Run, task: Task) -> Position | None:
-        """Continue from the latest complete checkpoint (None: there is none); refuses one
-        of other settings or data."""
-        step = self.checkpointer.latest_step()
-        if step is None:
+        """Continue from the newest checkpoint that verifies (None: there is none, a resume
+        starts from step 0); a corrupt one is reported and skipped; refuses a checkpoint of
+        other settings, model or data, and a directory whose every checkpoint is corrupt."""
+        directory = self.checkpointer.directory
+        steps = self.checkpointer.all_steps()
+        if not steps:
+            run.log(f"note: {directory} holds no checkpoint to resume from: the run starts over from step 0")
             return None
-        arrays, meta = self.checkpointer.restore(step, self.arrays(run.state))
-        where = self.checkpointer.directory / str(step)
-        diff = _first_difference(meta.get("settings"), self.record)
-        if diff is not None:
-            raise ValueError(f"cannot resume from {where}: setting {diff} differs from the checkpoint's")
-        if meta.get("data_hash") != self.data_hash:
-            raise ValueError(f"cannot resume from {where}: the training data differs from the checkpoint's (another data hash)")
-        if None not in (meta.get("frozen_hash"), self.frozen_hash) and meta["frozen_hash"] != self.frozen_hash:
-            raise ValueError(f"cannot resume from {where}: the frozen parameters differ from the run's "
-                             "(--model now holds other weights); resume with the weights the run began with")
+        corrupt: list[CorruptCheckpoint] = []
+        for step in reversed(steps):
+            try:
+                arrays, meta = self.checkpointer.restore(step, self.arrays(run.state))
+                break
+            except CorruptCheckpoint as exc:
+                run.log(f"warning: {exc}; skipped")
+                corrupt.append(exc)
+        else:
+            raise ValueError(f"cannot resume: no checkpoint in {directory} verifies ({'; '.join(f'step {e.step}: {e.reason}' for e in corrupt)}); "
+                             "pass --overwrite to start over")
+        self._check_same_run(directory / str(step), meta)
+        if corrupt:
+            run.log(f"note: resuming from step {step}, the newest checkpoint that verifies (skipped: step {', '.join(str(e.step) for e in corrupt)})")
         here = _devices(run)
         if meta.get("devices", here) != here:
             run.log(f"note: resuming on {here} where the checkpoint was written on {meta['devices']}: the same "
@@ -165,6 +179,36 @@ class Checkpoints:
         task.load_state_dict(meta.get("task") or {})
         self.last, self.last_position = step, (int(meta["epoch"]), int(meta["batch"]))
         return Position(int(meta["epoch"]), int(meta["batch"]), dict(meta.get("initial") or {}))
+
+    def _check_same_run(self, where: Path, meta: dict[str, Any]) -> None:
+        """Refuse (one line) a checkpoint of other settings, another model, other data or other frozen weights."""
+        diff = _first_difference(meta.get("settings"), self.record)
+        if diff is not None:
+            raise ValueError(f"cannot resume from {where}: setting {diff} differs from the checkpoint's")
+        if self.model_config is not None:
+            diff = _first_difference(meta.get("model_config") or {}, self.model_config)
+            if diff is not None:
+                then = (meta.get("model_config") or {}).get(diff, "unrecorded")
+                raise ValueError(f"cannot resume from {where}: the model's {diff} is {self.model_config.get(diff)}, the checkpoint's "
+                                 f"{then} (--model's file changed); resume with the model the run began with")
+        saved = meta.get("data_hashes") or {"training data": meta.get("data_hash")}
+        for name in sorted(set(saved) | set(self.data_hashes), key=lambda name: (not name.startswith("train"), name)):
+            if saved.get(name) != self.data_hashes.get(name):
+                raise ValueError(f"cannot resume from {where}: the {name} differs from the checkpoint's (another data hash)")
+        if None not in (meta.get("frozen_hash"), self.frozen_hash) and meta["frozen_hash"] != self.frozen_hash:
+            raise ValueError(f"cannot resume from {where}: the frozen parameters differ from the run's "
+                             "(--model now holds other weights); resume with the weights the run began with")
+
+    def last_good(self) -> int | None:
+        """The newest checkpoint on disk that this run wrote or verified, all of its values finite
+        (what a stop names as "last good": never one it skipped as corrupt)."""
+        try:
+            self.checkpointer.wait()
+        except WriteError:
+            pass  # that save is not good; close() reports it
+        on_disk = set(complete_steps(self.checkpointer.directory))
+        good = [step for step, finite in self.checkpointer.finite.items() if finite and step in on_disk]
+        return max(good) if good else None
 
     def wait(self) -> None:
         self.checkpointer.wait()

@@ -172,6 +172,11 @@ class Task:
         """A digest of the training data (a resumed run must train on the same data)."""
         return None
 
+    def data_hashes(self) -> dict[str, str]:
+        """A digest of each split, by a name for messages ("validation data (--validation FILE)"): a
+        resume refuses other data in any of them (its history would mix two data sets)."""
+        return {} if self.data_hash() is None else {"training data": self.data_hash()}
+
 
 def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position | None = None,
                   checkpoints: Checkpoints | None = None) -> None:
@@ -234,7 +239,7 @@ def _train_epochs(run: Run, train_step: Callable, task: Task, position: Position
                         global_step += 1
                         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                             what = "training loss" if not math.isfinite(loss) else "gradient norm"
-                            raise NonFiniteLoss(global_step + 1, loss if what == "training loss" else grad_norm, checkpoints.last if checkpoints else None, what)
+                            raise NonFiniteLoss(global_step + 1, loss if what == "training loss" else grad_norm, checkpoints.last_good() if checkpoints else None, what)
                         history.step_losses.append(loss)
                         progress.update(task.seen(batch), loss)
                         history.total_seen += task.seen(batch)
@@ -342,7 +347,7 @@ def fit(
     log(task.describe(config, state.params, state.trainable))
 
     record = record if record is not None else dataclasses.asdict(settings)
-    checkpoints = Checkpoints(Path(checkpoint_dir), settings, record, task, frozen_hash) if checkpoint_dir is not None else None
+    checkpoints = Checkpoints(Path(checkpoint_dir), settings, record, task, frozen_hash, config) if checkpoint_dir is not None else None
     try:
         position = checkpoints.restore(run, task) if checkpoints is not None and resume else None
         if position is None:

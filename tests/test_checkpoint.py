@@ -240,3 +240,116 @@ def test_a_differently_shaped_state_is_one_clear_line(tmp_path):
             with pytest.raises(CheckpointMismatch) as excinfo:
                 ckpt.restore(1, like=like)
             assert str(excinfo.value) == f"{tmp_path / '1'}: does not match the state to restore: {problem}"
+
+
+def _biggest_array_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+
+
+def _flip(step_dir: Path) -> None:
+    path = _biggest_array_file(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "flipped-bytes": _flip,
+    "missing-file": lambda step_dir: _biggest_array_file(step_dir).unlink(),
+    "truncated-file": lambda step_dir: (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))(_biggest_array_file(step_dir)),
+    "garbage-record": lambda step_dir: (step_dir / "meta" / "metadata").write_text('{"epoch": 1, "batch'),
+    "garbage-array-metadata": lambda step_dir: (step_dir / "state" / "_METADATA").write_text("\0\0 not json"),
+    "record-not-an-object": lambda step_dir: (step_dir / "meta" / "metadata").write_text("[1, 2]"),
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_a_corrupt_checkpoint_is_one_line_naming_its_step_and_the_others_restore(how, tmp_path, caplog, capfd):
+    from jaxft.checkpoint import CorruptCheckpoint
+
+    tree = {"w": jnp.arange(20000, dtype=jnp.float32).reshape(100, 200), "b": {"c": jnp.ones(7, jnp.bfloat16)}, "k": jax.random.key(1)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, tree, {"step": 1})
+        ckpt.save(2, jax.tree_util.tree_map(lambda x: x, tree), {"step": 2})
+    CORRUPTIONS[how](tmp_path / "2")
+    capfd.readouterr()
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1, 2]  # complete as far as its listing goes
+        with pytest.raises(CorruptCheckpoint) as info:
+            ckpt.restore(2, like=tree)
+        restored, meta = ckpt.restore(1, like=tree)
+    message = str(info.value)
+    assert message.startswith(f"the checkpoint of step 2 in {tmp_path} is corrupt: ") and "\n" not in message, message
+    assert len(message) < 500 and "tensorstore_spec" not in message, message
+    assert meta == {"step": 1}  # the digest's key stays inside the checkpoint
+    assert_bitwise_equal(host(restored["w"]), host(tree["w"]))
+    assert not [r for r in caplog.records if r.levelno >= 40], "orbax logged its traceback"
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_digest_sees_every_value_name_shape_and_non_finite_value():
+    from jaxft.digest import digest
+
+    names = [("a",), ("b",)]
+    a, b = np.arange(1000, dtype=np.float32), np.arange(6, dtype=np.int8).reshape(2, 3)
+    base, finite = digest(names, [jnp.asarray(a), jnp.asarray(b)])
+    assert finite and base == digest(names, [a, b])[0]  # host or device, the same digest
+    for i in (0, 499, 999):
+        for bit in (0, 31):
+            flipped = a.view(np.uint32).copy()
+            flipped[i] ^= np.uint32(1 << bit)
+            assert digest(names, [flipped.view(np.float32), b])[0] != base
+    assert digest(names, [a[::-1].copy(), b])[0] != base  # the same values elsewhere
+    assert digest(names, [a, b.reshape(3, 2)])[0] != base  # another shape
+    assert digest([("a",), ("c",)], [a, b])[0] != base  # another name
+    assert digest(names, [np.where(a == 7, np.nan, a), b])[1] is False
+
+
+def test_a_background_save_that_fills_the_disk_is_one_line_and_removes_its_leftovers(tmp_path, monkeypatch, caplog, capfd):
+    import errno
+
+    from orbax.checkpoint._src.path import atomicity
+
+    from jaxft.fileio import WriteError
+
+    tree = {"w": jnp.ones((64, 64))}
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        ckpt.save(1, tree, {"step": 1})
+        ckpt.wait()
+
+        async def full(self, *args, **kwargs):  # TensorStore's write failing in orbax's background thread
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full)
+        capfd.readouterr()
+        ckpt.save(2, tree, {"step": 2})  # returns: the failure comes in the background
+        with pytest.raises(WriteError) as info:
+            ckpt.wait()
+        monkeypatch.undo()
+        assert str(info.value) == f"{tmp_path}: cannot write: No space left on device"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # the partial step 2 removed: its space freed
+        assert ckpt.restore(None, like=tree)[1] == {"step": 1}
+    assert not [r for r in caplog.records if r.levelno >= 40], "orbax logged its traceback"
+    assert "Traceback" not in capfd.readouterr().err
+
+
+SHARDED_DIGEST = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxft.digest import digest
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b"))
+names = [("x",), ("y",), ("z",)]
+leaves = [jnp.arange(24 * 6, dtype=jnp.float32).reshape(24, 6), jnp.arange(10, dtype=jnp.int8), jnp.float32(3.0)]
+base = digest(names, leaves)
+for spec in (P("a", "b"), P("a"), P(None, "b"), P(("a", "b")), P()):
+    placed = [jax.device_put(leaves[0], NamedSharding(mesh, spec)), *(jax.device_put(l, NamedSharding(mesh, P())) for l in leaves[1:])]
+    assert digest(names, placed) == base, spec
+print("ok")
+"""
+
+
+def test_the_digest_is_the_same_on_any_mesh():
+    """A checkpoint written on a mesh verifies on one device, and the other way round."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_DIGEST], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -285,6 +285,16 @@ class ClassificationTask(train.Task):
         arrays = self.data.train.arrays()
         return hash_arrays(*(arrays[k] for k in sorted(arrays)))
 
+    def data_hashes(self) -> dict[str, str]:
+        r = self.recipe
+        whole = f"--data {r.data}" if r.data else (f"the download in {r.data_dir}" if r.download else "the bundled SMS Spam Collection")
+        hashes = {}
+        for split in SPLITS:
+            arrays = getattr(self.data, split).arrays()
+            source = f"--{split} {getattr(r, split)}" if r.train else f"its {split} split of {whole}"
+            hashes[f"{split} data ({source})"] = hash_arrays(*(arrays[k] for k in sorted(arrays)))
+        return hashes
+
     def outputs(self, run: train.Run, out_dir: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
         epochs_run = run.history.total_steps / self.steps_per_epoch()
         plots = plot_values(epochs_run, run.history.total_seen, self.train_accs, self.val_accs, out_dir, "accuracy")

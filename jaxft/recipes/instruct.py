@@ -125,6 +125,12 @@ def _split(entries: Sequence[Entry], recipe: InstructRecipe, source: str | Path)
 
 
 
+def _hash_part(part: data.TokenizedInstructions) -> str:
+    lengths = np.array([len(ids) for ids in part.token_ids], np.int64)
+    flat = np.array([t for ids in part.token_ids for t in ids], np.int64)
+    return hash_arrays(lengths, flat, np.array(part.prompt_lengths, np.int64))
+
+
 class InstructionTask(train.Task):
     """Bucketed, masked next-token batches; a sample response after every epoch; the test
     split's responses at the end."""
@@ -257,10 +263,10 @@ class InstructionTask(train.Task):
         self.batch_shapes = {tuple(s) for s in state.get("batch_shapes", [])}
 
     def data_hash(self) -> str:
-        part = self.parts["train"]
-        lengths = np.array([len(ids) for ids in part.token_ids], np.int64)
-        flat = np.array([t for ids in part.token_ids for t in ids], np.int64)
-        return hash_arrays(lengths, flat, np.array(part.prompt_lengths, np.int64))
+        return _hash_part(self.parts["train"])
+
+    def data_hashes(self) -> dict[str, str]:
+        return {f"{split} data (its {split} split of {self.source})": _hash_part(part) for split, part in self.parts.items()}
 
     def outputs(self, run: train.Run, out_dir: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
         outputs: dict[str, Any] = {}
