@@ -110,3 +110,19 @@ def test_resume_is_exact_and_keeps_the_reference_logprobs(hparams, tmp_path, tok
     for key in ("eval_train_losses", "eval_validation_losses", "eval_train_reward_margins", "eval_validation_reward_margins",
                 "validation_loss", "test_reward_margin"):
         np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
+
+
+def test_resume_refuses_an_edited_validation_split(hparams, tmp_path, tokenizer):
+    recipe = _recipe(hparams)
+    entries = pdata.load_entries(pdata.bundled_file())[:40]
+
+    def stop_at_step_3(line: str) -> None:
+        if line.startswith("Ep 1 (Step 000003)"):
+            raise Stop
+    with pytest.raises(Stop):
+        run(recipe, tmp_path / "part", entries, tokenizer, log=stop_at_step_3, progress=False, checkpoint_dir=tmp_path / "ck")
+    edited = [dict(e) for e in entries]
+    validation = pdata.split_entries(edited).validation[0]
+    validation["chosen"] += " (edited)"  # the same training split, another validation split
+    with pytest.raises(ValueError, match="validation data"):
+        run(recipe, tmp_path / "part", edited, tokenizer, log=lambda line: None, progress=False, checkpoint_dir=tmp_path / "ck", resume=True)

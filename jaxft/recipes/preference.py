@@ -257,9 +257,10 @@ class PreferenceTask(train.Task):
                                        for split, (c, r) in state["reference_logprobs"].items()}
 
     def data_hash(self) -> str:
-        part = self.parts["train"]
-        flat = lambda seqs: (np.array([len(s) for s in seqs], np.int64), np.array([t for s in seqs for t in s], np.int64))
-        return hash_arrays(np.array(part.prompt_lengths, np.int64), *flat(part.chosen), *flat(part.rejected))
+        return _hash_part(self.parts["train"])
+
+    def data_hashes(self) -> dict[str, str]:
+        return {f"{split} data (its {split} split of {self.source})": _hash_part(part) for split, part in self.parts.items()}
 
     def outputs(self, run: train.Run, out_dir: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
         history, outputs = run.history, {"plots": []}
@@ -290,6 +291,12 @@ class PreferenceTask(train.Task):
             "split_sizes": {name: len(getattr(self.splits, name)) for name in ("train", "validation", "test")},
         }
         return metrics, outputs
+
+
+def _hash_part(part: Any) -> str:
+    """A split's tokens (prompt lengths, chosen and rejected), for the resume's data comparison."""
+    flat = lambda seqs: (np.array([len(s) for s in seqs], np.int64), np.array([t for s in seqs for t in s], np.int64))
+    return hash_arrays(np.array(part.prompt_lengths, np.int64), *flat(part.chosen), *flat(part.rejected))
 
 
 def run(recipe: PreferenceRecipe, out_dir: str | Path, entries: Sequence[Entry] | str | Path | None = None, tokenizer: Any = None, *,
