@@ -20,10 +20,10 @@ from .interrupts import exit_code, signal_name
 from .rundir import RESUMABLE_DIFFERENTLY
 from .steps import TrainState
 
-if TYPE_CHECKING:  # annotations only: train imports this module
+if TYPE_CHECKING:  # annotations only: task and train import this module
     from .config import GPTConfig
     from .settings import TrainerSettings
-    from .train import Run, Task
+    from .task import Run, Task
 
 def hash_arrays(*arrays: Any) -> str:
     """sha256 over arrays' dtypes, shapes and bytes (for `Task.data_hash`)."""
