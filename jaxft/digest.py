@@ -77,7 +77,7 @@ def _local_sums(leaf: Any, salt: int) -> list[jax.Array]:
 
 
 def digest(names: Sequence[tuple[str, ...]], leaves: Sequence[Any]) -> tuple[str, bool]:
-    """(hex digest, every floating value finite) of the arrays `leaves` named `names`: the
+    """(hex digest, every floating value finite, hyperparameters aside) of the arrays `leaves` named `names`: the
     same for the same values under any sharding and number of processes; differs when any
     value, name, shape or dtype differs. Every process must call it (one all-gather)."""
     per_leaf = [_local_sums(leaf, i) for i, leaf in enumerate(leaves)]  # dispatched before any waits
@@ -96,4 +96,7 @@ def digest(names: Sequence[tuple[str, ...]], leaves: Sequence[Any]) -> tuple[str
     out = hashlib.sha256()
     for name, leaf, (first, second, _) in zip(names, leaves, totals):
         out.update(f"{'.'.join(name)}|{np.dtype(leaf.dtype).str}|{tuple(np.shape(leaf))}|{int(first)},{int(second)};".encode())
-    return out.hexdigest(), bool(totals[:, 2].all()) if len(totals) else True
+    # finite: the model and the optimizer's moments; not the hyperparameters the optimizer state
+    # carries (optim.adamw's injected lr: an lr beyond float32 is inf from step 0, on good weights)
+    weights = [row[2] for name, row in zip(names, totals) if "hyperparams" not in name]
+    return out.hexdigest(), bool(all(weights))
