@@ -56,7 +56,7 @@ def resolve(scan_layers: bool | str | None, backend: str | None = None, generati
     if isinstance(scan_layers, bool):
         return scan_layers
     if scan_layers in (None, "auto"):
-        return False  # unrolled until the sweep's equality with scanned runs alone is settled (tests/test_sweep.py)
+        return not generation and (backend or jax.default_backend()) == "cpu"
     if scan_layers not in SCAN_LAYERS:
         raise ValueError(f"unknown scan_layers {scan_layers!r}; choose one of: {', '.join(SCAN_LAYERS)}")
     return scan_layers == "on"
